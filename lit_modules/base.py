@@ -1,0 +1,118 @@
+"""Shared LightningModule base: hyperparameters, the shared step, optimizers, logging.
+
+A model family subclasses ``MaskedModelBase``, builds its network in ``__init__`` and
+implements ``_shared_step(batch, stage)`` plus the layer-removal protocol used by
+``lit_modules.ablation``:
+
+- ``blocks``: the ``nn.ModuleList`` of transformer blocks, removed from the back;
+- ``ablation_batch(batch) -> MaskedBatch``: the masked inputs evaluated;
+- ``ablation_embed(masked) -> (B, T, D)``: the input of the first block;
+- ``ablation_score(h, masked) -> {metric: (sum, count)}``: final norm + head + metrics
+  applied to a hidden state ``h`` taken after any block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .config import RunConfig, run_config_from_dict
+from .masking import MaskedBatch
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or inf loss; the run cannot continue."""
+
+
+class MaskedModelBase(L.LightningModule):
+    def __init__(self, config: dict):
+        super().__init__()
+        # The plain nested dict is the checkpoint's hparams: load_from_checkpoint(path)
+        # rebuilds the module from it with no other argument.
+        self.save_hyperparameters()
+        self.run_config: RunConfig = run_config_from_dict(config)
+        # A masking strategy's config is the strategy itself (a frozen dataclass).
+        self.masking = self.run_config.masking
+
+    # ------------------------------------------------------------ to implement
+    blocks: nn.ModuleList
+
+    def _shared_step(self, batch: Tensor, stage: str) -> tuple[Tensor, dict[str, tuple[Tensor, int]]]:
+        """Return (loss to optimize, {metric name: (value, weight)})."""
+        raise NotImplementedError
+
+    def ablation_batch(self, batch: Tensor) -> MaskedBatch:
+        raise NotImplementedError
+
+    def ablation_embed(self, masked: MaskedBatch) -> Tensor:
+        raise NotImplementedError
+
+    def ablation_score(self, h: Tensor, masked: MaskedBatch) -> dict[str, tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss, metrics = self._shared_step(batch, "train")
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"train/loss = {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        for name, (value, weight) in metrics.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=weight)
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        _, metrics = self._shared_step(batch, "val")
+        for name, (value, weight) in metrics.items():
+            # batch_size = number of scored tokens: the epoch value is a per-token mean.
+            self.log(f"val/{name}", value, on_step=False, on_epoch=True, batch_size=weight,
+                     prog_bar=name.endswith("loss"))
+
+    def configure_optimizers(self):
+        cfg = self.run_config.optim
+        decay = [p for p in self.parameters() if p.dim() >= 2]  # matrices and embeddings
+        no_decay = [p for p in self.parameters() if p.dim() < 2]  # biases and norms
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        )
+        total = self.run_config.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = self.run_config.optim.grad_clip
+        if clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+
+def lr_factor(step: int, total: int, cfg) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` at ``total`` (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def token_stats(logits: Tensor, targets: Tensor, loss_mask: Tensor, group: Tensor | None, n_groups: int):
+    """Per-group sums of token cross-entropy and correct predictions, and token counts.
+
+    logits (B, T, V), targets (B, T), loss_mask (B, T) bool, group (B,) in [0, n_groups).
+    Returns three (n_groups,) tensors: loss_sum, correct, count (float32 sums).
+    """
+    b, t, v = logits.shape
+    ce = nn.functional.cross_entropy(logits.reshape(-1, v).float(), targets.reshape(-1), reduction="none")
+    m = loss_mask.reshape(b, t).to(ce.dtype)
+    ce = ce.view(b, t) * m  # (B, T)
+    correct = (logits.argmax(-1) == targets).to(ce.dtype) * m
+    group = torch.zeros(b, dtype=torch.long, device=logits.device) if group is None else group
+    zeros = torch.zeros(n_groups, dtype=ce.dtype, device=ce.device)
+    loss_sum = zeros.index_add(0, group, ce.sum(1))
+    correct_sum = zeros.index_add(0, group, correct.sum(1))
+    count = zeros.index_add(0, group, m.sum(1))
+    return loss_sum, correct_sum, count

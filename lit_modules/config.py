@@ -1,0 +1,293 @@
+"""Run configuration: YAML on disk -> frozen dataclasses inside -> plain dicts at the
+Lightning / MLflow boundary.
+
+A run config has the sections ``data``, ``model``, ``masking``, ``optim``, ``trainer``
+and a top-level ``seed``. ``data``, ``model`` and ``masking`` carry a ``name`` that picks
+their dataclass from the registries; every other key must be a field of that dataclass.
+Unknown keys and wrong types are errors naming the key (and the file).
+Dataclass defaults are tiny (seconds on a CPU); real sizes live in the specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config_errors import ConfigError
+
+SECTIONS = ("data", "model", "masking", "optim", "trainer")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 10
+    # Cosine decay to 10% of the peak rate (the nanoGPT / Chinchilla default).
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.name != "adamw":
+            raise ConfigError("name", self.name, "allowed: adamw")
+        if not self.lr > 0:
+            raise ConfigError("lr", self.lr, "must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps", self.warmup_steps, "must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError("schedule", self.schedule, "allowed: constant, cosine")
+        if self.grad_clip < 0:
+            raise ConfigError("grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_steps: int = 60
+    val_every: int = 30
+    log_every: int = 10
+    accelerator: str = "auto"
+    devices: int = 1
+    # "auto": bf16-mixed on a CUDA device that supports it, else 32-true.
+    precision: str = "auto"
+    progress_bar: bool = True
+    checkpoint: bool = True
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ConfigError("max_steps", self.max_steps, "must be an integer >= 1")
+        if self.val_every < 1:
+            raise ConfigError("val_every", self.val_every, "must be an integer >= 1")
+        if self.log_every < 1:
+            raise ConfigError("log_every", self.log_every, "must be an integer >= 1")
+        if self.accelerator not in ("auto", "cpu", "cuda", "gpu", "mps"):
+            raise ConfigError("accelerator", self.accelerator, "allowed: auto, cpu, cuda, gpu, mps")
+        if self.devices < 1:
+            raise ConfigError("devices", self.devices, "must be an integer >= 1")
+        allowed = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+        if self.precision not in allowed:
+            raise ConfigError("precision", self.precision, f"allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: Any
+    model: Any
+    masking: Any
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (the form saved in checkpoints and logged to MLflow)."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["seed"] = self.seed
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.to_dict())
+
+    def hash(self) -> str:
+        return config_hash(self.to_dict())
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", str(path), "file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError("config", str(path), f"is not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", str(path), "must be a YAML mapping of sections")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"model.depth=4"`` -> ("model.depth", 4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError("--set", text, "must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str | tuple[str, Any]]) -> dict:
+    """Set dotted keys in a nested dict (a deep copy); creates sections as needed."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), nxt, f"is not a section; cannot set {key}")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def run_config_from_dict(data: Mapping, source: str | None = None) -> RunConfig:
+    """Validate a nested dict into a RunConfig; errors name the dotted key and the file."""
+    from .registry import DATASETS, MASKINGS, MODELS
+
+    try:
+        unknown = sorted(set(data) - set(SECTIONS) - {"seed"})
+        if unknown:
+            raise ConfigError(unknown[0], data[unknown[0]], f"unknown key (allowed: seed, {', '.join(SECTIONS)})")
+        seed = check_type(data.get("seed", 0), int, "seed")
+        sections: dict[str, Any] = {}
+        for name, registry in (("data", DATASETS), ("model", MODELS), ("masking", MASKINGS)):
+            section = data.get(name)
+            if not isinstance(section, Mapping) or "name" not in section:
+                raise ConfigError(f"{name}.name", None, f"required; allowed: {', '.join(registry.names())}")
+            entry = registry.get(section["name"], f"{name}.name")
+            sections[name] = from_dict(getattr(entry, "Config", entry), section, name)
+        model_entry = MODELS.get(sections["model"].name)
+        if sections["masking"].name not in model_entry.maskings:
+            raise ConfigError(
+                "masking.name", sections["masking"].name,
+                f"model {sections['model'].name} accepts: {', '.join(model_entry.maskings)}",
+            )
+        if sections["data"].kind not in model_entry.data_kinds:
+            raise ConfigError(
+                "data.name", sections["data"].name,
+                f"model {sections['model'].name} trains on {', '.join(model_entry.data_kinds)} data",
+            )
+        optim = from_dict(OptimConfig, data.get("optim") or {}, "optim")
+        trainer = from_dict(TrainerConfig, data.get("trainer") or {}, "trainer")
+        return RunConfig(seed=seed, optim=optim, trainer=trainer, **sections)
+    except ConfigError as e:
+        raise e.within(source=source) from None
+
+
+def load_run_config(
+    source: str | Path | Mapping, overrides: Sequence[str | tuple[str, Any]] = ()
+) -> RunConfig:
+    """A RunConfig from a YAML file or a dict, with ``--set``-style overrides applied."""
+    if isinstance(source, Mapping):
+        data, where = dict(source), None
+    else:
+        data, where = load_yaml(source), str(source)
+    try:
+        data = apply_overrides(data, overrides)
+    except ConfigError as e:
+        raise e.within(source=where) from None
+    return run_config_from_dict(data, where)
+
+
+# ---------------------------------------------------------------- strict dataclass parsing
+
+
+def from_dict(cls: type, data: Mapping, prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``data``: unknown keys and wrong types are errors.
+
+    Errors raised in ``__post_init__`` get the section ``prefix`` added to their field.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix, data, "must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}", data[unknown[0]], f"unknown key (allowed: {', '.join(names)})")
+    kwargs = {k: check_type(v, hints[k], f"{prefix}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.within(prefix) from None
+
+
+def check_type(value: Any, tp: Any, field_name: str) -> Any:
+    """Check (and lightly coerce: int -> float, list -> tuple) a YAML value against ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return check_type(value, arg, field_name)
+            except ConfigError:
+                continue
+        raise ConfigError(field_name, value, f"must be {_type_name(tp)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(field_name, value, f"must be a list of {_type_name(typing.get_args(tp)[0])}")
+        inner = typing.get_args(tp)[0]
+        return tuple(check_type(v, inner, f"{field_name}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(field_name, value, "must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(field_name, value, "must be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(field_name, value, "must be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(field_name, value, "must be a string")
+        return value
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+# ---------------------------------------------------------------- dict helpers
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"depth": 4}} -> {"model.depth": 4} (tuples become lists)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_hash(d: Mapping) -> str:
+    """Stable 16-hex-digit hash of a config dict (key order does not matter)."""
+    blob = json.dumps(d, sort_keys=True, default=list).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""LightningDataModules and the dataset registry entries (one class per dataset)."""

@@ -1,0 +1,152 @@
+"""GPT trained forward-causal plus, with probability p_bw per step, backward-causal.
+
+The network is a pre-LayerNorm GPT-2 on the shared blocks. The direction it predicts is
+told by a learned **direction embedding** (one vector per direction, added to every token
+embedding like the position embedding). We chose an embedding over a direction token
+because a token would shift every position by one and add a position that is never
+scored; the embedding costs 2 x D parameters and keeps T unchanged.
+
+Both directions use the fused causal kernel: the backward task is the forward task on
+the reversed sequence (see ``masking/causal_lm.py``). When the per-step coin comes up,
+the forward and backward views are stacked into one batch of 2B sequences and run in one
+forward pass; their mean token losses are summed before one backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import MaskedModelBase, token_stats
+from .blocks import Block, init_weights, run_blocks
+from .config_errors import ConfigError
+from .masking import MaskedBatch
+from .masking.attention import Attention
+from .masking.causal_lm import DIRECTIONS, reading_order
+from .registry import MODELS
+
+N_DIRECTIONS = len(DIRECTIONS)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    name: str = "gpt"
+    depth: int = 2
+    width: int = 64
+    heads: int = 2
+    block_size: int = 64
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.depth < 1:
+            raise ConfigError("depth", self.depth, "must be an integer >= 1")
+        if self.heads < 1:
+            raise ConfigError("heads", self.heads, "must be an integer >= 1")
+        if self.width < 1 or self.width % self.heads:
+            raise ConfigError("width", self.width, f"must be a positive multiple of heads ({self.heads})")
+        if self.block_size < 2:
+            raise ConfigError("block_size", self.block_size, "must be an integer >= 2")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", self.dropout, "must be in [0, 1)")
+
+
+class GPT(nn.Module):
+    """Token + position + direction embeddings -> blocks -> final norm -> vocabulary."""
+
+    def __init__(self, cfg: GPTConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(vocab_size, cfg.width)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.width)
+        self.dir_emb = nn.Embedding(N_DIRECTIONS, cfg.width)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.depth))
+        self.ln_f = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, vocab_size, bias=False)
+        init_weights(self, cfg.depth)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    def embed(self, idx: Tensor, direction: Tensor) -> Tensor:
+        """idx (B, T) in reading order, direction (B,) -> (B, T, D)."""
+        t = idx.shape[1]
+        if t > self.cfg.block_size:
+            raise ConfigError("sequence length", t, f"must be <= model.block_size ({self.cfg.block_size})")
+        pos = torch.arange(t, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)[None] + self.dir_emb(direction)[:, None, :]
+        return self.drop(x)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T, V)."""
+        return self.head(self.ln_f(h))
+
+    def forward(self, idx: Tensor, direction: Tensor, attention: Attention) -> Tensor:
+        return self.logits(run_blocks(self.blocks, self.embed(idx, direction), attention))
+
+
+@MODELS.register("gpt")
+class LitGPT(MaskedModelBase):
+    Config = GPTConfig
+    maskings = ("causal-lm",)
+    data_kinds = ("text",)
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.model = GPT(self.run_config.model, self.run_config.data.vocab_size)
+        # Steps that also trained the backward direction (persisted in checkpoints).
+        self.register_buffer("bw_steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
+
+    def _shared_step(self, batch: Tensor, stage: str):
+        """batch (B, T+1) token windows. Validation always scores both directions."""
+        with_bw = stage != "train" or self.masking.use_backward(self.run_config.seed, self.global_step)
+        masked = self.masking(batch, ("fw", "bw") if with_bw else ("fw",))
+        logits = self.model(masked.inputs, masked.direction, masked.attention)  # (nB, T, V)
+        loss_sum, correct, count = token_stats(logits, masked.targets, masked.loss_mask, masked.direction, N_DIRECTIONS)
+        mean_loss = loss_sum / count.clamp(min=1)
+        metrics = {}
+        for name, d in DIRECTIONS.items():
+            if count[d] > 0:
+                n = int(count[d])
+                metrics[f"{name}_loss"] = (mean_loss[d], n)
+                if stage != "train":
+                    metrics[f"{name}_acc"] = (correct[d] / count[d], n)
+        if stage == "train":
+            self.bw_steps += int(with_bw)
+            metrics["bw_steps"] = (self.bw_steps.float(), 1)
+        # Sum of the per-direction mean losses: each direction counts fully when present.
+        return mean_loss[count > 0].sum(), metrics
+
+    @torch.no_grad()
+    def predict(self, tokens: Tensor, direction: str) -> Tensor:
+        """Logits (B, T, V) for tokens (B, T).
+
+        "fw": ``logits[:, t]`` predicts ``tokens[:, t+1]`` from ``tokens[:, :t+1]``.
+        "bw": ``logits[:, t]`` predicts ``tokens[:, t-1]`` from ``tokens[:, t:]``.
+        """
+        seq = reading_order(tokens, direction)
+        d = torch.full((tokens.shape[0],), DIRECTIONS[direction], dtype=torch.long, device=tokens.device)
+        logits = self.model(seq, d, Attention(causal=True))
+        return reading_order(logits, direction)
+
+    # ------------------------------------------------------------ layer removal
+    def ablation_batch(self, batch: Tensor) -> MaskedBatch:
+        return self.masking(batch, ("fw", "bw"))
+
+    def ablation_embed(self, masked: MaskedBatch) -> Tensor:
+        return self.model.embed(masked.inputs, masked.direction)
+
+    def ablation_score(self, h: Tensor, masked: MaskedBatch) -> dict[str, tuple[Tensor, Tensor]]:
+        logits = self.model.logits(h)
+        loss_sum, correct, count = token_stats(logits, masked.targets, masked.loss_mask, masked.direction, N_DIRECTIONS)
+        out = {}
+        for name, d in DIRECTIONS.items():
+            out[f"{name}_loss"] = (loss_sum[d], count[d])
+            out[f"{name}_acc"] = (correct[d], count[d])
+        return out

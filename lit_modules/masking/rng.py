@@ -1,0 +1,126 @@
+"""Counter-based deterministic randomness for masks.
+
+Every random number a mask uses is a pure function of
+``(global_seed, sample_key, mask_index, counter)``: a stateless integer hash, not a
+stateful generator. The same sample therefore gets the same k-th mask whatever batch,
+batch position, worker, trial or machine it lands on, and the numbers are identical on
+CPU and CUDA (only integer ops on int64 tensors are used).
+
+The hash works on 32-bit words held in int64 tensors. Products of two 32-bit words may
+wrap around int64, but the low 32 bits of a two's-complement product are exact, and
+``& MASK32`` keeps only those; right shifts are applied to values already in
+[0, 2**32), so sign extension never enters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MASK32 = 0xFFFFFFFF
+# Constants of the "lowbias32" integer finalizer (C. Wellons' hash-prospector), a
+# 32-bit mixer with near-ideal avalanche: every input bit flips each output bit ~50%.
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+# Golden-ratio increment (as in splitmix) used to salt each absorbed word.
+_GOLDEN = 0x9E3779B9
+# A second, independent lane for 64-bit content keys.
+_LANE2 = 0x85EBCA6B
+
+
+def mix32(x: Tensor) -> Tensor:
+    """lowbias32 finalizer on int64 tensors holding values in [0, 2**32)."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * _M1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def _absorb(h: Tensor, word: Tensor | int) -> Tensor:
+    """Fold one 32-bit word into the running hash ``h``."""
+    return mix32(h ^ ((torch.as_tensor(word, dtype=torch.int64, device=h.device) + _GOLDEN) & MASK32))
+
+
+def _split64(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Low and high 32-bit halves of an int64 tensor (bit pattern, sign ignored)."""
+    return x & MASK32, (x >> 32) & MASK32
+
+
+def seed_hash(global_seed: int, sample_key: Tensor, mask_index: Tensor | int) -> Tensor:
+    """(B,) 32-bit hash of (seed, sample key, mask index): the stream id of one mask."""
+    sample_key = torch.as_tensor(sample_key, dtype=torch.int64)
+    lo, hi = _split64(sample_key)
+    s = int(global_seed) & 0xFFFFFFFFFFFFFFFF
+    h = torch.full_like(sample_key, s & MASK32)
+    h = _absorb(h, (s >> 32) & MASK32)
+    h = _absorb(h, lo)
+    h = _absorb(h, hi)
+    index = torch.as_tensor(mask_index, dtype=torch.int64, device=sample_key.device)
+    return _absorb(h, index & MASK32)
+
+
+def random_bits(
+    global_seed: int, sample_key: Tensor, mask_index: Tensor | int, shape: tuple[int, ...]
+) -> Tensor:
+    """Random 32-bit integers, (B, *shape) int64 in [0, 2**32).
+
+    Element ``j`` (flat index within the sample) of row ``b`` depends only on
+    ``(global_seed, sample_key[b], mask_index[b], j)``. Vectorized over the batch.
+    """
+    sample_key = torch.as_tensor(sample_key, dtype=torch.int64)
+    stream = seed_hash(global_seed, sample_key, mask_index)  # (B,)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    counter = torch.arange(n, dtype=torch.int64, device=sample_key.device)  # (n,)
+    bits = mix32(_absorb(stream[:, None], counter[None, :]))  # (B, n)
+    return bits.reshape(sample_key.shape[0], *shape)
+
+
+def uniform(
+    global_seed: int, sample_key: Tensor, mask_index: Tensor | int, shape: tuple[int, ...]
+) -> Tensor:
+    """Uniform noise in [0, 1), (B, *shape) float32, from the top 24 bits of the hash.
+
+    24 bits because float32 has a 24-bit significand: every value is exact, so the same
+    bits give the same float on every device.
+    """
+    bits = random_bits(global_seed, sample_key, mask_index, shape)
+    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def content_key(x: Tensor) -> Tensor:
+    """64-bit content hash of each sample: (B, ...) -> (B,) int64.
+
+    Integer tensors are hashed by value, floating tensors by their float32 bit pattern.
+    Every element is salted by its position, so reordering a sample changes its key;
+    two independent 32-bit lanes make the 64-bit key (collisions ~ n**2 / 2**65).
+    """
+    if x.dtype.is_floating_point:
+        words = x.detach().to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    else:
+        words = x.detach().to(torch.int64)
+    words = words.reshape(words.shape[0], -1) & MASK32  # (B, n)
+    pos = torch.arange(words.shape[1], dtype=torch.int64, device=words.device)
+    lanes = []
+    for salt in (_GOLDEN, _LANE2):
+        per_elem = mix32(_absorb(mix32(pos + salt)[None, :], words))  # (B, n)
+        # Sum of position-salted hashes: order-sensitive because each term carries its
+        # position; n < 2**31 terms of < 2**32 cannot overflow int64.
+        total = per_elem.sum(dim=1) & MASK32
+        lanes.append(mix32(total ^ (words.shape[1] & MASK32)))
+    return lanes[0] | (lanes[1] << 32)
+
+
+def step_uniform(global_seed: int, step: int, stream: int) -> float:
+    """One uniform number for training step ``step`` of a named stream.
+
+    Used for per-step coins (e.g. whether a step also trains the backward direction):
+    independent of the batch sampler, so runs that differ only in the coin's
+    probability still see identical batches.
+    """
+    key = torch.tensor([int(step)], dtype=torch.int64)
+    return float(uniform(global_seed, key, int(stream), (1,))[0, 0])

@@ -1,0 +1,108 @@
+"""Token selection: an exact number of positions per sample, chosen by ranking
+deterministic noise, and the BERT replacement split of the selected positions.
+
+Selection is exact, not Bernoulli: sample b gets exactly ``round(ratio * n_b)`` selected
+positions, where ``n_b`` counts its eligible positions (not special, not padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .rng import uniform
+
+# Independent sub-streams of one mask index: selection noise and replacement noise must
+# not be the same numbers, or the replacement choice would correlate with the rank.
+STREAM_SELECT = 0
+STREAM_REPLACE = 1
+STREAM_RANDOM_TOKEN = 2
+_STREAMS = 4  # mask index k uses streams k * _STREAMS + s
+
+
+def stream_index(mask_index: Tensor | int, stream: int) -> Tensor | int:
+    """Mask index -> the hash index of one of its sub-streams."""
+    return mask_index * _STREAMS + stream
+
+
+def exact_count(eligible: Tensor, ratio: float) -> Tensor:
+    """(B, T) bool eligible -> (B,) int64 number to select: round(ratio * n) per row.
+
+    Python's round (half to even) applied as torch.round, so counts match ``round()``.
+    """
+    n = eligible.sum(dim=1).to(torch.float64)
+    return torch.round(n * ratio).to(torch.int64)
+
+
+def select_exact(
+    eligible: Tensor,
+    ratio: float,
+    global_seed: int,
+    sample_key: Tensor,
+    mask_index: Tensor | int,
+) -> Tensor:
+    """(B, T) bool eligible -> (B, T) bool selected; exactly round(ratio * n_b) per row.
+
+    The selected positions are the eligible ones with the smallest deterministic noise,
+    so the same sample (same key) gets the same k-th selection in any batch.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio = {ratio}: must be in [0, 1]")
+    b, t = eligible.shape
+    noise = uniform(global_seed, sample_key, stream_index(mask_index, STREAM_SELECT), (t,))
+    noise = noise.to(eligible.device).masked_fill(~eligible, 2.0)  # ineligible rank last
+    rank = noise.argsort(dim=1, stable=True).argsort(dim=1)  # (B, T) rank of each position
+    count = exact_count(eligible, ratio)
+    return rank < count[:, None]
+
+
+@dataclass(frozen=True)
+class ReplacementSplit:
+    """Fractions of selected positions replaced by [MASK], by a random token, or kept."""
+
+    mask: float = 0.8
+    random: float = 0.1
+    keep: float = 0.1
+
+    def __post_init__(self):
+        for name in ("mask", "random", "keep"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"replacement split {name} = {v}: must be in [0, 1]")
+        total = self.mask + self.random + self.keep
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"replacement split = ({self.mask}, {self.random}, {self.keep}): "
+                f"must sum to 1 (sums to {total:g})"
+            )
+
+
+def apply_replacement(
+    tokens: Tensor,
+    selected: Tensor,
+    split: ReplacementSplit,
+    mask_token: int,
+    random_low: int,
+    random_high: int,
+    global_seed: int,
+    sample_key: Tensor,
+    mask_index: Tensor | int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Corrupt the selected positions of ``tokens`` (B, T).
+
+    Each selected position draws u ~ U[0, 1): u < mask -> ``mask_token``;
+    u < mask + random -> a token uniform in [random_low, random_high); else kept.
+    Returns (corrupted tokens, is_masked, is_random), both masks (B, T) bool.
+    """
+    b, t = tokens.shape
+    u = uniform(global_seed, sample_key, stream_index(mask_index, STREAM_REPLACE), (t,))
+    u = u.to(tokens.device)
+    is_mask = selected & (u < split.mask)
+    is_random = selected & (u >= split.mask) & (u < split.mask + split.random)
+    r = uniform(global_seed, sample_key, stream_index(mask_index, STREAM_RANDOM_TOKEN), (t,))
+    random_tokens = random_low + (r.to(tokens.device) * (random_high - random_low)).long()
+    out = torch.where(is_mask, torch.full_like(tokens, mask_token), tokens)
+    out = torch.where(is_random, random_tokens.clamp(max=random_high - 1), out)
+    return out, is_mask, is_random

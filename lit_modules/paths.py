@@ -1,0 +1,65 @@
+"""Where generated output goes and where data is found.
+
+All generated output (MLflow store, Optuna DB, tokenizer cache, checkpoints, reports)
+lives under one output directory: ``--output-dir``, else ``$MASKLAB_OUTPUT_DIR``, else
+``./masklab-runs``. Data files are looked up under ``--data-dir``, else
+``$MASKLAB_DATA_DIR``, else ``./data``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config_errors import ConfigError
+
+DEFAULT_OUTPUT_DIR = "masklab-runs"
+DEFAULT_DATA_DIR = "data"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    output_dir: Path
+    data_dir: Path
+
+    @classmethod
+    def resolve(cls, output_dir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None) -> Workspace:
+        out = output_dir or os.environ.get("MASKLAB_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
+        data = data_dir or os.environ.get("MASKLAB_DATA_DIR") or DEFAULT_DATA_DIR
+        return cls(Path(out).expanduser().resolve(), Path(data).expanduser().resolve())
+
+    @property
+    def cache_dir(self) -> Path:
+        return self._mkdir(self.output_dir / "cache")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self._mkdir(self.output_dir / "checkpoints")
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self._mkdir(self.output_dir / "mlartifacts")
+
+    @property
+    def tracking_uri(self) -> str:
+        """Default MLflow store: a sqlite file in the output dir."""
+        self._mkdir(self.output_dir)
+        return f"sqlite:///{self.output_dir / 'mlflow.db'}"
+
+    def data_file(self, relative: str, field: str = "data.path", dataset: str | None = None) -> Path:
+        """A file under the data dir; a clear error naming the path if it is missing."""
+        path = Path(relative).expanduser()
+        if not path.is_absolute():
+            path = self.data_dir / path
+        if not path.exists():
+            how = (
+                f"run `masklab data fetch {dataset}` or " if dataset else ""
+            ) + "point --data-dir / MASKLAB_DATA_DIR at the folder that holds it"
+            raise ConfigError(field, str(path), f"file not found; {how}")
+        return path
+
+    @staticmethod
+    def _mkdir(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        return path

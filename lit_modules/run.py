@@ -1,0 +1,64 @@
+"""Build the pieces of one run from a RunConfig: data module, model, Trainer.
+
+Tracking-agnostic: the caller passes the Lightning logger and any callbacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from .config import RunConfig
+from .paths import Workspace
+from .registry import DATASETS, MODELS
+
+
+def build_datamodule(cfg: RunConfig, workspace: Workspace) -> L.LightningDataModule:
+    """The data module, already set up (tokenizer trained, corpus encoded): data errors
+    surface here, before any run is recorded."""
+    dm = DATASETS.get(cfg.data.name)(cfg.data, cfg.model.block_size, cfg.seed, cfg.trainer.max_steps, workspace)
+    dm.setup("fit")
+    return dm
+
+
+def build_model(cfg: RunConfig) -> L.LightningModule:
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return MODELS.get(cfg.model.name)(cfg.to_dict())
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """'auto' -> bf16-mixed where a CUDA device supports it, else full fp32."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def build_trainer(cfg: RunConfig, logger, callbacks: list, checkpoint_dir: Path | None) -> L.Trainer:
+    t = cfg.trainer
+    callbacks = list(callbacks)
+    if t.checkpoint and checkpoint_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        # Keep only last.ckpt, refreshed at every validation: enough to resume or reload.
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
+                                         every_n_train_steps=t.val_every))
+    return L.Trainer(
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision=resolve_precision(t.precision, t.accelerator),
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_checkpointing=bool(t.checkpoint and checkpoint_dir is not None),
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(checkpoint_dir) if checkpoint_dir else None,
+    )

@@ -1,0 +1,151 @@
+"""MLflow tracking: a buffered Lightning logger and the provenance of every run.
+
+Per-call MLflow logging is expensive (1000 x ``log_metric`` ~ 6.7 s against sqlite, far
+more against a server, vs ~0.3 s for one ``log_batch``), so metrics are buffered and sent
+in batches: when the buffer holds ``flush_every`` points, after ``flush_seconds``, and at
+the end of the run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+# MLflow's log_batch accepts at most 1000 metrics, 100 params and 100 tags per call.
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+# MLflow param values are limited to 6000 characters.
+MAX_PARAM_LENGTH = 6000
+
+PACKAGES = ("masklab", "torch", "lightning", "optuna", "mlflow", "sentencepiece", "numpy", "pandas")
+
+
+class BufferedMLflowLogger(Logger):
+    """Lightning logger writing to one existing MLflow run, in batches."""
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 500, flush_seconds: float = 15.0):
+        super().__init__()
+        self.client, self.run_id = client, run_id
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
+        self._params: dict[str, str] = {}
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self.run_id
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args, **kwargs) -> None:
+        """Flattened dotted params; the module's ``config`` wrapper is dropped, and params
+        already logged with the same value are skipped (MLflow params are immutable)."""
+        if not isinstance(params, Mapping):
+            params = vars(params)
+        params = dict(params)
+        if set(params) == {"config"} and isinstance(params["config"], Mapping):
+            params = params["config"]
+        log_params(self.client, self.run_id, flat_params(params), self._params)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        ts = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if key == "epoch":
+                continue
+            self._buffer.append(Metric(key, float(value), ts, int(step or 0)))
+        if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=self._buffer[i : i + MAX_METRICS_PER_BATCH])
+        self._buffer = []
+        self._last_flush = time.monotonic()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.flush()
+
+    def save(self) -> None:
+        self.flush()
+
+
+def flat_params(params: Mapping, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flat_params(v, key + "."))
+        else:
+            out[key] = str(list(v) if isinstance(v, tuple) else v)[:MAX_PARAM_LENGTH]
+    return out
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str], logged: dict[str, str] | None = None) -> None:
+    """log_batch in chunks of 100; skips keys already logged (tracked in ``logged``)."""
+    logged = {} if logged is None else logged
+    todo = [Param(k, str(v)) for k, v in params.items() if k not in logged]
+    for i in range(0, len(todo), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=todo[i : i + MAX_PARAMS_PER_BATCH])
+    logged.update({p.key: p.value for p in todo})
+
+
+def log_metric_series(client: MlflowClient, run_id: str, points: list[tuple[str, float, int]]) -> None:
+    """Many (key, value, step) points in as few calls as MLflow allows."""
+    ts = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), ts, int(s)) for k, v, s in points]
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (artifact_root / name).as_uri() if artifact_root is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        # Another worker created it between our lookup and our create.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def provenance_tags() -> dict[str, str]:
+    """Git commit (and whether the tree was dirty) and the versions of the stack."""
+    tags = {"masklab.git_commit": "unknown", "masklab.git_dirty": "unknown"}
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            tags["masklab.git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
+                                   capture_output=True, text=True, timeout=10)
+            tags["masklab.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for pkg in PACKAGES:
+        try:
+            tags[f"version.{pkg}"] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            tags[f"version.{pkg}"] = "not installed"
+    return tags

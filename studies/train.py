@@ -1,0 +1,172 @@
+"""One tracked run: train, validate, ablate (layer removal), all recorded in MLflow.
+
+This is where ``lit_modules`` (which knows nothing of MLflow) meets the tracking store:
+the run is created here, its provenance recorded, a buffered logger handed to the
+Trainer, and the layer-removal table logged as metrics and as a CSV artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from lit_modules.ablation import AblationOptions, layer_removal
+from lit_modules.config import RunConfig
+from lit_modules.paths import Workspace
+
+from .tracking import (
+    BufferedMLflowLogger,
+    get_or_create_experiment,
+    log_metric_series,
+    log_params,
+    provenance_tags,
+    set_tags,
+)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    metrics: dict[str, float]
+    ablation: pd.DataFrame
+    checkpoint: Path | None
+    seconds: float
+    params: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where and under what a run is recorded."""
+
+    tracking_uri: str
+    experiment: str
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    artifacts: Sequence[Path] = ()  # extra files to attach (e.g. the spec)
+
+
+def ablation_points(df: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """The tidy layer-removal table as MLflow metric series.
+
+    truncate:  ablation/{metric} at step = blocks removed from the back;
+    drop_one:  ablation/drop_one/{metric} at step = the block removed;
+    block_influence, angular distance between consecutive block inputs:
+               ablation/{metric} at step = block index.
+    """
+    points = []
+    for row in df.itertuples(index=False):
+        if pd.isna(row.value):
+            continue
+        if row.variant == "truncate":
+            points.append((f"ablation/{row.metric}", row.value, int(row.removed)))
+        elif row.variant == "drop_one":
+            points.append((f"ablation/drop_one/{row.metric}", row.value, int(row.block)))
+        elif row.variant == "block_influence":
+            points.append(("ablation/block_influence", row.value, int(row.block)))
+        elif row.variant == "angular_distance" and row.removed == 1:
+            points.append(("ablation/angular_distance", row.value, int(row.block)))
+    return points
+
+
+def train_run(
+    cfg: RunConfig,
+    workspace: Workspace,
+    tracking: Tracking,
+    ablation: AblationOptions = AblationOptions(),
+    callbacks: Sequence = (),
+) -> RunResult:
+    """Train ``cfg``, validate, ablate; record everything in one MLflow run.
+
+    Data and config errors are raised before the run is created, so a bad input leaves
+    nothing half-recorded. Any failure during training marks the run FAILED with the
+    reason in the tag ``masklab.failure`` and re-raises.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from lit_modules.run import build_datamodule, build_model, build_trainer
+
+    start = time.monotonic()
+    dm = build_datamodule(cfg, workspace)
+    model = build_model(cfg)
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri)
+    exp_id = get_or_create_experiment(client, tracking.experiment, _artifact_root(tracking.tracking_uri, workspace))
+    tags = {
+        **provenance_tags(),
+        "masklab.config_hash": cfg.hash(),
+        "masklab.seed": str(cfg.seed),
+        "masklab.model": cfg.model.name,
+        "masklab.dataset": cfg.data.name,
+        "masklab.masking": cfg.masking.name,
+        **tracking.tags,
+    }
+    if tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = tracking.parent_run_id
+    run = client.create_run(exp_id, run_name=tracking.run_name, tags=tags)
+    run_id = run.info.run_id
+    logger = BufferedMLflowLogger(client, run_id)
+    try:
+        params = {**cfg.flat(), **dm.info, "model.parameters": sum(p.numel() for p in model.parameters())}
+        log_params(client, run_id, {k: str(v) for k, v in params.items()}, logger._params)
+        ckpt_dir = workspace.checkpoint_dir / run_id
+        trainer = build_trainer(cfg, logger, list(callbacks), ckpt_dir)
+        set_tags(client, run_id, {"masklab.device": _device_name(trainer.strategy.root_device)})
+        _log_config_artifacts(client, run_id, cfg, tracking.artifacts)
+
+        trainer.fit(model, datamodule=dm)
+        if trainer.global_step % cfg.trainer.val_every:
+            trainer.validate(model, datamodule=dm, verbose=False)  # the final step's val
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+        table = layer_removal(model, dm.val_dataloader(), ablation)
+        log_metric_series(client, run_id, ablation_points(table))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "ablation.csv"
+            table.to_csv(path, index=False)
+            client.log_artifact(run_id, str(path))
+        logger.flush()
+        checkpoint = None
+        if cfg.trainer.checkpoint:
+            # The weights after the last step (the callback saves only at validations).
+            checkpoint = ckpt_dir / "last.ckpt"
+            trainer.save_checkpoint(checkpoint)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as e:
+        logger.flush()
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:5000] if str(e) else type(e).__name__
+        set_tags(client, run_id, {"masklab.failure": reason})
+        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return RunResult(run_id, metrics, table, checkpoint, time.monotonic() - start, params)
+
+
+def _artifact_root(tracking_uri: str, workspace: Workspace) -> Path | None:
+    """Local stores keep artifacts in the output dir; a server chooses its own."""
+    if tracking_uri.startswith(("sqlite:", "file:", "/")) or "://" not in tracking_uri:
+        return workspace.artifact_dir
+    return None
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return str(device)
+
+
+def _log_config_artifacts(client, run_id: str, cfg: RunConfig, extra: Sequence[Path]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "resolved_config.yaml"
+        resolved.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list)), sort_keys=False))
+        client.log_artifact(run_id, str(resolved))
+    for path in extra:
+        client.log_artifact(run_id, str(path))
