@@ -68,7 +68,7 @@ def cmd_data_fetch(args) -> int:
     from lit_modules.data.fetch import fetch
 
     ws = _workspace(args)
-    for path in fetch(args.name, ws.data_dir, mirror=args.mirror):
+    for path in fetch(args.name, ws.data_dir, mirror=args.mirror, timeout=args.timeout):
         print(path)
     return 0
 
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     f = data_sub.add_parser("fetch", help="download a named corpus and check its sha256")
     f.add_argument("name")
-    f.add_argument("--mirror", help="fetch the files by name from this base URL instead")
+    f.add_argument("--mirror", help="fetch each file from BASE/<relative path> (a URL or a local folder) instead")
+    f.add_argument("--timeout", type=float, default=60.0, help="seconds to wait on the network (default 60)")
     _add_dirs(f)
     f.set_defaults(func=cmd_data_fetch)
     return parser
