@@ -18,7 +18,9 @@ from .registry import DATASETS, MODELS
 def build_datamodule(cfg: RunConfig, workspace: Workspace) -> L.LightningDataModule:
     """The data module, already set up (tokenizer trained, corpus encoded): data errors
     surface here, before any run is recorded."""
-    dm = DATASETS.get(cfg.data.name)(cfg.data, cfg.model.block_size, cfg.seed, cfg.trainer.max_steps, workspace)
+    t = cfg.trainer
+    dm = DATASETS.get(cfg.data.name)(cfg.data, cfg.model.block_size, cfg.seed, t.max_steps, workspace,
+                                     steps_per_epoch=t.val_every)
     dm.setup("fit")
     return dm
 
@@ -47,9 +49,10 @@ def build_trainer(cfg: RunConfig, logger, callbacks: list, checkpoint_dir: Path 
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
                                          every_n_train_steps=t.val_every))
     return L.Trainer(
+        # One epoch = one validation interval (see lit_modules/data/steps.py).
         max_steps=t.max_steps,
-        val_check_interval=t.val_every,
-        check_val_every_n_epoch=None,
+        max_epochs=-1,
+        check_val_every_n_epoch=1,
         log_every_n_steps=t.log_every,
         accelerator=t.accelerator,
         devices=t.devices,

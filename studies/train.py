@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from lit_modules.ablation import AblationOptions, layer_removal
 from lit_modules.config import RunConfig
@@ -117,12 +118,13 @@ def train_run(
         params = {**cfg.flat(), **dm.info, "model.parameters": sum(p.numel() for p in model.parameters())}
         log_params(client, run_id, {k: str(v) for k, v in params.items()}, logger._params)
         ckpt_dir = workspace.checkpoint_dir / run_id
-        trainer = build_trainer(cfg, logger, list(callbacks), ckpt_dir)
+        seen = _ValidatedAt()
+        trainer = build_trainer(cfg, logger, [*callbacks, seen], ckpt_dir)
         set_tags(client, run_id, {"masklab.device": _device_name(trainer.strategy.root_device)})
         _log_config_artifacts(client, run_id, cfg, tracking.artifacts)
 
         trainer.fit(model, datamodule=dm)
-        if trainer.global_step % cfg.trainer.val_every:
+        if seen.step != trainer.global_step:
             trainer.validate(model, datamodule=dm, verbose=False)  # the final step's val
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
@@ -146,6 +148,16 @@ def train_run(
         client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     return RunResult(run_id, metrics, table, checkpoint, time.monotonic() - start, params)
+
+
+class _ValidatedAt(Callback):
+    """Remembers the global step of the last validation."""
+
+    step = -1
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 def _artifact_root(tracking_uri: str, workspace: Workspace) -> Path | None:

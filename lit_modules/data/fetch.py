@@ -127,6 +127,7 @@ def _download(remote: RemoteFile, url: str, target: Path, timeout: float) -> Non
                 f"sha256 of {remote.relative_path}", got,
                 f"expected {remote.sha256} (downloaded from {url}); nothing was stored",
             )
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a data file is world-readable
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

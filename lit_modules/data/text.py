@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config_errors import ConfigError
 from ..masking.rng import random_bits
 from ..paths import Workspace
+from .steps import StepSampler
 from ..registry import DATASETS
 
 # Stream id of the training-window sampler (distinct from the masking streams).
@@ -186,9 +187,13 @@ class TextDataModule(L.LightningDataModule):
 
     Config = TextDataConfig
 
-    def __init__(self, cfg: TextDataConfig, block_size: int, seed: int, max_steps: int, workspace: Workspace):
+    def __init__(
+        self, cfg: TextDataConfig, block_size: int, seed: int, max_steps: int, workspace: Workspace,
+        steps_per_epoch: int | None = None,
+    ):
         super().__init__()
         self.cfg, self.block_size, self.seed, self.max_steps = cfg, block_size, seed, max_steps
+        self.steps_per_epoch = steps_per_epoch or max_steps
         self.workspace = workspace
         self.train_tokens: np.ndarray | None = None
         self.val_tokens: np.ndarray | None = None
@@ -223,7 +228,7 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainWindows(self.train_tokens, self.block_size, self.cfg.batch_size, self.seed, self.max_steps)
-        return DataLoader(ds, batch_size=None, shuffle=False)
+        return DataLoader(ds, batch_size=None, sampler=StepSampler(self.max_steps, self.steps_per_epoch))
 
     def val_dataloader(self) -> DataLoader:
         ds = ValWindows(self.val_tokens, self.block_size, self.cfg.val_windows)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from ..config_errors import ConfigError
+
 # exp(-5) ~ 0.0067: by the end the unscaled exponential has covered 99.3% of the way;
 # the rescaling below makes it reach `final` exactly.
 _EXP_RATE = 5.0
@@ -20,8 +22,7 @@ def constant(step: int, total: int, initial: float, final: float) -> float:
 
 
 def linear(step: int, total: int, initial: float, final: float) -> float:
-    x = _progress(step, total)
-    return initial + (final - initial) * x
+    return _blend(initial, final, 1.0 - _progress(step, total))
 
 
 def cosine(step: int, total: int, initial: float, final: float) -> float:
@@ -31,7 +32,7 @@ def cosine(step: int, total: int, initial: float, final: float) -> float:
     2 * final - initial, e.g. -0.6 for 0.8 -> 0.1.)
     """
     x = _progress(step, total)
-    return final + (initial - final) * (1.0 + math.cos(math.pi * x)) / 2.0
+    return _blend(initial, final, (1.0 + math.cos(math.pi * x)) / 2.0)
 
 
 def exponential(step: int, total: int, initial: float, final: float) -> float:
@@ -39,7 +40,15 @@ def exponential(step: int, total: int, initial: float, final: float) -> float:
     x = _progress(step, total)
     floor = math.exp(-_EXP_RATE)
     w = (math.exp(-_EXP_RATE * x) - floor) / (1.0 - floor)
-    return final + (initial - final) * w
+    return _blend(initial, final, w)
+
+
+def _blend(initial: float, final: float, w: float) -> float:
+    """initial * w + final * (1 - w), w = weight left on ``initial`` (1 at the start, 0 at
+    the end). Written as two products, not ``final + (initial - final) * w``, so the
+    endpoints are exact in floating point: 0.8 -> 0.1 ends at 0.1, not 0.09999999999999998.
+    """
+    return initial * w + final * (1.0 - w)
 
 
 def _progress(step: int, total: int) -> float:
@@ -60,6 +69,4 @@ def get_schedule(name: str) -> Callable[[int, int, float, float], float]:
     try:
         return SCHEDULES[name]
     except KeyError:
-        raise ValueError(
-            f"mask ratio schedule = {name!r}: allowed {', '.join(sorted(SCHEDULES))}"
-        ) from None
+        raise ConfigError("mask_ratio_schedule", name, f"allowed: {', '.join(sorted(SCHEDULES))}") from None

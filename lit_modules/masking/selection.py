@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config_errors import ConfigError
 from .rng import uniform
 
 # Independent sub-streams of one mask index: selection noise and replacement noise must
@@ -49,7 +50,7 @@ def select_exact(
     so the same sample (same key) gets the same k-th selection in any batch.
     """
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"mask ratio = {ratio}: must be in [0, 1]")
+        raise ConfigError("mask_ratio", ratio, "must be in [0, 1]")
     b, t = eligible.shape
     noise = uniform(global_seed, sample_key, stream_index(mask_index, STREAM_SELECT), (t,))
     noise = noise.to(eligible.device).masked_fill(~eligible, 2.0)  # ineligible rank last
@@ -70,12 +71,12 @@ class ReplacementSplit:
         for name in ("mask", "random", "keep"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
-                raise ValueError(f"replacement split {name} = {v}: must be in [0, 1]")
+                raise ConfigError(f"replacement.{name}", v, "must be in [0, 1]")
         total = self.mask + self.random + self.keep
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(
-                f"replacement split = ({self.mask}, {self.random}, {self.keep}): "
-                f"must sum to 1 (sums to {total:g})"
+            raise ConfigError(
+                "replacement", (self.mask, self.random, self.keep),
+                f"mask + random + keep must sum to 1 (sums to {total:g})",
             )
 
 
