@@ -5,6 +5,7 @@ Tracking-agnostic: the caller passes the Lightning logger and any callbacks.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -51,16 +52,17 @@ def build_trainer(cfg: RunConfig, logger, callbacks: list, checkpoint_dir: Path 
     return L.Trainer(
         # One epoch = one validation interval (see lit_modules/data/steps.py).
         max_steps=t.max_steps,
-        max_epochs=-1,
+        max_epochs=-(-t.max_steps // t.val_every),
         check_val_every_n_epoch=1,
-        log_every_n_steps=t.log_every,
+        log_every_n_steps=min(t.log_every, t.val_every),
         accelerator=t.accelerator,
         devices=t.devices,
         precision=resolve_precision(t.precision, t.accelerator),
         logger=logger if logger is not None else False,
         callbacks=callbacks,
         enable_checkpointing=bool(t.checkpoint and checkpoint_dir is not None),
-        enable_progress_bar=t.progress_bar,
+        # Bars only on a terminal: in logs and CI they are thousands of redrawn lines.
+        enable_progress_bar=t.progress_bar and sys.stderr.isatty(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=str(checkpoint_dir) if checkpoint_dir else None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +83,7 @@ def train_run(
     tracking: Tracking,
     ablation: AblationOptions = AblationOptions(),
     callbacks: Sequence = (),
+    on_run: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train ``cfg``, validate, ablate; record everything in one MLflow run.
 
@@ -95,6 +96,7 @@ def train_run(
     from lit_modules.run import build_datamodule, build_model, build_trainer
 
     start = time.monotonic()
+    _quiet_lightning()
     dm = build_datamodule(cfg, workspace)
     model = build_model(cfg)
 
@@ -115,6 +117,8 @@ def train_run(
     run_id = run.info.run_id
     logger = BufferedMLflowLogger(client, run_id)
     try:
+        if on_run is not None:
+            on_run(run_id)
         params = {**cfg.flat(), **dm.info, "model.parameters": sum(p.numel() for p in model.parameters())}
         log_params(client, run_id, {k: str(v) for k, v in params.items()}, logger._params)
         ckpt_dir = workspace.checkpoint_dir / run_id
@@ -139,15 +143,28 @@ def train_run(
         if cfg.trainer.checkpoint:
             # The weights after the last step (the callback saves only at validations).
             checkpoint = ckpt_dir / "last.ckpt"
-            trainer.save_checkpoint(checkpoint)
+            trainer.save_checkpoint(checkpoint, weights_only=False)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as e:
         logger.flush()
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:5000] if str(e) else type(e).__name__
-        set_tags(client, run_id, {"masklab.failure": reason})
-        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        pruned = type(e).__name__ == "TrialPruned"  # optuna's, raised by the pruning callback
+        set_tags(client, run_id, {"masklab.pruned" if pruned else "masklab.failure": reason})
+        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) or pruned else "FAILED")
         raise
     return RunResult(run_id, metrics, table, checkpoint, time.monotonic() - start, params)
+
+
+def _quiet_lightning() -> None:
+    """Keep Lightning's per-run banners (device lists, tips, "max_steps reached") out of
+    the console: the device is recorded as a tag, and a study prints one line per trial."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class _ValidatedAt(Callback):

@@ -44,11 +44,15 @@ def exponential(step: int, total: int, initial: float, final: float) -> float:
 
 
 def _blend(initial: float, final: float, w: float) -> float:
-    """initial * w + final * (1 - w), w = weight left on ``initial`` (1 at the start, 0 at
-    the end). Written as two products, not ``final + (initial - final) * w``, so the
-    endpoints are exact in floating point: 0.8 -> 0.1 ends at 0.1, not 0.09999999999999998.
+    """The value with weight ``w`` left on ``initial`` (1 at the start, 0 at the end).
+
+    Measured from the nearer endpoint, so both endpoints are exact in floating point
+    (``final + (initial - final) * w`` ends 0.1 -> 0.8 at 0.09999999999999998) and each
+    half is monotone in ``w``.
     """
-    return initial * w + final * (1.0 - w)
+    if w >= 0.5:
+        return initial - (initial - final) * (1.0 - w)
+    return final + (initial - final) * w
 
 
 def _progress(step: int, total: int) -> float:

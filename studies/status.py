@@ -1,0 +1,56 @@
+"""``masklab status``: a table of a study's trials, read from the Optuna store alone.
+
+Imports optuna and pandas only (no torch, Lightning or MLflow), so it answers in about
+a second.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+
+from lit_modules.config_errors import ConfigError
+
+
+def load_trials(name: str, storage_url: str) -> tuple[optuna.Study, pd.DataFrame]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not _exists(storage_url):
+        raise ConfigError("--storage", storage_url, "no such store; run the study first (masklab run SPEC)")
+    try:
+        study = optuna.load_study(study_name=name, storage=storage_url)
+    except KeyError:
+        known = optuna.get_all_study_names(storage_url) if _exists(storage_url) else []
+        raise ConfigError("study", name, f"not in {storage_url} (studies there: {', '.join(known) or 'none'})") from None
+    swept = study.user_attrs.get("masklab.swept", [])
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        # A queued (WAITING) grid trial has its values in the enqueued fixed params.
+        params = t.params or t.system_attrs.get("fixed_params", {})
+        row = {"trial": t.number, **{p.split(".")[-1]: params.get(p) for p in swept}}
+        if "seed" in params:
+            row["seed"] = params["seed"]
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        row.update(state=t.state.name, value=t.value, seconds=duration, note=t.user_attrs.get("masklab.failure", ""))
+        rows.append(row)
+    return study, pd.DataFrame(rows)
+
+
+def study_status(name: str, storage_url: str) -> str:
+    study, df = load_trials(name, storage_url)
+    objective = study.user_attrs.get("masklab.objective", "value")
+    head = f"study {name} ({study.user_attrs.get('masklab.kind', '?')}, {study.direction.name.lower()} {objective})"
+    if df.empty:
+        return head + ": no trials yet"
+    counts = df["state"].value_counts().to_dict()
+    head += ": " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    df = df.rename(columns={"value": objective})
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
+        return head + "\n" + df.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
+
+
+def _exists(url: str) -> bool:
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        return Path(url.removeprefix("sqlite:///")).exists()
+    return True
