@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..config_errors import ConfigError
 from ..masking.rng import random_bits
 from ..paths import Workspace
-from .steps import StepSampler
 from ..registry import DATASETS
+from .steps import StepSampler
 
 # Stream id of the training-window sampler (distinct from the masking streams).
 STREAM_BATCH = 0xDA7A

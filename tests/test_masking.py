@@ -1,0 +1,587 @@
+"""Property tests of the masking seam: deterministic noise, attention patterns, exact
+selection, ratio schedules and the forward/backward causal-LM views."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_modules.config_errors import ConfigError
+from lit_modules.masking import MaskedBatch, attention, rng, schedules, selection
+from lit_modules.masking.attention import Attention
+from lit_modules.masking.causal_lm import BACKWARD, FORWARD, CausalLM, reading_order
+
+
+def _keys(n: int, seed: int = 0) -> torch.Tensor:
+    """n distinct int64 sample keys spread over the whole 64-bit range."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**63), 2**63 - 1, (n,), generator=g, dtype=torch.int64)
+
+
+# ================================================================ rng
+
+
+def test_uniform_is_a_pure_function_of_seed_key_index():
+    keys = _keys(6)
+    a = rng.uniform(7, keys, 3, (5, 11))
+    b = rng.uniform(7, keys.clone(), 3, (5, 11))
+    assert a.shape == (6, 5, 11) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    # The global torch RNG plays no part.
+    torch.manual_seed(123)
+    torch.rand(100)
+    assert torch.equal(rng.uniform(7, keys, 3, (5, 11)), a)
+
+
+@pytest.mark.parametrize("change", ["seed", "key", "mask_index"])
+def test_uniform_changes_with_each_input(change):
+    keys = _keys(4)
+    base = rng.uniform(1, keys, 0, (256,))
+    if change == "seed":
+        other = rng.uniform(2, keys, 0, (256,))
+    elif change == "key":
+        other = rng.uniform(1, keys + 1, 0, (256,))
+    else:
+        other = rng.uniform(1, keys, 1, (256,))
+    # Not merely different somewhere: independent streams agree almost nowhere.
+    assert (base == other).float().mean() < 0.01
+
+
+def test_seed_high_bits_matter():
+    """Seeds that differ only above bit 32 give different streams."""
+    keys = _keys(2)
+    assert not torch.equal(rng.uniform(5, keys, 0, (64,)), rng.uniform(5 + (1 << 40), keys, 0, (64,)))
+
+
+def test_key_high_bits_matter():
+    keys = _keys(3)
+    assert (rng.uniform(0, keys, 0, (64,)) != rng.uniform(0, keys ^ (1 << 50), 0, (64,))).float().mean() > 0.99
+
+
+def test_uniform_range():
+    u = rng.uniform(0, _keys(64), torch.arange(64), (1000,))
+    assert u.min() >= 0.0 and u.max() < 1.0
+    # 24-bit grid: every value is an exact multiple of 2**-24.
+    assert torch.equal(u * (1 << 24), (u * (1 << 24)).floor())
+
+
+def test_uniform_does_not_depend_on_batch_or_position():
+    keys = _keys(8)
+    idx = torch.arange(8) % 3
+    batch = rng.uniform(11, keys, idx, (4, 9))  # (8, 4, 9)
+    for b in range(8):
+        alone = rng.uniform(11, keys[b : b + 1], int(idx[b]), (4, 9))  # batch of 1
+        assert torch.equal(alone[0], batch[b])
+    perm = torch.randperm(8)
+    assert torch.equal(rng.uniform(11, keys[perm], idx[perm], (4, 9)), batch[perm])
+    # Row 5 of a batch of 8 == row 0 of a batch of 1 == row 2 of another batch.
+    other = torch.cat([_keys(2, seed=9), keys[5:6], _keys(3, seed=10)])
+    mixed = rng.uniform(11, other, int(idx[5]), (4, 9))
+    assert torch.equal(mixed[2], batch[5])
+
+
+def test_random_bits_prefix_stable_in_shape():
+    """Element j of a sample depends on j only, not on how many elements were drawn."""
+    keys = _keys(3)
+    short = rng.random_bits(4, keys, 2, (10,))
+    long = rng.random_bits(4, keys, 2, (50,))
+    assert torch.equal(short, long[:, :10])
+    assert short.min() >= 0 and short.max() < 2**32
+
+
+def test_content_key_identical_rows_equal():
+    row = torch.randint(0, 50_000, (1, 37))
+    x = torch.cat([row, torch.randint(0, 50_000, (2, 37)), row, row])
+    k = rng.content_key(x)
+    assert k.shape == (5,) and k.dtype == torch.int64
+    assert k[0] == k[3] == k[4]
+    assert k[0] != k[1] and k[0] != k[2]
+    # Same row, different batch: same key.
+    assert rng.content_key(row)[0] == k[0]
+
+
+def test_content_key_differs_for_one_token_changes():
+    row = torch.randint(0, 512, (64,))
+    variants = row.repeat(64, 1)  # (64, 64): variant j changes token j
+    variants[torch.arange(64), torch.arange(64)] += 1
+    keys = rng.content_key(torch.cat([row[None], variants]))
+    assert len(set(keys.tolist())) == 65
+
+
+def test_content_key_is_order_sensitive_and_length_sensitive():
+    row = torch.arange(10)[None]
+    swapped = row.clone()
+    swapped[0, [2, 7]] = swapped[0, [7, 2]]
+    assert rng.content_key(row) != rng.content_key(swapped)
+    assert rng.content_key(torch.zeros(1, 5, dtype=torch.long)) != rng.content_key(torch.zeros(1, 6, dtype=torch.long))
+
+
+def test_content_key_of_floats_and_many_rows():
+    x = torch.randn(2, 3, 8, 8)
+    y = x.clone()
+    y[1, 2, 7, 7] = torch.nextafter(y[1, 2, 7, 7], torch.tensor(math.inf))  # one ulp
+    kx, ky = rng.content_key(x), rng.content_key(y)
+    assert kx[0] == ky[0] and kx[1] != ky[1]
+    # No collisions among 20,000 distinct random rows.
+    keys = rng.content_key(torch.randint(0, 1000, (20_000, 16)))
+    assert len(set(keys.tolist())) == 20_000
+
+
+def test_uniform_is_roughly_uniform_and_uncorrelated():
+    u = rng.uniform(0, torch.arange(1000), 0, (1000,)).flatten().double()  # 1e6 draws
+    assert abs(u.mean().item() - 0.5) < 0.002
+    assert abs(u.var().item() - 1 / 12) < 0.001
+    counts = torch.histc(u, bins=20, min=0.0, max=1.0)
+    expected = u.numel() / 20
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 60, f"chi-square {chi2:.1f} with 19 dof"  # p ~ 4e-6
+    # Adjacent elements, adjacent keys and adjacent mask indices are uncorrelated.
+    grid = rng.uniform(0, torch.arange(1000), 0, (1000,)).double()
+    nxt_idx = rng.uniform(0, torch.arange(1000), 1, (1000,)).double()
+    for a, b in ((grid[:, :-1], grid[:, 1:]), (grid[:-1], grid[1:]), (grid, nxt_idx)):
+        corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+        assert abs(corr) < 0.01
+
+
+def test_step_uniform_matches_uniform():
+    assert rng.step_uniform(3, 17, 0xB5) == float(rng.uniform(3, torch.tensor([17]), 0xB5, (1,))[0, 0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_uniform_same_on_cuda():
+    keys = _keys(16)
+    cpu = rng.uniform(5, keys, torch.arange(16), (33,))
+    gpu = rng.uniform(5, keys.cuda(), torch.arange(16).cuda(), (33,))
+    assert torch.equal(cpu, gpu.cpu())
+    x = torch.randint(0, 50_000, (16, 40))
+    assert torch.equal(rng.content_key(x), rng.content_key(x.cuda()).cpu())
+
+
+# ================================================================ attention
+
+SIZES = [1, 2, 3, 5, 8]
+
+
+def _expected(t: int, rule) -> torch.Tensor:
+    return torch.tensor([[bool(rule(q, k)) for k in range(t)] for q in range(t)], dtype=torch.bool).reshape(t, t)
+
+
+@pytest.mark.parametrize("t", SIZES)
+def test_forward_and_backward_causal(t):
+    fw, bw = attention.forward_causal(t), attention.backward_causal(t)
+    assert fw.dtype == torch.bool and fw.shape == (t, t)
+    assert torch.equal(fw, _expected(t, lambda q, k: k <= q))
+    assert torch.equal(bw, _expected(t, lambda q, k: k >= q))
+    # Every query sees itself and nothing else is shared between the two directions.
+    assert torch.equal(fw & bw, torch.eye(t, dtype=torch.bool))
+
+
+def test_causal_small_sizes_written_out():
+    assert attention.forward_causal(1).tolist() == [[True]]
+    assert attention.forward_causal(2).tolist() == [[True, False], [True, True]]
+    assert attention.backward_causal(2).tolist() == [[True, True], [False, True]]
+    assert attention.backward_causal(3).tolist() == [
+        [True, True, True],
+        [False, True, True],
+        [False, False, True],
+    ]
+
+
+def test_padding():
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    m = attention.padding(valid)
+    assert m.shape == (2, 1, 1, 3)
+    dense = m.expand(2, 1, 3, 3)
+    for b in range(2):
+        expected = torch.tensor([[bool(valid[b, k]) for k in range(3)] for _ in range(3)])
+        assert torch.equal(dense[b, 0], expected)
+
+
+@pytest.mark.parametrize("t", SIZES)
+@pytest.mark.parametrize("window", [1, 2, 3, 10])
+def test_sliding_window(t, window):
+    fw = attention.sliding_window(t, window, "fw")
+    bw = attention.sliding_window(t, window, "bw")
+    assert torch.equal(fw, _expected(t, lambda q, k: q - window < k <= q))
+    assert torch.equal(bw, _expected(t, lambda q, k: q <= k < q + window))
+    if window >= t:
+        assert torch.equal(fw, attention.forward_causal(t))
+        assert torch.equal(bw, attention.backward_causal(t))
+    if window == 1:
+        assert torch.equal(fw, torch.eye(t, dtype=torch.bool))
+
+
+def test_sliding_window_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="window"):
+        attention.sliding_window(4, 0)
+    with pytest.raises(ValueError, match="direction"):
+        attention.sliding_window(4, 2, "sideways")
+
+
+@pytest.mark.parametrize("t", SIZES)
+@pytest.mark.parametrize("prefix", [0, 1, 2, 3])
+def test_prefix_lm_int(t, prefix):
+    assert torch.equal(attention.prefix_lm(t, prefix), _expected(t, lambda q, k: k <= q or k < prefix))
+
+
+def test_prefix_lm_extremes_and_per_row():
+    assert torch.equal(attention.prefix_lm(4, 0), attention.forward_causal(4))
+    assert attention.prefix_lm(4, 4).all()
+    prefix = torch.tensor([0, 2, 3])
+    m = attention.prefix_lm(3, prefix)
+    assert m.shape == (3, 1, 3, 3)
+    for b, p in enumerate(prefix.tolist()):
+        assert torch.equal(m[b, 0], attention.prefix_lm(3, p))
+
+
+def test_combine():
+    a = attention.forward_causal(3)
+    b = torch.tensor([True, False, True])[None, :].expand(3, 3)
+    assert torch.equal(attention.combine(a, b), _expected(3, lambda q, k: k <= q and k != 1))
+    assert torch.equal(attention.combine(None, a, None), a)
+    assert attention.combine() is None and attention.combine(None, None) is None
+    pad = attention.padding(torch.tensor([[True, True, False]]))  # (1, 1, 1, 3)
+    assert attention.combine(a, pad).shape == (1, 1, 3, 3)
+    assert torch.equal(attention.combine(a, attention.backward_causal(3)), torch.eye(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 6])
+def test_attention_dense(t):
+    assert Attention().dense(t).all()
+    assert torch.equal(Attention(causal=True).dense(t), attention.forward_causal(t))
+    win = attention.sliding_window(t, 2, "bw")
+    assert torch.equal(Attention(mask=win).dense(t), win)
+    assert torch.equal(Attention(causal=True, mask=win).dense(t), win & attention.forward_causal(t))
+
+
+def _qkv(b: int, h: int, t: int, d: int = 8):
+    g = torch.Generator().manual_seed(t)
+    return (torch.randn(b, h, t, d, generator=g) for _ in range(3))
+
+
+def _sdpa(q, k, v, pattern: Attention):
+    return F.scaled_dot_product_attention(q, k, v, **pattern.sdpa_args(q.shape[2], k.shape[2]))
+
+
+def _sdpa_dense(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 7])
+def test_sdpa_args_match_dense_masks(t):
+    q, k, v = _qkv(2, 2, t)
+    causal = Attention(causal=True)
+    assert causal.sdpa_args(t, t) == {"attn_mask": None, "is_causal": True}
+    assert Attention().sdpa_args(t, t) == {"attn_mask": None, "is_causal": False}
+    torch.testing.assert_close(_sdpa(q, k, v, causal), _sdpa_dense(q, k, v, attention.forward_causal(t)))
+    torch.testing.assert_close(_sdpa(q, k, v, Attention()), _sdpa_dense(q, k, v, torch.ones(t, t, dtype=torch.bool)))
+    # A mask plus causal: the fused flag is dropped and the AND of both is used.
+    valid = torch.ones(2, t, dtype=torch.bool)
+    if t > 1:
+        valid[1, -1] = False  # row 1: last key padded (query 0 still sees key 0)
+    pattern = Attention(causal=True, mask=attention.padding(valid))
+    args = pattern.sdpa_args(t, t)
+    assert args["is_causal"] is False
+    expected = attention.combine(attention.forward_causal(t), attention.padding(valid))
+    assert torch.equal(args["attn_mask"].expand(2, 1, t, t), expected.expand(2, 1, t, t))
+    torch.testing.assert_close(_sdpa(q, k, v, pattern), _sdpa_dense(q, k, v, expected))
+    torch.testing.assert_close(_sdpa(q, k, v, pattern), _sdpa_dense(q, k, v, pattern.dense(t)))
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 7])
+def test_backward_causal_is_the_flip_of_the_fused_causal_kernel(t):
+    """What causal_lm relies on: flip, run is_causal=True, flip back == backward mask."""
+    q, k, v = _qkv(2, 2, t)
+    flipped = _sdpa(q.flip(2), k.flip(2), v.flip(2), Attention(causal=True)).flip(2)
+    torch.testing.assert_close(flipped, _sdpa_dense(q, k, v, attention.backward_causal(t)))
+
+
+def test_true_means_may_attend():
+    """A mask with a single True per query copies exactly that key's value."""
+    t = 5
+    q, k, v = _qkv(1, 1, t)
+    target = torch.tensor([3, 0, 4, 4, 1])
+    mask = F.one_hot(target, t).bool()  # (T, T): query i may attend only to key target[i]
+    out = _sdpa(q, k, v, Attention(mask=mask))
+    torch.testing.assert_close(out[0, 0], v[0, 0, target])
+    # With causal added, query 0 may attend only key 0 whatever the mask allows beyond it.
+    out = _sdpa(q, k, v, Attention(causal=True, mask=torch.ones(t, t, dtype=torch.bool)))
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0])
+
+
+# ================================================================ selection
+
+RATIOS = [0.0, 0.15, 0.3333, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_select_exact_count_per_row(ratio):
+    g = torch.Generator().manual_seed(1)
+    b, t = 10_000, 48
+    lengths = torch.randint(0, t + 1, (b,), generator=g)
+    eligible = torch.arange(t)[None, :] < lengths[:, None]  # (B, T) varied lengths
+    eligible &= torch.rand(b, t, generator=g) < 0.9  # and some specials inside
+    keys = _keys(b)
+    sel = selection.select_exact(eligible, ratio, 0, keys, 0)
+    assert sel.dtype == torch.bool and sel.shape == (b, t)
+    assert not (sel & ~eligible).any(), "selected an ineligible position"
+    n = eligible.sum(1).tolist()
+    expected = torch.tensor([round(ratio * x) for x in n])
+    assert torch.equal(sel.sum(1), expected)
+    assert torch.equal(selection.exact_count(eligible, ratio), expected)
+
+
+def test_exact_count_rounds_half_to_even_like_python():
+    eligible = torch.ones(4, 10, dtype=torch.bool)
+    eligible[1, 5:] = False  # n = 5
+    eligible[2, 3:] = False  # n = 3
+    eligible[3, 1:] = False  # n = 1
+    assert selection.exact_count(eligible, 0.5).tolist() == [round(0.5 * n) for n in (10, 5, 3, 1)]
+
+
+def test_select_exact_deterministic_and_keyed():
+    eligible = torch.ones(64, 32, dtype=torch.bool)
+    keys = _keys(64)
+    a = selection.select_exact(eligible, 0.25, 3, keys, 0)
+    assert torch.equal(a, selection.select_exact(eligible, 0.25, 3, keys.clone(), 0))
+    # Same sample, other batch position: same selection.
+    perm = torch.randperm(64)
+    assert torch.equal(selection.select_exact(eligible, 0.25, 3, keys[perm], 0), a[perm])
+    assert torch.equal(selection.select_exact(eligible[:1], 0.25, 3, keys[5:6], 0)[0], a[5])
+    # Other mask index / seed: distinct masks for nearly every sample.
+    for other in (
+        selection.select_exact(eligible, 0.25, 3, keys, 1),
+        selection.select_exact(eligible, 0.25, 4, keys, 0),
+    ):
+        assert (other != a).any(dim=1).float().mean() > 0.95
+
+
+def test_select_exact_covers_positions_evenly():
+    eligible = torch.ones(20_000, 16, dtype=torch.bool)
+    freq = selection.select_exact(eligible, 0.25, 0, _keys(20_000), 0).float().mean(0)
+    assert torch.allclose(freq, torch.full((16,), 0.25), atol=0.015)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5, float("nan")])
+def test_select_exact_rejects_bad_ratio(ratio):
+    with pytest.raises(ConfigError, match="mask_ratio") as e:
+        selection.select_exact(torch.ones(2, 4, dtype=torch.bool), ratio, 0, _keys(2), 0)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("split", [(0.8, 0.1, 0.1), (0.5, 0.25, 0.25), (1.0, 0.0, 0.0)])
+def test_replacement_split_fractions(split):
+    b, t = 2_000, 128  # 256,000 selected positions
+    tokens = torch.randint(10, 500, (b, t))
+    selected = torch.ones(b, t, dtype=torch.bool)
+    selected[:, ::4] = False  # some unselected positions, which must stay untouched
+    cfg = selection.ReplacementSplit(*split)
+    out, is_mask, is_random = selection.apply_replacement(
+        tokens, selected, cfg, mask_token=3, random_low=10, random_high=500,
+        global_seed=0, sample_key=_keys(b), mask_index=0,
+    )
+    n = selected.sum().item()
+    keep = selected & ~is_mask & ~is_random
+    assert not (is_mask & is_random).any()
+    assert not ((is_mask | is_random) & ~selected).any()
+    for frac, got in ((cfg.mask, is_mask), (cfg.random, is_random), (cfg.keep, keep)):
+        assert abs(got.sum().item() / n - frac) < 0.01
+    assert (out[is_mask] == 3).all()
+    assert torch.equal(out[~selected], tokens[~selected])
+    assert torch.equal(out[keep], tokens[keep])
+    if cfg.random:
+        r = out[is_random]
+        assert r.min() >= 10 and r.max() < 500
+        assert (r != tokens[is_random]).float().mean() > 0.9  # really random tokens
+    again = selection.apply_replacement(tokens, selected, cfg, 3, 10, 500, 0, _keys(b), 0)
+    assert all(torch.equal(x, y) for x, y in zip(again, (out, is_mask, is_random)))
+
+
+def test_replacement_split_defaults():
+    s = selection.ReplacementSplit()
+    assert (s.mask, s.random, s.keep) == (0.8, 0.1, 0.1)
+
+
+@pytest.mark.parametrize(
+    "split, field",
+    [
+        ((1.2, -0.1, -0.1), "replacement.mask"),
+        ((0.8, -0.1, 0.3), "replacement.random"),
+        ((0.5, 0.4, 1.5), "replacement.keep"),
+        ((0.8, 0.1, 0.2), "replacement"),
+        ((0.5, 0.1, 0.1), "replacement"),
+    ],
+)
+def test_replacement_split_rejects_bad_values(split, field):
+    with pytest.raises(ConfigError) as e:
+        selection.ReplacementSplit(*split)
+    assert e.value.field == field
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{field} = ")
+
+
+# ================================================================ schedules
+
+PAIRS = [(0.8, 0.1), (0.1, 0.8), (0.9, 0.05), (0.15, 0.75), (0.0, 1.0), (1.0, 0.0), (0.4, 0.4)]
+TOTALS = [1, 3, 10, 97, 1000]
+MOVING = [n for n in schedules.SCHEDULES if n != "constant"]
+
+
+def test_every_schedule_is_tested():
+    assert set(schedules.SCHEDULES) == {"constant", "linear", "cosine", "exponential"}
+
+
+@pytest.mark.parametrize("name", MOVING)
+@pytest.mark.parametrize("initial, final", PAIRS)
+def test_schedule_endpoints_exact_and_monotone(name, initial, final):
+    f = schedules.get_schedule(name)
+    for total in TOTALS:
+        assert f(0, total, initial, final) == initial
+        assert f(total, total, initial, final) == final
+        assert f(total + 5, total, initial, final) == final  # clamps after the end
+        assert f(-1, total, initial, final) == initial
+        values = [f(s, total, initial, final) for s in range(total + 1)]
+        pairs = list(zip(values, values[1:]))
+        if initial > final:
+            assert all(a >= b for a, b in pairs), f"{name} increases somewhere"
+        else:
+            assert all(a <= b for a, b in pairs), f"{name} decreases somewhere"
+        lo, hi = min(initial, final), max(initial, final)
+        assert all(lo <= v <= hi for v in values)
+        if total >= 3 and initial != final:
+            assert lo < values[total // 2] < hi  # it actually moves in between
+
+
+def test_cosine_is_the_half_cosine():
+    f = schedules.cosine
+    assert f(100, 100, 0.8, 0.1) == 0.1  # the often-printed form ends at 2*0.1-0.8 = -0.6
+    assert math.isclose(f(50, 100, 0.8, 0.1), 0.45)
+    assert math.isclose(f(25, 100, 0.8, 0.1), 0.1 + 0.7 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_linear_and_exponential_shapes():
+    assert math.isclose(schedules.linear(30, 100, 0.8, 0.1), 0.8 - 0.7 * 0.3)
+    # Exponential moves fastest early: past the linear value at the same step.
+    assert schedules.exponential(20, 100, 0.8, 0.1) < schedules.linear(20, 100, 0.8, 0.1)
+
+
+@pytest.mark.parametrize("initial, final", PAIRS)
+def test_constant_schedule(initial, final):
+    f = schedules.get_schedule("constant")
+    assert all(f(s, 10, initial, final) == initial for s in range(-1, 12))
+
+
+@pytest.mark.parametrize("name", ["", "Linear", "cosine_restarts", "step"])
+def test_unknown_schedule(name):
+    with pytest.raises(ConfigError) as e:
+        schedules.get_schedule(name)
+    msg = str(e.value)
+    assert "\n" not in msg and repr(name) in msg
+    assert all(n in msg for n in schedules.SCHEDULES)
+
+
+# ================================================================ causal LM
+
+
+def test_backward_coin_deterministic_in_seed_and_step():
+    m = CausalLM(p_bw=0.5)
+    coins = [m.use_backward(0, s) for s in range(200)]
+    torch.manual_seed(999)  # other randomness does not enter
+    torch.rand(10)
+    assert [CausalLM(p_bw=0.5).use_backward(0, s) for s in range(200)] == coins
+    assert [m.use_backward(0, s) for s in reversed(range(200))] == coins[::-1]  # order-free
+    assert [m.use_backward(1, s) for s in range(200)] != coins
+    assert 50 < sum(coins) < 150
+
+
+def test_backward_coin_is_one_uniform_thresholded():
+    """Coins at different p_bw share one uniform per (seed, step): coin(p) implies
+    coin(p') for p < p', so changing p_bw changes nothing else."""
+    steps = range(1000)
+    lo = [CausalLM(p_bw=0.3).use_backward(4, s) for s in steps]
+    hi = [CausalLM(p_bw=0.7).use_backward(4, s) for s in steps]
+    assert all(h for lo_, h in zip(lo, hi) if lo_)
+    assert sum(hi) > sum(lo)
+
+
+def test_backward_coin_extremes():
+    assert not any(CausalLM(p_bw=0.0).use_backward(0, s) for s in range(500))
+    assert all(CausalLM(p_bw=1.0).use_backward(0, s) for s in range(500))
+
+
+@pytest.mark.parametrize("p_bw", [0.1, 0.5, 0.9])
+def test_backward_coin_frequency(p_bw):
+    m = CausalLM(p_bw=p_bw)
+    freq = sum(m.use_backward(2, s) for s in range(2500)) / 2500
+    assert abs(freq - p_bw) < 0.04  # 4 standard deviations at p = 0.5
+
+
+@pytest.mark.parametrize("p_bw", [-0.01, 1.01, 2, float("nan"), True])
+def test_p_bw_out_of_range(p_bw):
+    with pytest.raises(ConfigError, match="p_bw") as e:
+        CausalLM(p_bw=p_bw)
+    assert "\n" not in str(e.value)
+
+
+def test_p_bw_error_names_config_field(tiny_config):
+    with pytest.raises(ConfigError) as e:
+        tiny_config("gpt", {"masking.p_bw": 1.5})
+    assert e.value.field == "masking.p_bw" and "[0, 1]" in str(e.value)
+
+
+def test_forward_and_backward_views():
+    b, t = 3, 6
+    window = torch.randint(0, 100, (b, t + 1))  # (B, T+1)
+    mb = CausalLM()(window, ("fw", "bw"))
+    assert isinstance(mb, MaskedBatch)
+    assert mb.inputs.shape == mb.targets.shape == mb.loss_mask.shape == (2 * b, t)
+    assert mb.direction.tolist() == [FORWARD] * b + [BACKWARD] * b
+    assert mb.loss_mask.all()
+    assert mb.attention == Attention(causal=True)  # the fused kernel, no dense mask
+    # Forward: position t reads window[t] and predicts window[t+1].
+    assert torch.equal(mb.inputs[:b], window[:, :-1])
+    assert torch.equal(mb.targets[:b], window[:, 1:])
+    # Backward, mapped back to original coordinates: the input at original position
+    # j+1 predicts the token at position j (position t predicts t-1).
+    bw_in = reading_order(mb.inputs[b:], "bw")
+    bw_tgt = reading_order(mb.targets[b:], "bw")
+    assert torch.equal(bw_in, window[:, 1:])
+    assert torch.equal(bw_tgt, window[:, :-1])
+    # In reading order the first backward input is the last token of the window.
+    assert torch.equal(mb.inputs[b:, 0], window[:, -1])
+
+
+def test_views_stack_and_default():
+    window = torch.randint(0, 100, (2, 9))
+    fw_only = CausalLM()(window)
+    assert fw_only.inputs.shape == (2, 8) and fw_only.direction.tolist() == [FORWARD, FORWARD]
+    bw_only = CausalLM()(window, ("bw",))
+    both = CausalLM()(window, ("fw", "bw"))
+    assert torch.equal(both.inputs[2:], bw_only.inputs) and torch.equal(both.targets[2:], bw_only.targets)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 8])
+def test_backward_view_never_sees_its_target(t):
+    """Index bookkeeping of the flip: with causal attention in reading order, reading
+    position s sees original positions {T - s', s' <= s}, i.e. >= T - s; its target is
+    original position T - s - 1, which it never sees."""
+    window = torch.arange(t + 1)[None]  # token id = original position
+    mb = CausalLM()(window, ("bw",))
+    visible = attention.forward_causal(t)  # what the fused causal kernel allows
+    for s in range(t):
+        seen = set(mb.inputs[0][visible[s]].tolist())
+        target = mb.targets[0, s].item()
+        assert target not in seen
+        assert seen == set(range(target + 1, t + 1))
+
+
+def test_reading_order_involution_and_errors():
+    x = torch.arange(12).reshape(2, 6)
+    assert torch.equal(reading_order(x, "fw"), x)
+    assert torch.equal(reading_order(reading_order(x, "bw"), "bw"), x)
+    with pytest.raises(ConfigError, match="direction"):
+        reading_order(x, "up")
