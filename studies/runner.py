@@ -255,9 +255,10 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> tuple[dict, int | None]:
 def run_trial(trial: optuna.Trial, spec: StudySpec, workspace: Workspace, tracking_uri: str, parent_id: str,
               progress_bar: bool) -> tuple[TrialState, float | None, str]:
     """Train, validate and ablate one trial; returns its final state, value and a note."""
+    from optuna_integration import PyTorchLightningPruningCallback
+
     from lit_modules.ablation import AblationOptions
     from lit_modules.config import run_config_from_dict
-    from optuna_integration import PyTorchLightningPruningCallback
 
     from .train import Tracking, train_run
 

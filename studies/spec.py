@@ -336,7 +336,7 @@ def _ablation(raw: Any) -> AblationSpec:
     if unknown:
         raise ConfigError(f"ablation.{unknown[0]}", raw[unknown[0]], f"unknown key (allowed: {', '.join(names)})")
     kw = {}
-    for k, v in raw.items():
+    for k in raw:
         tp = int if k == "max_batches" else bool
         kw[k] = _typed(raw, k, tp, prefix="ablation.")
     return AblationSpec(**kw)

@@ -81,7 +81,7 @@ def train_run(
     cfg: RunConfig,
     workspace: Workspace,
     tracking: Tracking,
-    ablation: AblationOptions = AblationOptions(),
+    ablation: AblationOptions | None = None,
     callbacks: Sequence = (),
     on_run: Callable[[str], None] | None = None,
 ) -> RunResult:
@@ -132,7 +132,7 @@ def train_run(
             trainer.validate(model, datamodule=dm, verbose=False)  # the final step's val
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
-        table = layer_removal(model, dm.val_dataloader(), ablation)
+        table = layer_removal(model, dm.val_dataloader(), ablation or AblationOptions())
         log_metric_series(client, run_id, ablation_points(table))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ablation.csv"
