@@ -99,6 +99,7 @@ def open_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.S
     """Create the study, or load it and check it was made from the same spec."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.create_study(
         study_name=spec.name, storage=make_storage(storage_url), direction=spec.objective.direction,
         sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True,

@@ -127,7 +127,10 @@ def train_run(
         set_tags(client, run_id, {"masklab.device": _device_name(trainer.strategy.root_device)})
         _log_config_artifacts(client, run_id, cfg, tracking.artifacts)
 
-        trainer.fit(model, datamodule=dm)
+        try:
+            trainer.fit(model, datamodule=dm)
+        except SystemExit as e:  # Lightning ends a Ctrl-C'd fit with SystemExit(1)
+            raise KeyboardInterrupt("interrupted during training") from e
         if seen.step != trainer.global_step:
             trainer.validate(model, datamodule=dm, verbose=False)  # the final step's val
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

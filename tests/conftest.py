@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 SPECS = REPO / "studies" / "specs"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Tiny test models run fastest on one thread, and a 2-core CI machine is not
+# oversubscribed by worker subprocesses (which inherit this).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 

@@ -1,0 +1,314 @@
+"""Studies end to end: grid resume, failures, pruning, dead workers, malformed specs."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from lit_modules.config_errors import ConfigError
+from lit_modules.paths import Workspace
+from studies.spec import load_spec
+
+from .conftest import REPO, TINY
+
+FIXED = {k: v for k, v in copy.deepcopy(TINY["gpt"]).items()}
+FIXED["trainer"].update(max_steps=4, val_every=2)
+
+
+def spec_dict(**changes) -> dict:
+    d = {
+        "name": "tiny_grid", "model": "gpt", "data": "wikitext-2", "fixed": copy.deepcopy(FIXED),
+        "grid": {"masking.p_bw": [0.0, 0.5]}, "replicates": 2,
+        "objective": {"metric": "val/fw_loss", "direction": "minimize"},
+        "ablation": {"drop_one": False},
+    }
+    d.update(changes)
+    return d
+
+
+def stores(ws: Workspace) -> tuple[str, str]:
+    return f"sqlite:///{ws.output_dir / 'optuna.db'}", ws.tracking_uri
+
+
+def run(spec, ws, report=False, **kw):
+    from studies.runner import run_study
+
+    storage, tracking = stores(ws)
+    return run_study(spec, ws, storage, tracking, progress=False, report=report, log=lambda m: None, **kw)
+
+
+def trials(ws, name):
+    return optuna.load_study(study_name=name, storage=stores(ws)[0]).get_trials()
+
+
+@pytest.fixture
+def ws(tmp_path, data_dir, session_cache):
+    ws = Workspace.resolve(tmp_path / "out", data_dir)
+    # Share the session's tokenizer cache (keyed by corpus and options) so each
+    # tokenizer trains once per test session.
+    ws.output_dir.mkdir(parents=True)
+    (session_cache / "cache").mkdir(exist_ok=True)
+    (ws.output_dir / "cache").symlink_to(session_cache / "cache", target_is_directory=True)
+    return ws
+
+
+# ---------------------------------------------------------------- grid end to end
+
+
+def test_grid_study_end_to_end_and_resume(ws):
+    from mlflow.tracking import MlflowClient
+
+    spec = load_spec(spec_dict())
+    result = run(spec, ws, report=True)
+    assert result.counts == {"COMPLETE": 4} and result.ran == 4
+    ts = trials(ws, "tiny_grid")
+    points = sorted((t.params["masking.p_bw"], t.params["seed"]) for t in ts)
+    assert points == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
+
+    client = MlflowClient(tracking_uri=stores(ws)[1])
+    exp = client.get_experiment_by_name("tiny_grid")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("masklab.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("masklab.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0].info.run_id
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in children)
+    by_trial = {int(r.data.tags["masklab.trial"]): r for r in children}
+    for t in ts:  # each store finds the other
+        run_ = by_trial[t.number]
+        assert t.user_attrs["masklab.mlflow_run_id"] == run_.info.run_id
+        assert run_.data.tags["masklab.study"] == "tiny_grid"
+        assert run_.data.params["masking.p_bw"] == str(t.params["masking.p_bw"])
+        assert t.value == pytest.approx(run_.data.metrics["val/fw_loss"])
+        assert len(t.intermediate_values) == 2  # one per validation
+    # replicate seeds differ, the same seed gives the same data: losses differ by seed
+    assert len({round(t.value, 6) for t in ts}) == 4
+
+    # the report: a table row per setting with n = 2, attached to the parent run
+    md = result.report_md.read_text()
+    assert "p_bw=0.0" in md.replace(" ", "").replace("masking.", "") or "0.5" in md
+    assert result.report_html.exists()
+    assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/report.md", "report/report.html"}
+    from reports.loader import load_study
+
+    data = load_study("tiny_grid", *stores(ws))
+    per_setting = data.trials[data.trials.state == "COMPLETE"].groupby("setting").size()
+    assert len(per_setting) == 2 and set(per_setting) == {2}
+
+    # running again adds no trial and re-runs nothing
+    again = run(spec, ws)
+    assert again.ran == 0 and again.counts == {"COMPLETE": 4}
+    assert len(trials(ws, "tiny_grid")) == 4
+    assert len(client.search_runs([exp.experiment_id])) == 5
+
+
+def test_changed_fixed_config_is_refused(ws):
+    spec = load_spec(spec_dict(grid={"masking.p_bw": [0.0]}, replicates=1))
+    run(spec, ws)
+    other = load_spec(spec_dict(grid={"masking.p_bw": [0.0]}, replicates=1), ["trainer.max_steps=6"])
+    with pytest.raises(ConfigError) as info:
+        run(other, ws)
+    assert "fixed" in str(info.value) and "\n" not in str(info.value)
+    assert [t.state for t in trials(ws, "tiny_grid")] == [TrialState.COMPLETE]
+
+
+# ---------------------------------------------------------------- failures and pruning
+
+
+def test_diverging_trials_fail_with_reason_and_the_study_goes_on(ws):
+    from mlflow.tracking import MlflowClient
+
+    spec = load_spec(spec_dict(name="diverge", grid={"optim.lr": [3e-3, 1e30]}, replicates=1))
+    result = run(spec, ws)
+    assert result.counts == {"COMPLETE": 1, "FAIL": 1}
+    failed = [t for t in trials(ws, "diverge") if t.state == TrialState.FAIL][0]
+    reason = failed.user_attrs["masklab.failure"]
+    assert "NonFiniteLossError" in reason and "train/loss" in reason
+    run_ = MlflowClient(tracking_uri=stores(ws)[1]).get_run(failed.user_attrs["masklab.mlflow_run_id"])
+    assert run_.info.status == "FAILED" and "NonFiniteLossError" in run_.data.tags["masklab.failure"]
+    # a FAILed grid point is run again on the next invocation (and fails again)
+    assert run(spec, ws).ran == 1
+
+
+def test_median_pruner_prunes_a_trial_that_cannot_learn(ws):
+    """Trial 0 learns (lr 1e-2); trial 1 has lr 1e-9 and the same data and init, so its
+    loss at the first validation is above trial 0's: the median pruner must stop it."""
+    search = {
+        "name": "prune", "model": "gpt", "data": "wikitext-2", "fixed": copy.deepcopy(FIXED),
+        "search": {"optim.lr": {"type": "float", "low": 1e-9, "high": 1e-2, "log": True}},
+        "n_trials": 2, "sampler": "random", "pruner": {"name": "median", "n_startup_trials": 1},
+        "objective": "val/fw_loss", "ablation": {"drop_one": False},
+    }
+    search["fixed"]["optim"] = {"warmup_steps": 0}
+    search["fixed"]["trainer"].update(max_steps=6, val_every=2)
+    spec = load_spec(search)
+    from studies.runner import open_study
+
+    study = open_study(spec, *stores(ws))
+    study.enqueue_trial({"optim.lr": 1e-2})
+    study.enqueue_trial({"optim.lr": 1e-9})
+    result = run(spec, ws)
+    assert result.counts == {"COMPLETE": 1, "PRUNED": 1}
+    pruned = [t for t in trials(ws, "prune") if t.state == TrialState.PRUNED][0]
+    assert pruned.params["optim.lr"] == 1e-9 and "pruned" in pruned.user_attrs["masklab.failure"]
+    assert len(pruned.intermediate_values) == 1
+
+
+# ---------------------------------------------------------------- dead workers, Ctrl-C
+
+
+def _start_worker(spec_path, ws, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "studies.cli", "run", str(spec_path), "--no-progress", "--no-report",
+           "--output-dir", str(ws.output_dir), "--data-dir", str(ws.data_dir), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_running(ws, name, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited early:\n{proc.stdout.read()}")
+        try:
+            ts = trials(ws, name)
+        except KeyError:
+            ts = []
+        if any(t.state == TrialState.RUNNING and "masklab.mlflow_run_id" in t.user_attrs for t in ts):
+            return
+        time.sleep(0.3)
+    pytest.fail("no trial started")
+
+
+def _slow_spec(tmp_path, name):
+    import yaml
+
+    d = spec_dict(name=name, grid={"masking.p_bw": [0.0, 0.5]}, replicates=1)
+    d["fixed"]["trainer"].update(max_steps=200, val_every=100)  # long enough to be caught mid-trial
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path, d
+
+
+def test_killed_worker_trial_is_failed_and_rerun(ws, tmp_path):
+    path, d = _slow_spec(tmp_path, "killed")
+    proc = _start_worker(path, ws)
+    try:
+        _wait_running(ws, "killed", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    [zombie] = [t for t in trials(ws, "killed") if t.state == TrialState.RUNNING]
+    # the next run marks the dead trial FAIL and runs its grid point again
+    fast_run = run(load_spec(path), ws)
+    ts = trials(ws, "killed")
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    dead = next(t for t in ts if t.number == zombie.number)
+    assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["masklab.failure"]
+    complete = sorted(t.params["masking.p_bw"] for t in ts if t.state == TrialState.COMPLETE)
+    assert complete == [0.0, 0.5] and fast_run.counts["COMPLETE"] == 2
+
+
+def test_ctrl_c_marks_the_running_trial_failed(ws, tmp_path):
+    path, _ = _slow_spec(tmp_path, "interrupted")
+    proc = _start_worker(path, ws)
+    try:
+        _wait_running(ws, "interrupted", proc)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    ts = trials(ws, "interrupted")
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    failed = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "interrupted" in failed[0].user_attrs["masklab.failure"]
+
+
+# ---------------------------------------------------------------- malformed specs
+
+BAD_SPECS = [
+    (dict(colour="red"), "colour"),
+    (dict(model="gtp"), "model"),
+    (dict(data="wikitext-3"), "data"),
+    (dict(grid={}), "grid"),
+    (dict(grid={"masking.p_bw": []}), "grid.masking.p_bw"),
+    (dict(replicates=0), "replicates"),
+    (dict(replicates="two"), "replicates"),
+    (dict(grid={"model.depht": [2, 3]}), "grid.model.depht"),
+    (dict(grid={"masking.p_bw": [0.0, 1.5]}), "masking.p_bw"),
+    (dict(grid={"model.depth": "2, 4"}), "grid.model.depth"),
+    (dict(objective={"metric": "val/fw_loss", "direction": "down"}), "objective.direction"),
+    (dict(name=""), "name"),
+    (dict(fixed={"masking": {"name": "nope"}}), "masking.name"),
+    (dict(fixed=[1, 2]), "fixed"),
+    (dict(grid=None, search={"optim.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}, n_trials=3), "search.optim.lr.low"),
+    (dict(grid=None, search={"optim.lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}, n_trials=3), "search.optim.lr.low"),
+    (dict(grid=None, search={"optim.lr": {"type": "uniform", "low": 0, "high": 1}}, n_trials=3), "search.optim.lr.type"),
+    (dict(grid=None, search={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, n_trials=0), "n_trials"),
+    (dict(grid=None, search={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, n_trials=3, sampler="grid"), "sampler"),
+    (dict(grid=None, search={"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, n_trials=3, pruner="sometimes"), "pruner.name"),
+    (dict(grid=None, search={"optim.lrr": {"type": "float", "low": 1e-4, "high": 1e-2}}, n_trials=3), "search.optim.lrr"),
+]
+
+
+@pytest.mark.parametrize("changes,field", BAD_SPECS, ids=[b[1] + f"-{i}" for i, b in enumerate(BAD_SPECS)])
+def test_malformed_spec_one_line_error(changes, field, tmp_path):
+    import yaml
+
+    d = spec_dict()
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    if "search" in d:
+        d.pop("replicates", None)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    msg = str(info.value)
+    assert "\n" not in msg and field in msg and "bad.yaml" in msg, msg
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert "\n" not in str(info.value) and "broken.yaml" in str(info.value)
+
+
+def test_cli_bad_spec_exit_code(tmp_path, capsys):
+    from studies.cli import main
+
+    assert main(["run", "no_such_spec", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "SPEC" in err and "gpt_pbw_demo" in err
+
+
+def test_status_and_report_do_not_import_torch(ws):
+    """`masklab status` / `report` only read the stores: no torch, no Lightning."""
+    spec = load_spec(spec_dict(name="light", grid={"masking.p_bw": [0.0]}, replicates=1))
+    run(spec, ws)
+    code = (
+        "import sys; from studies.cli import main; "
+        f"rc = main(['status', {str(REPO / 'studies/specs/gpt_pbw_demo.yaml')!r}, '--study-name', 'light', "
+        f"'--output-dir', {str(ws.output_dir)!r}]); "
+        f"rc |= main(['report', {str(REPO / 'studies/specs/gpt_pbw_demo.yaml')!r}, '--study-name', 'light', "
+        f"'--output-dir', {str(ws.output_dir)!r}]); "
+        "bad = [m for m in ('torch', 'lightning') if m in sys.modules]; "
+        "print('IMPORTED', bad); sys.exit(rc or bool(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "COMPLETE" in out.stdout and "report.html" in out.stdout
