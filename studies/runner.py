@@ -399,10 +399,13 @@ def _close_parent(tracking_uri: str, parent_id: str, study: optuna.Study, spec: 
 def write_study_report(name: str, storage_url: str, tracking_uri: str, workspace: Workspace,
                        parent_id: str | None = None) -> tuple[Path, Path]:
     """Regenerate the report from the stores; attach it to the parent run."""
-    from reports.loader import load_study
+    from reports.loader import StudyNotFoundError, load_study
     from reports.study_report import write_report
 
-    data = load_study(name, storage_url, tracking_uri)
+    try:
+        data = load_study(name, storage_url, tracking_uri)
+    except StudyNotFoundError as e:
+        raise ConfigError("study", name, str(e)) from None
     out = workspace.output_dir / "reports" / name
     md, html = write_report(data, out)
     if parent_id:

@@ -1,0 +1,233 @@
+"""Plotly figures of a study, built from the loader's tidy DataFrames.
+
+Every function returns a ``plotly.graph_objects.Figure`` or None when the study has
+nothing to show for it (the report then leaves the section out or says why).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from .loader import StudyData
+from .tables import ablation_metrics
+
+PALETTE = qualitative.Plotly + qualitative.Dark24
+# Search studies can have hundreds of trials; curves and heatmaps show the best few.
+TOP_SEARCH_TRIALS = 8
+# A positive parameter spanning this factor or more (learning rates) gets a log10 axis.
+LOG_AXIS_RATIO = 100
+PRUNED_COLOR, OTHER_COLOR = "#d62728", "rgba(120,120,120,0.45)"
+
+
+def shown_settings(data: StudyData) -> list[str]:
+    """Settings to draw: all of a grid; for a search, the best complete trials."""
+    if data.kind != "search":
+        return data.settings
+    done = data.complete.sort_values("value", ascending=data.direction != "maximize", kind="stable")
+    return list(dict.fromkeys(done["setting"].head(TOP_SEARCH_TRIALS)))
+
+
+def _rgba(color: str, alpha: float) -> str:
+    c = color.lstrip("#")
+    r, g, b = (int(c[i: i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+# ------------------------------------------------------------------ layer removal
+def layer_removal(data: StudyData) -> go.Figure | None:
+    """Val metric against blocks removed from the back: one line per setting (mean over
+    seeds), a band from the min to the max over seeds."""
+    t = data.ablation[data.ablation["variant"] == "truncate"]
+    metrics = [m for m in ablation_metrics(data) if m in set(t["metric"])]
+    settings = [s for s in shown_settings(data) if s in set(t["setting"])]
+    if not metrics or not settings:
+        return None
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, shared_xaxes=True)
+    for col, metric in enumerate(metrics, start=1):
+        stats = (t[t["metric"] == metric].groupby(["setting", "removed"])["value"]
+                 .agg(["mean", "min", "max", "count"]).reset_index())
+        for i, setting in enumerate(settings):
+            s = stats[stats["setting"] == setting].sort_values("removed")
+            if s.empty:
+                continue
+            color = PALETTE[i % len(PALETTE)]
+            x = s["removed"].astype(int).tolist()
+            if (s["count"] > 1).any():
+                fig.add_trace(go.Scatter(
+                    x=x + x[::-1], y=s["max"].tolist() + s["min"].tolist()[::-1], fill="toself", mode="lines",
+                    fillcolor=_rgba(color, 0.15), line={"width": 0}, hoverinfo="skip", showlegend=False,
+                    legendgroup=setting), row=1, col=col)
+            fig.add_trace(go.Scatter(
+                x=x, y=s["mean"], mode="lines+markers", name=setting, legendgroup=setting,
+                line={"color": color}, showlegend=col == 1, customdata=s["count"],
+                hovertemplate=f"{setting}<br>removed %{{x}}<br>{metric} %{{y:.4f}} (n=%{{customdata}})<extra></extra>",
+            ), row=1, col=col)
+        fig.update_xaxes(title_text="blocks removed from the back", dtick=1, row=1, col=col)
+    fig.update_layout(title="Layer removal: validation metrics (mean over seeds; band = min-max)",
+                      height=420, legend_title_text="setting")
+    return fig
+
+
+def block_heatmaps(data: StudyData) -> go.Figure | None:
+    """Per-block panels, blocks (x) by setting (y), mean over seeds: Block Influence,
+    angular distance to the next block's input, and for each plotted metric the change
+    when one block is dropped alone (drop-one minus the intact model)."""
+    settings = shown_settings(data)
+    panels = [(t, z.reindex(index=[s for s in settings if s in z.index])) for t, z in _block_panels(data)]
+    panels = [(t, z) for t, z in panels if not z.empty]
+    if not panels:
+        return None
+    n_set = max(len(z) for _, z in panels)
+    panel_px = 90 + 26 * n_set  # title + axis + one row of cells per setting
+    height = panel_px * len(panels)
+    gap = 60 / height if len(panels) == 1 else min(60 / height, 0.5 / (len(panels) - 1))  # px -> fraction
+    fig = make_subplots(rows=len(panels), cols=1, subplot_titles=[t for t, _ in panels], vertical_spacing=gap)
+    for row, (title, z) in enumerate(panels, start=1):
+        axis = "yaxis" if row == 1 else f"yaxis{row}"
+        lo, hi = fig.layout[axis].domain
+        fig.add_trace(go.Heatmap(
+            z=z.to_numpy(dtype=float), x=[int(b) for b in z.columns], y=list(z.index), colorscale="Viridis",
+            colorbar={"y": (lo + hi) / 2, "len": hi - lo, "thickness": 12}, name=title,
+            hovertemplate="%{y}<br>block %{x}<br>%{z:.4f}<extra></extra>"), row=row, col=1)
+        fig.update_yaxes(autorange="reversed", row=row, col=1)
+        fig.update_xaxes(dtick=1, row=row, col=1)
+    fig.update_xaxes(title_text="block", row=len(panels), col=1)
+    fig.update_layout(title="Per-block ablation (mean over seeds)", height=height + 80)
+    return fig
+
+
+def _block_panels(data: StudyData) -> list[tuple[str, pd.DataFrame]]:
+    a = data.ablation
+    panels = []
+    bi = a[a["variant"] == "block_influence"]
+    ang = a[(a["variant"] == "angular_distance") & (a["removed"] == 1)]
+    for title, part in (("Block Influence, 1 - cos(x_i, x_i+1)", bi),
+                        ("angular distance between the inputs of blocks i and i+1", ang)):
+        if not part.empty:
+            panels.append((title, _by_setting_and_block(part)))
+    for metric in ablation_metrics(data):
+        drop = a[(a["variant"] == "drop_one") & (a["metric"] == metric)]
+        if drop.empty:
+            continue
+        full = a[(a["variant"] == "truncate") & (a["removed"] == 0) & (a["metric"] == metric)]
+        full = full.set_index("number")["value"]
+        if drop["number"].isin(full.index).all():
+            drop = drop.assign(value=drop["value"] - drop["number"].map(full).to_numpy())
+            panels.append((f"drop-one: change in {metric} when block i alone is removed", _by_setting_and_block(drop)))
+        else:
+            panels.append((f"drop-one: {metric} with block i alone removed", _by_setting_and_block(drop)))
+    return panels
+
+
+def _by_setting_and_block(part: pd.DataFrame) -> pd.DataFrame:
+    return part.groupby(["setting", "block"])["value"].mean().unstack("block")
+
+
+# ------------------------------------------------------------------ training curves
+def validation_curves(data: StudyData) -> go.Figure | None:
+    """The objective's validation history, one line per trial, coloured by setting."""
+    c = data.curves[data.curves["metric"] == data.objective]
+    settings = shown_settings(data)
+    if c.empty or not settings:
+        return None
+    info = data.trials.set_index("number")[["setting", "seed"]]
+    fig = go.Figure()
+    for i, setting in enumerate(settings):
+        numbers = info.index[info["setting"] == setting]
+        for j, number in enumerate(numbers):
+            s = c[c["number"] == number].sort_values("step")
+            if s.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=s["step"], y=s["value"], mode="lines+markers", name=setting, legendgroup=setting,
+                showlegend=j == 0, line={"color": PALETTE[i % len(PALETTE)], "width": 1.5},
+                hovertemplate=f"trial {number} ({setting}, seed {info.at[number, 'seed']})<br>"
+                              "step %{x}<br>%{y:.4f}<extra></extra>"))
+    fig.update_layout(title=f"{data.objective} during training (one line per trial)", xaxis_title="global step",
+                      yaxis_title=data.objective, height=420, legend_title_text="setting")
+    return fig
+
+
+# ------------------------------------------------------------------ search studies
+def optimization_history(data: StudyData) -> go.Figure | None:
+    done = data.complete.sort_values("number")
+    if done.empty:
+        return None
+    best = done["value"].cummin() if data.direction != "maximize" else done["value"].cummax()
+    fig = go.Figure([
+        go.Scatter(x=done["number"], y=done["value"], mode="markers", name="trial", text=done["setting"],
+                   hovertemplate="trial %{x}<br>%{text}<br>%{y:.4f}<extra></extra>"),
+        go.Scatter(x=done["number"], y=best, mode="lines", name="best so far", line={"shape": "hv"}),
+    ])
+    fig.update_layout(title="Optimization history", xaxis_title="trial", yaxis_title=data.objective, height=400,
+                      xaxis={"dtick": _integer_dtick(done["number"].max())})
+    return fig
+
+
+def importances(values: dict[str, float]) -> go.Figure:
+    names = sorted(values, key=values.get)
+    fig = go.Figure(go.Bar(x=[values[n] for n in names], y=names, orientation="h",
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_layout(title="Parameter importances (fANOVA)", xaxis_title="importance",
+                      height=max(260, 80 + 40 * len(names)))
+    return fig
+
+
+def parallel_coordinates(data: StudyData) -> go.Figure | None:
+    done = data.complete
+    params = [s for s in data.swept if s in done]
+    if done.empty or not params:
+        return None
+    dims = []
+    for p in params:
+        col = done[p]
+        numeric = pd.to_numeric(col, errors="coerce")
+        if numeric.notna().all() and (numeric > 0).all() and numeric.max() / numeric.min() >= LOG_AXIS_RATIO:
+            dims.append({"label": f"log10 {p}", "values": np.log10(numeric).tolist()})
+        elif numeric.notna().all():
+            dims.append({"label": p, "values": numeric.tolist()})
+        else:  # categorical: codes on the axis, the category names as ticks
+            cats = sorted(col.astype(str).unique())
+            dims.append({"label": p, "values": [cats.index(v) for v in col.astype(str)],
+                         "tickvals": list(range(len(cats))), "ticktext": cats})
+    dims.append({"label": data.objective, "values": done["value"].tolist()})
+    reverse = data.direction != "maximize"
+    fig = go.Figure(go.Parcoords(dimensions=dims, line={
+        "color": done["value"], "colorscale": "Viridis", "reversescale": reverse, "showscale": True}))
+    fig.update_layout(title="Parallel coordinates (complete trials)", height=420)
+    return fig
+
+
+def intermediate_values(data: StudyData) -> go.Figure | None:
+    """The objective as reported at each validation; pruned trials highlighted."""
+    iv = data.intermediate
+    if iv.empty:
+        return None
+    state = data.trials.set_index("number")["state"]
+    fig = go.Figure()
+    shown = set()
+    for number, s in iv.groupby("number"):
+        st = state.get(number, "?")
+        pruned = st == "PRUNED"
+        group = "pruned" if pruned else "other trials"
+        fig.add_trace(go.Scatter(
+            x=s["step"], y=s["value"], mode="lines+markers", name=group, legendgroup=group,
+            showlegend=group not in shown, line={"color": PRUNED_COLOR if pruned else OTHER_COLOR,
+                                                 "width": 2 if pruned else 1},
+            hovertemplate=f"trial {number} ({st})<br>validation %{{x}}<br>%{{y:.4f}}<extra></extra>"))
+        shown.add(group)
+    fig.update_layout(title="Intermediate values (pruned trials in red)", xaxis_title="validation index",
+                      yaxis_title=data.objective, height=400,
+                      xaxis={"dtick": _integer_dtick(iv["step"].max())})
+    return fig
+
+
+def _integer_dtick(largest: int) -> int:
+    """Whole-number ticks on an index axis, about ten of them at most."""
+    return max(1, math.ceil((int(largest) + 1) / 10))

@@ -1,0 +1,275 @@
+"""The report of one study: ``report.md`` (tables and warnings) and a single
+self-contained ``report.html`` (the same plus interactive figures; plotly.js embedded
+once, so the page opens offline).
+
+    data = load_study("gpt_pbw", "sqlite:///masklab-runs/optuna.db")
+    md_path, html_path = write_report(data, "masklab-runs/reports/gpt_pbw")
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures
+from .checks import Finding, review
+from .loader import StudyData
+from .tables import (
+    display_frame,
+    display_summary,
+    markdown_table,
+    p_bw_ratios,
+    setting_summary,
+    state_counts,
+    table_metrics,
+    top_trials,
+    trial_problems,
+)
+
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+__all__ = ["REPORT_HTML", "REPORT_MD", "summary_table", "write_report"]
+
+
+@dataclass
+class Table:
+    anchor: str
+    title: str
+    frame: pd.DataFrame  # already formatted as text
+    note: str = ""
+
+
+@dataclass
+class Figure:
+    anchor: str
+    title: str
+    figure: object | None  # a plotly Figure, or None with a note saying why there is none
+    note: str = ""
+
+
+@dataclass
+class Report:
+    title: str
+    header: list[tuple[str, str]]
+    findings: list[Finding]
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    empty: str = ""  # set when no trial has completed
+    spec: str = ""
+
+
+# ------------------------------------------------------------------ public API
+def summary_table(data: StudyData) -> pd.DataFrame:
+    """The numeric per-setting summary (see ``tables.setting_summary``)."""
+    return setting_summary(data)
+
+
+def write_report(data: StudyData, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_report(data)
+    md_path, html_path = out / REPORT_MD, out / REPORT_HTML
+    md_path.write_text(render_markdown(report), encoding="utf-8")
+    html_path.write_text(render_html(report), encoding="utf-8")
+    return md_path, html_path
+
+
+def build_report(data: StudyData) -> Report:
+    summary = setting_summary(data)
+    report = Report(title=f"Study report: {data.name}", header=_header(data),
+                    findings=review(data, summary), spec=_spec_text(data.spec))
+    if data.complete.empty:
+        counts = ", ".join(f"{n} {s}" for s, n in state_counts(data).items()) or "no trials at all"
+        report.empty = f"No trial has completed yet ({counts}): there are no results to summarise."
+    else:
+        importance = param_importances(data) if data.kind == "search" else (None, "")
+        report.tables += _result_tables(data, summary, importance)
+        report.figures += _figures(data, importance)
+    problems = trial_problems(data)
+    if not problems.empty:
+        report.tables.append(Table("problem-trials", "Trials that did not complete", display_frame(problems)))
+    return report
+
+
+# ------------------------------------------------------------------ content
+def _header(data: StudyData) -> list[tuple[str, str]]:
+    counts = state_counts(data)
+    trials = ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"
+    parent = f" (parent run {data.parent_run_id})" if data.parent_run_id else ""
+    spec = data.spec
+    what = ", ".join(f"{k} {_name_of(spec.get(k))}" for k in ("model", "data") if spec.get(k))
+    rows = [
+        ("study", data.name),
+        ("kind", data.kind),
+        ("objective", f"{data.objective} ({data.direction})"),
+        ("trials", f"{trials} ({len(data.trials)} in all)"),
+        ("swept", ", ".join(data.swept) or "nothing"),
+    ]
+    if what:
+        rows.append(("runs", what))
+    if data.expected_replicates:
+        rows.append(("replicates per setting", str(data.expected_replicates)))
+    rows += [
+        ("Optuna storage", data.storage_url),
+        ("MLflow tracking", f"{data.tracking_uri or 'none'}{parent}"),
+        ("read at", data.loaded_at.isoformat(timespec="seconds")),
+        ("generated", datetime.now().astimezone().isoformat(timespec="seconds")),
+    ]
+    return rows
+
+
+def _result_tables(data: StudyData, summary: pd.DataFrame, importance) -> list[Table]:
+    metrics = table_metrics(data)
+    tables = []
+    if data.kind == "search":
+        tables.append(Table("best-trials", "Best complete trials", display_frame(top_trials(data), raw=data.swept),
+                            note="sorted by the objective"))
+        imp, why = importance
+        if imp:
+            frame = pd.DataFrame({"parameter": list(imp), "importance": list(imp.values())})
+            tables.append(Table("importances", "Parameter importances (fANOVA)", display_frame(frame, 3)))
+        else:
+            tables.append(Table("importances", "Parameter importances", pd.DataFrame(), note=why))
+    else:
+        tables.append(Table("summary", "Final validation metrics per setting",
+                            display_summary(summary, metrics),
+                            note="mean ± sample std over complete replicates (n); parameters = model.parameters"))
+    ratios = p_bw_ratios(data, summary)
+    if ratios is not None:
+        tables.append(Table("p-bw-ratios", "Loss ratios: loss(p_bw = 0) / loss(p_bw = x)", display_frame(ratios, raw=data.swept),
+                            note="ratios of the means over replicates; > 1 means the setting with backward "
+                                 "training has the lower loss"))
+    return tables
+
+
+def param_importances(data: StudyData) -> tuple[dict[str, float] | None, str]:
+    """fANOVA importances of the swept params, or None and the reason there are none."""
+    if data.study is None:
+        return None, "the Optuna study object was not loaded"
+    if len(data.complete) < 2:
+        return None, f"needs at least 2 complete trials (have {len(data.complete)})"
+    import optuna
+
+    try:
+        return optuna.importance.get_param_importances(data.study), ""
+    except (ImportError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        return None, f"could not be computed: {e}"
+
+
+def _figures(data: StudyData, importance) -> list[Figure]:
+    out = [
+        Figure("layer-removal", "Layer-removal curves", figures.layer_removal(data),
+               "no ablation recorded for the complete trials"),
+        Figure("block-heatmaps", "Per-block ablation", figures.block_heatmaps(data),
+               "no per-block ablation recorded"),
+        Figure("validation-curves", f"{data.objective} during training", figures.validation_curves(data),
+               f"no {data.objective} history in MLflow"),
+    ]
+    if data.kind == "search":
+        imp, why = importance
+        out += [
+            Figure("optimization-history", "Optimization history", figures.optimization_history(data)),
+            Figure("importance-plot", "Parameter importances", figures.importances(imp) if imp else None, why),
+            Figure("parallel-coordinates", "Parallel coordinates", figures.parallel_coordinates(data),
+                   "no swept parameters"),
+            Figure("intermediate-values", "Intermediate values", figures.intermediate_values(data),
+                   "no intermediate values reported"),
+        ]
+    return out
+
+
+def _spec_text(spec: dict) -> str:
+    if not spec:
+        return ""
+    try:
+        import yaml
+
+        return yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=100).rstrip()
+    except (ImportError, yaml.YAMLError):
+        return json.dumps(spec, indent=2, default=str)
+
+
+def _name_of(v) -> str:
+    return str(v.get("name", "?")) if isinstance(v, dict) else str(v)
+
+
+# ------------------------------------------------------------------ Markdown
+def render_markdown(report: Report) -> str:
+    lines = [f"# {report.title}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in report.header]
+    figs = [f for f in report.figures if f.figure is not None]
+    if figs:
+        links = " · ".join(f"[{f.title}]({REPORT_HTML}#{f.anchor})" for f in figs)
+        lines += ["", f"Figures are in [{REPORT_HTML}]({REPORT_HTML}): {links}"]
+    lines += ["", "## Warnings", ""]
+    lines += [f"- **{f.kind}**: {f.message}" for f in report.findings] or ["None."]
+    if report.empty:
+        lines += ["", "## Results", "", report.empty]
+    for t in report.tables:
+        lines += ["", f"## {t.title}", ""]
+        if t.note:
+            lines += [f"_{t.note}_", ""]
+        if not t.frame.empty:
+            lines.append(markdown_table(t.frame))
+    if report.spec:
+        lines += ["", "## Spec", "", "```yaml", report.spec, "```"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ HTML
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+dl.header { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
+dl.header dt { font-weight: 600; } dl.header dd { margin: 0; font-family: monospace; }
+.warnings li { margin: 0.2em 0; } .kind { font-weight: 600; color: #a33; }
+.note { color: #555; font-style: italic; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+"""
+
+
+def render_html(report: Report) -> str:
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(report.title)}</title>",
+             f"<style>{CSS}</style></head><body>", f"<h1>{e(report.title)}</h1>", "<dl class='header'>"]
+    parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in report.header]
+    parts += ["</dl>", "<h2 id='warnings'>Warnings</h2>"]
+    if report.findings:
+        parts.append("<ul class='warnings'>" + "".join(
+            f"<li><span class='kind'>{e(f.kind)}</span>: {e(f.message)}</li>" for f in report.findings) + "</ul>")
+    else:
+        parts.append("<p>None.</p>")
+    if report.empty:
+        parts.append(f"<h2 id='results'>Results</h2><p>{e(report.empty)}</p>")
+    for t in report.tables:
+        parts.append(f"<h2 id='{t.anchor}'>{e(t.title)}</h2>")
+        if t.note:
+            parts.append(f"<p class='note'>{e(t.note)}</p>")
+        if not t.frame.empty:
+            parts.append(t.frame.to_html(index=False, border=0, escape=True))
+    parts += _html_figures(report.figures)
+    if report.spec:
+        parts.append(f"<h2 id='spec'>Spec</h2><pre>{e(report.spec)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _html_figures(figs: list[Figure]) -> list[str]:
+    """Each figure as a div; the first one carries plotly.js inline, the rest reuse it."""
+    parts, embedded = [], False
+    for f in figs:
+        parts.append(f"<h2 id='{f.anchor}'>{html.escape(f.title)}</h2>")
+        if f.figure is None:
+            if f.note:
+                parts.append(f"<p class='note'>{html.escape(f.note)}</p>")
+            continue
+        parts.append(f.figure.to_html(full_html=False, include_plotlyjs=not embedded,
+                                      config={"displaylogo": False, "responsive": True}))
+        embedded = True
+    return parts
