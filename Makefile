@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup  ## the main job: a real study on WikiText-2 into ./masklab-runs
-	$(BIN)/masklab train studies/specs/gpt_tiny.yaml
+	$(BIN)/masklab run gpt_pbw_demo
 
 test: setup  ## the test suite (what CI runs)
 	$(BIN)/python -m pytest -q
