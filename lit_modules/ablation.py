@@ -40,6 +40,13 @@ class AblationOptions:
     max_batches: int = 0  # 0 = the whole validation set
 
 
+def _to_device(batch, device):
+    """A tensor or a dict of tensors (the masked-LM layout) on ``device``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    return batch.to(device)
+
+
 def hidden_states(model, masked: MaskedBatch) -> list[Tensor]:
     """[x_0, x_1, ..., x_L]: the input of block 0 and the output of every block."""
     h = model.ablation_embed(masked)
@@ -90,7 +97,7 @@ def layer_removal(model, batches: Iterable[Tensor], options: AblationOptions = A
         for i, batch in enumerate(batches):
             if options.max_batches and i >= options.max_batches:
                 break
-            masked = model.ablation_batch(batch.to(device))
+            masked = model.ablation_batch(_to_device(batch, device))
             states = hidden_states(model, masked)
             if options.truncate:
                 for k in range(n_blocks + 1):

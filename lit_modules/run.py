@@ -20,8 +20,9 @@ def build_datamodule(cfg: RunConfig, workspace: Workspace) -> L.LightningDataMod
     """The data module, already set up (tokenizer trained, corpus encoded): data errors
     surface here, before any run is recorded."""
     t = cfg.trainer
+    layout = getattr(MODELS.get(cfg.model.name), "data_layout", "windows")
     dm = DATASETS.get(cfg.data.name)(cfg.data, cfg.model.block_size, cfg.seed, t.max_steps, workspace,
-                                     steps_per_epoch=t.val_every)
+                                     steps_per_epoch=t.val_every, layout=layout)
     dm.setup("fit")
     return dm
 

@@ -103,6 +103,14 @@ TINY = {
         "optim": {"warmup_steps": 2},
         "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
     },
+    "bert": {
+        "seed": 0,
+        "data": {"name": "wikitext-2", "vocab_size": 512, "batch_size": 4, "val_batch_size": 8, "val_windows": 8},
+        "model": {"name": "bert", "depth": 2, "width": 32, "heads": 2, "block_size": 32, "eval_masks": 2},
+        "masking": {"name": "mlm-random", "mask_ratio": 0.15},
+        "optim": {"warmup_steps": 2},
+        "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
+    },
 }
 
 

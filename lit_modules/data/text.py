@@ -83,8 +83,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def train_tokenizer(text: str, cfg: TextDataConfig, cache_dir: Path) -> Path:
-    """SentencePiece trained on ``text``, cached by (corpus hash, options)."""
+def train_tokenizer(text: str, cfg: TextDataConfig, cache_dir: Path, specials: tuple[str, ...] = ()) -> Path:
+    """SentencePiece trained on ``text``, cached by (corpus hash, options).
+
+    ``specials`` are reserved as user-defined symbols right after <unk> and </s>."""
     import sentencepiece as spm
 
     options = {
@@ -101,6 +103,8 @@ def train_tokenizer(text: str, cfg: TextDataConfig, cache_dir: Path) -> Path:
         # WikiText paragraphs run to several thousand bytes; the default 4192 drops them.
         "max_sentence_length": 1 << 16,
     }
+    if specials:
+        options["user_defined_symbols"] = ",".join(specials)
     key = hashlib.sha256(text.encode() + json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / "tokenizers" / f"spm-{key}.model"
     if path.exists():
@@ -189,9 +193,13 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self, cfg: TextDataConfig, block_size: int, seed: int, max_steps: int, workspace: Workspace,
-        steps_per_epoch: int | None = None,
+        steps_per_epoch: int | None = None, layout: str = "windows",
     ):
+        """``layout``: "windows" (causal LM: (B, T+1) windows) or "mlm" (padded
+        [CLS] ... [SEP] sequences with word starts, see ``data/mlm.py``)."""
         super().__init__()
+        self.layout = layout
+        self.word_start = None
         self.cfg, self.block_size, self.seed, self.max_steps = cfg, block_size, seed, max_steps
         self.steps_per_epoch = steps_per_epoch or max_steps
         self.workspace = workspace
@@ -207,7 +215,11 @@ class TextDataModule(L.LightningDataModule):
             return
         splits = self.read_splits()
         cache = self.workspace.cache_dir
-        tokenizer = train_tokenizer(splits.train, self.cfg, cache)
+        from . import mlm
+
+        tokenizer = train_tokenizer(splits.train, self.cfg, cache, mlm.SPECIALS if self.layout == "mlm" else ())
+        if self.layout == "mlm":
+            self.word_start = mlm.word_start_table(tokenizer)
         self.train_tokens = encode_to_memmap(splits.train, tokenizer, cache)
         self.val_tokens = encode_to_memmap(splits.val, tokenizer, cache)
         for split, toks in (("train", self.train_tokens), ("val", self.val_tokens)):
@@ -227,10 +239,22 @@ class TextDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
+        sampler = StepSampler(self.max_steps, self.steps_per_epoch)
+        if self.layout == "mlm":
+            from .mlm import MLMTrainBatches
+
+            ds = MLMTrainBatches(self.train_tokens, self.block_size, self.cfg.batch_size, self.seed, self.max_steps,
+                                 self.word_start)
+            return DataLoader(ds, batch_size=None, sampler=sampler)
         ds = TrainWindows(self.train_tokens, self.block_size, self.cfg.batch_size, self.seed, self.max_steps)
-        return DataLoader(ds, batch_size=None, sampler=StepSampler(self.max_steps, self.steps_per_epoch))
+        return DataLoader(ds, batch_size=None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
+        if self.layout == "mlm":
+            from .mlm import MLMValSequences, PadCollate
+
+            ds = MLMValSequences(self.val_tokens, self.block_size, self.cfg.val_windows)
+            return DataLoader(ds, batch_size=self.cfg.val_batch_size, shuffle=False, collate_fn=PadCollate(self.word_start))
         ds = ValWindows(self.val_tokens, self.block_size, self.cfg.val_windows)
         return DataLoader(ds, batch_size=self.cfg.val_batch_size, shuffle=False)
 
