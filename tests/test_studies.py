@@ -314,3 +314,20 @@ def test_status_and_report_do_not_import_torch(ws):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "COMPLETE" in out.stdout and "report.html" in out.stdout
+
+
+def test_tiny_bert_study(ws):
+    """The registry's second family runs as a study and its report is generic."""
+    d = spec_dict(name="tiny_bert", model="bert", fixed=copy.deepcopy(TINY["bert"]),
+                  grid={"masking.name": ["mlm-random", "mlm-span"]}, replicates=1,
+                  objective={"metric": "val/mlm_loss", "direction": "minimize"})
+    d["fixed"]["trainer"].update(max_steps=4, val_every=2)
+    result = run(load_spec(d), ws, report=True)
+    assert result.counts == {"COMPLETE": 2}
+    md = result.report_md.read_text()
+    assert "val/mlm_loss" in md and "val/mlm_acc" in md
+    from reports.loader import load_study
+
+    data = load_study("tiny_bert", *stores(ws))
+    truncate = data.ablation[(data.ablation.variant == "truncate") & (data.ablation.metric == "mlm_loss")]
+    assert sorted(truncate.removed.unique()) == [0, 1, 2] and truncate.number.nunique() == 2
