@@ -15,7 +15,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from .loader import StudyData
-from .tables import ablation_metrics
+from .tables import ablation_metrics, table_metrics
 
 PALETTE = qualitative.Plotly + qualitative.Dark24
 # Search studies can have hundreds of trials; curves and heatmaps show the best few.
@@ -37,6 +37,42 @@ def _rgba(color: str, alpha: float) -> str:
     c = color.lstrip("#")
     r, g, b = (int(c[i: i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
+
+
+# ------------------------------------------------------------------ metric vs parameter
+def metric_vs_params(data: StudyData) -> go.Figure | None:
+    """Final validation metrics against each swept parameter of a grid: one panel per
+    (metric, parameter), one line per combination of the other swept parameters,
+    mean over seeds with error bars of one sample std."""
+    if data.kind == "search" or not data.swept:
+        return None
+    done = data.complete
+    metrics = [m for m in table_metrics(data) if m in done.columns and done[m].notna().any()]
+    if done.empty or not metrics:
+        return None
+    params = [p for p in data.swept if p in done.columns]
+    fig = make_subplots(rows=len(metrics), cols=len(params), shared_xaxes="columns",
+                        subplot_titles=[f"{m} vs {p}" for m in metrics for p in params])
+    for c, param in enumerate(params, start=1):
+        others = [p for p in params if p != param]
+        groups = done.groupby(others, dropna=False) if others else [((), done)]
+        for i, (key, part) in enumerate(groups):
+            key = key if isinstance(key, tuple) else (key,)
+            label = " ".join(f"{o.split('.')[-1]}={k}" for o, k in zip(others, key)) or "all"
+            color = PALETTE[i % len(PALETTE)]
+            for r, metric in enumerate(metrics, start=1):
+                stats = part.groupby(param)[metric].agg(["mean", "std", "count"]).reset_index()
+                x = stats[param].astype(str) if stats[param].dtype == object else stats[param]
+                fig.add_trace(go.Scatter(
+                    x=x, y=stats["mean"], error_y={"type": "data", "array": stats["std"].fillna(0)},
+                    mode="lines+markers", name=label, legendgroup=f"{param}-{label}", line={"color": color},
+                    showlegend=r == 1, customdata=stats["count"],
+                    hovertemplate=f"{label}<br>{param} %{{x}}<br>{metric} %{{y:.4f}} (n=%{{customdata}})<extra></extra>",
+                ), row=r, col=c)
+        fig.update_xaxes(title_text=param, row=len(metrics), col=c)
+    fig.update_layout(title="Final validation metrics against each swept parameter (mean ± std over seeds)",
+                      height=300 * len(metrics) + 80)
+    return fig
 
 
 # ------------------------------------------------------------------ layer removal

@@ -163,6 +163,8 @@ def param_importances(data: StudyData) -> tuple[dict[str, float] | None, str]:
 
 def _figures(data: StudyData, importance) -> list[Figure]:
     out = [
+        Figure("metric-vs-params", "Metrics against the swept parameters", figures.metric_vs_params(data),
+               "not a grid study, or no complete trials"),
         Figure("layer-removal", "Layer-removal curves", figures.layer_removal(data),
                "no ablation recorded for the complete trials"),
         Figure("block-heatmaps", "Per-block ablation", figures.block_heatmaps(data),
