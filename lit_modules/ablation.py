@@ -109,7 +109,11 @@ def layer_removal(model, batches: Iterable[Tensor], options: AblationOptions = A
                         h = block(h, masked.attention)
                     acc.add_scores("drop_one", 1, skip, model.ablation_score(h, masked))
             if options.similarity:
-                _similarity(states, masked.loss_mask, acc)
+                # Tokens compared between blocks: the scored ones, unless the model says
+                # otherwise (an MAE's hidden states are the visible patches, not the scored).
+                token_mask = (model.ablation_token_mask(masked, states[0]) if hasattr(model, "ablation_token_mask")
+                              else masked.loss_mask)
+                _similarity(states, token_mask, acc)
     finally:
         model.train(was_training)
     return acc.frame()

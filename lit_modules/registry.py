@@ -47,6 +47,6 @@ DATASETS = Registry("dataset")
 
 def ensure_registered() -> None:
     """Import the modules whose decorators fill the registries (idempotent)."""
-    from . import bert, gpt  # noqa: F401
-    from .data import text  # noqa: F401
-    from .masking import causal_lm, mlm  # noqa: F401
+    from . import bert, gpt, mae  # noqa: F401
+    from .data import images, text  # noqa: F401
+    from .masking import causal_lm, mlm, patches  # noqa: F401

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from .config import RunConfig
+from .config_errors import ConfigError
 from .paths import Workspace
 from .registry import DATASETS, MODELS
 
@@ -21,9 +22,13 @@ def build_datamodule(cfg: RunConfig, workspace: Workspace) -> L.LightningDataMod
     surface here, before any run is recorded."""
     t = cfg.trainer
     layout = getattr(MODELS.get(cfg.model.name), "data_layout", "windows")
-    dm = DATASETS.get(cfg.data.name)(cfg.data, cfg.model.block_size, cfg.seed, t.max_steps, workspace,
+    dm = DATASETS.get(cfg.data.name)(cfg.data, getattr(cfg.model, "block_size", 0), cfg.seed, t.max_steps, workspace,
                                      steps_per_epoch=t.val_every, layout=layout)
     dm.setup("fit")
+    size = getattr(cfg.model, "image_size", None)
+    if size is not None and getattr(dm, "image_size", size) != size:
+        raise ConfigError("model.image_size", size, f"the {cfg.data.name} images are {dm.image_size}x{dm.image_size}; "
+                          f"set model.image_size: {dm.image_size} or data.image_size: {size}")
     return dm
 
 

@@ -69,6 +69,19 @@ class BufferedMLflowLogger(Logger):
         if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
             self.flush()
 
+    @rank_zero_only
+    def log_image(self, artifact_file: str, image, step: int | None = None) -> None:
+        """An image (C, H, W) float tensor in [0, 1] or (H, W, C) uint8 array, saved as a
+        PNG artifact of the run."""
+        import numpy as np
+
+        arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+            if arr.ndim == 3 and arr.shape[0] in (1, 3):
+                arr = arr.transpose(1, 2, 0)
+        self.client.log_image(self.run_id, arr, artifact_file=artifact_file)
+
     def flush(self) -> None:
         for i in range(0, len(self._buffer), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=self._buffer[i : i + MAX_METRICS_PER_BATCH])

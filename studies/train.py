@@ -136,6 +136,14 @@ def train_run(
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
         table = layer_removal(model, dm.val_dataloader(), ablation or AblationOptions())
+        if hasattr(dm, "probe_dataloaders") and hasattr(model, "features"):
+            # Representation quality: a linear probe on frozen features, per blocks removed.
+            from lit_modules.probe import probe_table
+
+            probe = probe_table(model, dm)
+            table = pd.concat([table, probe], ignore_index=True)
+            metrics["val/probe_acc"] = float(probe.loc[probe.removed == 0, "value"].iloc[0])
+            client.log_metric(run_id, "val/probe_acc", metrics["val/probe_acc"], step=trainer.global_step)
         log_metric_series(client, run_id, ablation_points(table))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ablation.csv"

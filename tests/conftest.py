@@ -111,6 +111,15 @@ TINY = {
         "optim": {"warmup_steps": 2},
         "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
     },
+    "mae": {
+        "seed": 0,
+        "data": {"name": "cifar10", "batch_size": 8, "val_batch_size": 16, "val_images": 32},
+        "model": {"name": "mae", "image_size": 32, "patch_size": 8, "depth": 2, "width": 32, "heads": 2,
+                  "decoder_depth": 1, "decoder_width": 32, "decoder_heads": 2, "eval_masks": 2},
+        "masking": {"name": "mae-random", "mask_ratio": 0.75},
+        "optim": {"warmup_steps": 2},
+        "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
+    },
 }
 
 

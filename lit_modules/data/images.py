@@ -1,0 +1,495 @@
+"""Image datasets -> decoded uint8 pixels in a .npy memmap -> augmented step batches.
+
+Each dataset is decoded once with Pillow to RGB uint8 ``(N, S, S, 3)`` and cached in the
+workspace cache dir under a hash of the encoded files and ``image_size``; later runs
+memmap the cache. Every batch is a dict::
+
+    images  (B, 3, S, S) float32   in [0, 1], or ImageNet-normalized if cfg.normalize
+    labels  (B,)         int64     class index
+    keys    (B,)         int64     content key of the un-augmented image (``image_keys``)
+    index   (B,)         int64     position of the image in the dataset
+
+Train/val split: an image is in the validation split when a 64-bit hash of its encoded
+bytes is below ``val_fraction * 2**64``: the same in every trial and seed, and a larger
+fraction holds out a superset. Training batches are drawn (with replacement) from the
+train split by a counter-based hash of ``(seed, step)``, and their augmentation (MAE's
+RandomResizedCrop + horizontal flip) by a hash of ``(seed, step, row)``: batch ``step``
+is identical in every run with that seed. Validation and probe batches are fixed images
+in index order, never augmented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..config_errors import ConfigError
+from ..masking.rng import random_bits, uniform
+from ..paths import Workspace
+from ..registry import DATASETS
+from .steps import StepSampler
+
+# Stream ids of the training image sampler and of its augmentation (distinct from the
+# text sampler 0xDA7A and from the masking streams).
+STREAM_BATCH = 0x1A6E
+STREAM_AUG = 0x1A6F
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# RandomResizedCrop as in torchvision (used by MAE): aspect ratios in [3/4, 4/3] and 10
+# tries to find a box inside the image before falling back to the whole image.
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10
+# Bump when the cache layout or the decoding changes, so old caches are not reused.
+CACHE_VERSION = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class ImageDataConfig:
+    kind: ClassVar[str] = "image"
+    name: str = "tiny-imagenet"
+    # For "image-folder": a folder of PNG/JPEG files (one subfolder per class, or none).
+    path: str = ""
+    # 0 = the dataset's native size; otherwise shorter side resized to it, center-cropped.
+    image_size: int = 0
+    batch_size: int = 32
+    val_batch_size: int = 64
+    # Fraction of images held out for validation (chosen by a hash of each image).
+    val_fraction: float = 0.1
+    # At most this many validation images, evenly spread over the split (0 = all).
+    val_images: int = 0
+    # MAE's training augmentation: RandomResizedCrop(scale=(crop_scale_min, 1)) + flip.
+    augment: bool = True
+    crop_scale_min: float = 0.2
+    # Subtract the ImageNet mean and divide by its std, per channel.
+    normalize: bool = True
+
+    def __post_init__(self):
+        if self.image_size < 0:
+            raise ConfigError("image_size", self.image_size, "must be >= 0 (0 = the dataset's native size)")
+        for name in ("batch_size", "val_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", self.val_fraction, "must be in (0, 1)")
+        if self.val_images < 0:
+            raise ConfigError("val_images", self.val_images, "must be >= 0 (0 = all)")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ConfigError("crop_scale_min", self.crop_scale_min, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RawImages:
+    """A dataset before decoding: encoded files (JPEG/PNG bytes) in dataset order."""
+
+    blobs: Sequence[bytes]
+    labels: np.ndarray  # (N,) int64
+    class_names: list[str]
+    source: str  # what was read, for the run record
+    names: Sequence[str]  # one per image, for error messages
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def _hash64(blobs: Sequence[bytes], person: bytes) -> np.ndarray:
+    """(N,) 64-bit blake2b of each blob, as little-endian int64."""
+    digests = b"".join(hashlib.blake2b(b, digest_size=8, person=person).digest() for b in blobs)
+    return np.frombuffer(digests, dtype="<i8").astype(np.int64)
+
+
+def image_keys(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N,) int64 content keys: 64-bit blake2b of the pixel bytes.
+
+    Same role as ``rng.content_key`` (a stable hash of the sample's content), but
+    ``content_key`` over 10,000 images of 64x64x3 takes about a minute on a CPU, blake2b
+    a tenth of a second."""
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    return _hash64([p.tobytes() for p in pixels], b"masklab-key")
+
+
+def split_is_val(blobs: Sequence[bytes], val_fraction: float) -> np.ndarray:
+    """(N,) bool: the image is held out when the hash of its encoded bytes, read as a
+    fraction of 2**64, is below ``val_fraction``. Independent of seed and image_size."""
+    h = _hash64(blobs, b"masklab-split").view(np.uint64)
+    return h < np.uint64(int(val_fraction * 2.0**64))
+
+
+# ---------------------------------------------------------------- decoding + cache
+
+
+def _decode(blob: bytes, name: str, image_size: int):
+    """One encoded image -> RGB uint8 (H, W, 3); resized (shorter side) and
+    center-cropped to ``image_size`` when it is not 0."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(blob))
+        img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError("data.path", name, f"cannot be decoded as an image ({e})") from None
+    if image_size and img.size != (image_size, image_size):
+        w, h = img.size
+        scale = image_size / min(w, h)
+        nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - image_size) // 2, (nh - image_size) // 2
+        img = img.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _check_size(arr: np.ndarray, name: str, image_size: int, first: tuple[int, int] | None) -> None:
+    h, w = arr.shape[:2]
+    if first is not None and (h, w) != first:
+        raise ConfigError(
+            "data.image_size", image_size,
+            f"images differ in size ({first[1]}x{first[0]} and {w}x{h} in {name}); "
+            f"set data.image_size (e.g. {min(h, w, *first)}) to resize them all",
+        )
+    if h != w:
+        raise ConfigError(
+            "data.image_size", image_size,
+            f"{name} is {w}x{h} (width x height), not square; set data.image_size (e.g. {min(h, w)}) "
+            "to resize the shorter side and center-crop",
+        )
+
+
+def decode_to_memmap(raw: RawImages, image_size: int, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image once into ``cache_dir/images/<hash>.npy`` (N, S, S, 3) uint8
+    plus its content keys (N,) int64; return (pixels memmap, keys).
+
+    The cache is keyed by the encoded bytes and ``image_size``. Files are written to a
+    temporary name and renamed, so concurrent workers never read a half-written cache."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|size={image_size}|n={len(raw.blobs)}|".encode())
+    for blob in raw.blobs:
+        digest.update(len(blob).to_bytes(8, "little"))
+        digest.update(blob)
+    stem = digest.hexdigest()[:20]
+    folder = cache_dir / "images"
+    pixels_path, keys_path = folder / f"{stem}.npy", folder / f"{stem}.keys.npy"
+    if not (pixels_path.exists() and keys_path.exists()):
+        folder.mkdir(parents=True, exist_ok=True)
+        _decode_all(raw, image_size, pixels_path, keys_path)
+    return np.load(pixels_path, mmap_mode="r"), np.load(keys_path)
+
+
+def _decode_all(raw: RawImages, image_size: int, pixels_path: Path, keys_path: Path) -> None:
+    first = _decode(raw.blobs[0], raw.names[0], image_size)
+    _check_size(first, raw.names[0], image_size, None)
+    s = first.shape[0]
+    fd, tmp = tempfile.mkstemp(dir=pixels_path.parent, prefix=pixels_path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(raw.blobs), s, s, 3))
+        out[0] = first
+        for i in range(1, len(raw.blobs)):
+            arr = _decode(raw.blobs[i], raw.names[i], image_size)
+            _check_size(arr, raw.names[i], image_size, (s, s))
+            out[i] = arr
+        out.flush()
+        keys = image_keys(out)
+        del out
+        buf = io.BytesIO()
+        np.save(buf, keys)
+        _atomic_write(keys_path, buf.getvalue())
+        os.replace(tmp, pixels_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- tensors and augmentation
+
+
+def to_float(pixels: np.ndarray, normalize: bool) -> Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1], or ImageNet-normalized."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+    x = x.to(torch.float32).div_(255.0)
+    return normalize_images(x) if normalize else x
+
+
+def normalize_images(x: Tensor) -> Tensor:
+    """(B, 3, H, W) in [0, 1] -> (x - ImageNet mean) / ImageNet std, per channel."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)[None, :, None, None]
+    return (x - mean) / std
+
+
+def crop_params(u: Tensor, size: int, scale_min: float) -> tuple[Tensor, Tensor]:
+    """RandomResizedCrop boxes and flips from uniforms ``u`` (B, 4 * CROP_ATTEMPTS + 1).
+
+    Returns boxes (B, 4) int64 ``x0, y0, w, h`` in pixels of a square ``size`` image, and
+    flips (B,) bool. Like torchvision: each attempt draws an area fraction in
+    [scale_min, 1] and a log-uniform aspect ratio in [3/4, 4/3]; the first box that fits
+    wins; if none fits, the whole image. Vectorized over the batch."""
+    b = u.shape[0]
+    a = u[:, : 4 * CROP_ATTEMPTS].reshape(b, CROP_ATTEMPTS, 4)  # (B, A, 4)
+    area = size * size * (scale_min + (1.0 - scale_min) * a[..., 0])
+    lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    aspect = torch.exp(lo + (hi - lo) * a[..., 1])
+    w = torch.round(torch.sqrt(area * aspect)).to(torch.int64)  # (B, A)
+    h = torch.round(torch.sqrt(area / aspect)).to(torch.int64)
+    fits = (w >= 1) & (w <= size) & (h >= 1) & (h <= size)
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # (B, 1) first fitting attempt
+    found = fits.any(dim=1)
+    w = torch.where(found, w.gather(1, first)[:, 0], size)  # (B,)
+    h = torch.where(found, h.gather(1, first)[:, 0], size)
+    ux, uy = a[..., 2].gather(1, first)[:, 0], a[..., 3].gather(1, first)[:, 0]
+    x0 = torch.minimum(torch.floor(ux * (size - w + 1)).to(torch.int64), size - w)  # u < 1: safety only
+    y0 = torch.minimum(torch.floor(uy * (size - h + 1)).to(torch.int64), size - h)
+    flips = u[:, 4 * CROP_ATTEMPTS] < 0.5
+    return torch.stack([x0, y0, w, h], dim=1), flips
+
+
+def _bilinear_weights(start: Tensor, length: Tensor, size: int, n_in: int) -> Tensor:
+    """(B, size, n_in) weights that resample pixels [start, start + length) of an axis of
+    ``n_in`` pixels to ``size`` pixels: bilinear with align_corners=False and edges
+    clamped to the crop, i.e. exactly ``F.interpolate`` of the cropped image."""
+    start = start.to(torch.float32)[:, None]  # (B, 1)
+    last = start + length.to(torch.float32)[:, None] - 1
+    i = torch.arange(size, dtype=torch.float32)[None, :]  # (1, size)
+    src = start + (i + 0.5) * (last - start + 1) / size - 0.5  # (B, size) source coordinate
+    src = torch.minimum(torch.maximum(src, start), last)
+    lo = src.floor()
+    frac = src - lo
+    hi = torch.minimum(lo + 1, last)
+    w = torch.zeros(src.shape[0], size, n_in)
+    w.scatter_add_(2, lo.to(torch.int64)[..., None], (1 - frac)[..., None])
+    w.scatter_add_(2, hi.to(torch.int64)[..., None], frac[..., None])
+    return w
+
+
+def resized_crop(x: Tensor, boxes: Tensor, flips: Tensor) -> Tensor:
+    """Crop box ``boxes[b]`` (x0, y0, w, h) of each image, resized bilinearly to the full
+    image size and mirrored where ``flips[b]``: (B, C, H, W) -> (B, C, H, W).
+
+    Separable resampling as two batched matmuls (out = Wy @ crop @ Wx^T), the same
+    numbers as a per-image ``F.interpolate(crop, mode="bilinear")``. Crops are never
+    larger than the image, so this only upsamples and needs no antialiasing."""
+    b, c, hh, ww = x.shape
+    x0, y0, w, h = boxes.unbind(1)  # (B,) each
+    wy = _bilinear_weights(y0, h, hh, hh)  # (B, H_out, H_in)
+    wx = _bilinear_weights(x0, w, ww, ww)  # (B, W_out, W_in)
+    wx = torch.where(flips[:, None, None], wx.flip(1), wx)  # mirrored output columns
+    rows = torch.bmm(wy, x.permute(0, 2, 1, 3).reshape(b, hh, c * ww))  # (B, H, C*W)
+    out = torch.bmm(rows.reshape(b, hh * c, ww), wx.transpose(1, 2))  # (B, H*C, W)
+    return out.reshape(b, hh, c, ww).permute(0, 2, 1, 3).contiguous()  # (B, C, H, W)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class _Images:
+    """The decoded dataset: pixels (N, S, S, 3) uint8 memmap, labels and keys (N,)."""
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray, keys: np.ndarray, normalize: bool):
+        self.pixels, self.labels, self.keys, self.normalize = pixels, labels, keys, normalize
+
+    def batch(self, index: np.ndarray, images: Tensor | None = None) -> dict[str, Tensor]:
+        if images is None:
+            images = to_float(self.pixels[index], self.normalize)
+        return {
+            "images": images,
+            "labels": torch.from_numpy(self.labels[index].astype(np.int64)),
+            "keys": torch.from_numpy(self.keys[index].astype(np.int64)),
+            "index": torch.from_numpy(index.astype(np.int64)),
+        }
+
+
+class TrainBatches(Dataset):
+    """Item ``step`` is the whole batch of step ``step`` (see the module docstring)."""
+
+    def __init__(self, data: _Images, train_index: np.ndarray, cfg: ImageDataConfig, seed: int, steps: int):
+        self.data, self.train_index, self.cfg = data, train_index, cfg
+        self.seed, self.steps = seed, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict[str, Tensor]:
+        b = self.cfg.batch_size
+        key = torch.tensor([int(step)], dtype=torch.int64)
+        bits = random_bits(self.seed, key, STREAM_BATCH, (b,))[0]  # (B,)
+        index = self.train_index[(bits % len(self.train_index)).numpy()]
+        x = to_float(self.data.pixels[index], normalize=False)  # (B, 3, S, S) in [0, 1]
+        if self.cfg.augment:
+            u = uniform(self.seed, key, STREAM_AUG, (b, 4 * CROP_ATTEMPTS + 1))[0]  # row b: (seed, step, b)
+            boxes, flips = crop_params(u, x.shape[-1], self.cfg.crop_scale_min)
+            x = resized_crop(x, boxes, flips)
+        if self.cfg.normalize:
+            x = normalize_images(x)
+        return self.data.batch(index, x)
+
+
+class FixedBatches(Dataset):
+    """Item ``i`` is the ``i``-th batch of fixed images ``index``, un-augmented."""
+
+    def __init__(self, data: _Images, index: np.ndarray, batch_size: int):
+        self.data, self.index, self.batch_size = data, index, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.data.batch(self.index[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+def spread(index: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` entries of ``index``, evenly spread, in order (0 = all)."""
+    if not limit or len(index) <= limit:
+        return index
+    return index[np.unique(np.linspace(0, len(index) - 1, limit).round().astype(np.int64))]
+
+
+# ---------------------------------------------------------------- data modules
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base of every image dataset: subclasses say where the encoded images come from."""
+
+    Config = ImageDataConfig
+
+    def __init__(
+        self, cfg: ImageDataConfig, block_size: int, seed: int, max_steps: int, workspace: Workspace,
+        steps_per_epoch: int | None = None, layout: str = "windows",
+    ):
+        """Same signature as ``TextDataModule``; ``block_size`` and ``layout`` are unused."""
+        super().__init__()
+        self.cfg, self.seed, self.max_steps, self.workspace = cfg, seed, max_steps, workspace
+        self.block_size, self.layout = block_size, layout
+        self.steps_per_epoch = steps_per_epoch or max_steps
+        self.data: _Images | None = None
+        self.train_index = np.zeros(0, dtype=np.int64)  # train split, dataset order
+        self.val_split = np.zeros(0, dtype=np.int64)  # whole validation split
+        self.val_index = np.zeros(0, dtype=np.int64)  # the validation images used (capped)
+        self.num_classes = 0
+        self.image_size = 0
+        self.class_names: list[str] = []
+        self.info: dict[str, object] = {}
+
+    def read_raw(self) -> RawImages:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        raw = self.read_raw()
+        pixels, keys = decode_to_memmap(raw, self.cfg.image_size, self.workspace.cache_dir)
+        self.data = _Images(pixels, raw.labels.astype(np.int64), keys, self.cfg.normalize)
+        is_val = split_is_val(raw.blobs, self.cfg.val_fraction)
+        self.train_index = np.flatnonzero(~is_val).astype(np.int64)
+        self.val_split = np.flatnonzero(is_val).astype(np.int64)
+        for split, idx in (("train", self.train_index), ("validation", self.val_split)):
+            if len(idx) == 0:
+                raise ConfigError("data.val_fraction", self.cfg.val_fraction,
+                                  f"leaves no {split} images among the {len(pixels)} of {raw.source}")
+        self.val_index = spread(self.val_split, self.cfg.val_images)
+        self.num_classes = len(raw.class_names)
+        self.class_names = list(raw.class_names)
+        self.image_size = int(pixels.shape[1])
+        frac = self.cfg.val_fraction
+        self.info = {
+            "data.source": raw.source,
+            "data.cache_file": Path(pixels.filename).name if isinstance(pixels, np.memmap) else "",
+            "data.n_images": len(pixels),
+            "data.n_train": len(self.train_index),
+            "data.n_val_split": len(self.val_split),
+            "data.n_val": len(self.val_index),
+            "data.num_classes": self.num_classes,
+            "data.resolution": self.image_size,
+            "data.split_note": f"val = images whose blake2b-64 of the encoded bytes < {frac} * 2**64 "
+                               "(same in every trial and seed)",
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        ds = TrainBatches(self.data, self.train_index, self.cfg, self.seed, self.max_steps)
+        return DataLoader(ds, batch_size=None, sampler=StepSampler(self.max_steps, self.steps_per_epoch))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(FixedBatches(self.data, self.val_index, self.cfg.val_batch_size), batch_size=None)
+
+    def probe_dataloaders(self, train_images: int = 2000, batch_size: int | None = None) -> tuple[DataLoader, DataLoader]:
+        """(train, val) loaders of un-augmented images for a linear probe: train = at
+        most ``train_images`` train-split images evenly spread, val = the validation set."""
+        bs = batch_size or self.cfg.val_batch_size
+        train = FixedBatches(self.data, spread(self.train_index, train_images), bs)
+        return DataLoader(train, batch_size=None), DataLoader(FixedBatches(self.data, self.val_index, bs), batch_size=None)
+
+    # helper for subclasses
+    def _read_npz(self, relative: str) -> RawImages:
+        path = self.workspace.data_file(relative, "data.path")
+        with np.load(path) as z:
+            jpeg, offsets = z["jpeg"], z["offsets"]
+            labels = z["labels"].astype(np.int64)
+            class_names = [str(c) for c in z["class_names"]]
+            names = [str(n) for n in z["filenames"]]
+        blobs = [jpeg[offsets[i] : offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
+        return RawImages(blobs, labels, class_names, str(path), names)
+
+
+@DATASETS.register("tiny-imagenet")
+class TinyImageNet(ImageDataModule):
+    """Tiny-ImageNet-200 validation split: 10,000 JPEGs of 64x64, 200 classes."""
+
+    def read_raw(self) -> RawImages:
+        return self._read_npz("tiny-imagenet-200-val/tiny_imagenet_200_val.npz")
+
+
+@DATASETS.register("cifar10")
+class Cifar10(ImageDataModule):
+    """CIFAR-10 test set as quality-75 JPEGs: 10,000 images of 32x32, 10 classes."""
+
+    def read_raw(self) -> RawImages:
+        return self._read_npz("cifar10-test-jpeg/cifar10_test_jpeg.npz")
+
+
+@DATASETS.register("image-folder")
+class ImageFolder(ImageDataModule):
+    """A local folder of PNG/JPEG files: one subfolder per class (labels in sorted
+    subfolder order), or no subfolders (every label 0). Hidden files are skipped."""
+
+    def read_raw(self) -> RawImages:
+        if not self.cfg.path:
+            raise ConfigError("data.path", self.cfg.path,
+                              "required for dataset 'image-folder': a folder of PNG/JPEG files (one subfolder per class, or none)")
+        root = self.workspace.data_file(self.cfg.path, "data.path")
+        if not root.is_dir():
+            raise ConfigError("data.path", str(root), "must be a folder of PNG/JPEG files")
+        files = sorted(
+            (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+            key=lambda p: p.relative_to(root).as_posix(),
+        )
+        if not files:
+            raise ConfigError("data.path", str(root), f"holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        rel = [f.relative_to(root) for f in files]
+        nested = [len(r.parts) > 1 for r in rel]
+        if any(nested) and not all(nested):
+            top = next(r for r, n in zip(rel, nested) if not n)
+            raise ConfigError("data.path", str(root), f"mixes top-level images ({top}) with class subfolders; "
+                                                      "put every image in a class subfolder, or none")
+        class_names = sorted({r.parts[0] for r in rel}) if any(nested) else ["all"]
+        lookup = {c: i for i, c in enumerate(class_names)}
+        labels = np.array([lookup[r.parts[0]] if len(r.parts) > 1 else 0 for r in rel], dtype=np.int64)
+        blobs = [f.read_bytes() for f in files]
+        return RawImages(blobs, labels, class_names, str(root), [str(f) for f in files])
