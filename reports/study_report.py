@@ -60,6 +60,7 @@ class Report:
     figures: list[Figure] = field(default_factory=list)
     empty: str = ""  # set when no trial has completed
     spec: str = ""
+    gallery: list = field(default_factory=list)  # GalleryImage, for image and video models
 
 
 # ------------------------------------------------------------------ public API
@@ -90,6 +91,9 @@ def build_report(data: StudyData) -> Report:
         importance = param_importances(data) if data.kind == "search" else (None, "")
         report.tables += _result_tables(data, summary, importance)
         report.figures += _figures(data, importance)
+        from .gallery import reconstruction_gallery
+
+        report.gallery = reconstruction_gallery(data)
     problems = trial_problems(data)
     if not problems.empty:
         report.tables.append(Table("problem-trials", "Trials that did not complete", display_frame(problems)))
@@ -208,6 +212,8 @@ def render_markdown(report: Report) -> str:
     if figs:
         links = " · ".join(f"[{f.title}]({REPORT_HTML}#{f.anchor})" for f in figs)
         lines += ["", f"Figures are in [{REPORT_HTML}]({REPORT_HTML}): {links}"]
+    if report.gallery:
+        lines += ["", f"Reconstructions of {len(report.gallery)} setting(s): [{REPORT_HTML}]({REPORT_HTML}#gallery)"]
     lines += ["", "## Warnings", ""]
     lines += [f"- **{f.kind}**: {f.message}" for f in report.findings] or ["None."]
     if report.empty:
@@ -256,6 +262,14 @@ def render_html(report: Report) -> str:
         if not t.frame.empty:
             parts.append(t.frame.to_html(index=False, border=0, escape=True))
     parts += _html_figures(report.figures)
+    if report.gallery:
+        parts.append("<h2 id='gallery'>Reconstructions</h2><p class='note'>best complete trial of each setting, "
+                     "last validation; rows: original | masked | reconstruction | reconstruction with the "
+                     "visible patches pasted back</p>")
+        for g in report.gallery:
+            parts.append(f"<figure><img alt='{e(g.setting)}' src='{g.data_uri()}'/>"
+                         f"<figcaption>{e(g.setting)}: trial {g.number}, seed {e(str(g.seed))}, "
+                         f"{e(g.artifact)}</figcaption></figure>")
     if report.spec:
         parts.append(f"<h2 id='spec'>Spec</h2><pre>{e(report.spec)}</pre>")
     parts.append("</body></html>")

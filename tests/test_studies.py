@@ -331,3 +331,16 @@ def test_tiny_bert_study(ws):
     data = load_study("tiny_bert", *stores(ws))
     truncate = data.ablation[(data.ablation.variant == "truncate") & (data.ablation.metric == "mlm_loss")]
     assert sorted(truncate.removed.unique()) == [0, 1, 2] and truncate.number.nunique() == 2
+
+
+def test_tiny_mae_study_with_gallery(ws):
+    d = spec_dict(name="tiny_mae", model="mae", data="cifar10", fixed=copy.deepcopy(TINY["mae"]),
+                  grid={"masking.mask_ratio": [0.5, 0.75]}, replicates=1,
+                  objective={"metric": "val/recon_loss", "direction": "minimize"})
+    d["fixed"]["trainer"].update(max_steps=4, val_every=2)
+    result = run(load_spec(d), ws, report=True)
+    assert result.counts == {"COMPLETE": 2}
+    md, html = result.report_md.read_text(), result.report_html.read_text()
+    assert "val/recon_loss" in md and "val/probe_acc" in md
+    assert html.count("<img alt=") == 2  # one reconstruction per setting
+    assert html.count("src='data:image/png;base64,") == 2
