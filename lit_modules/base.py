@@ -99,17 +99,20 @@ def lr_factor(step: int, total: int, cfg) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def token_stats(logits: Tensor, targets: Tensor, loss_mask: Tensor, group: Tensor | None, n_groups: int):
+def token_stats(logits: Tensor, targets: Tensor, loss_mask: Tensor, group: Tensor | None, n_groups: int,
+                accuracy: bool = True):
     """Per-group sums of token cross-entropy and correct predictions, and token counts.
 
     logits (B, T, V), targets (B, T), loss_mask (B, T) bool, group (B,) in [0, n_groups).
     Returns three (n_groups,) tensors: loss_sum, correct, count (float32 sums).
+    ``accuracy=False`` skips the argmax over the vocabulary (~2% of a training step)
+    and returns zeros for ``correct``.
     """
     b, t, v = logits.shape
     ce = nn.functional.cross_entropy(logits.reshape(-1, v).float(), targets.reshape(-1), reduction="none")
     m = loss_mask.reshape(b, t).to(ce.dtype)
     ce = ce.view(b, t) * m  # (B, T)
-    correct = (logits.argmax(-1) == targets).to(ce.dtype) * m
+    correct = (logits.argmax(-1) == targets).to(ce.dtype) * m if accuracy else torch.zeros_like(ce)
     group = torch.zeros(b, dtype=torch.long, device=logits.device) if group is None else group
     zeros = torch.zeros(n_groups, dtype=ce.dtype, device=ce.device)
     loss_sum = zeros.index_add(0, group, ce.sum(1))

@@ -108,7 +108,8 @@ class LitGPT(MaskedModelBase):
         with_bw = stage != "train" or self.masking.use_backward(self.run_config.seed, self.global_step)
         masked = self.masking(batch, ("fw", "bw") if with_bw else ("fw",))
         logits = self.model(masked.inputs, masked.direction, masked.attention)  # (nB, T, V)
-        loss_sum, correct, count = token_stats(logits, masked.targets, masked.loss_mask, masked.direction, N_DIRECTIONS)
+        loss_sum, correct, count = token_stats(logits, masked.targets, masked.loss_mask, masked.direction,
+                                               N_DIRECTIONS, accuracy=stage != "train")
         mean_loss = loss_sum / count.clamp(min=1)
         metrics = {}
         for name, d in DIRECTIONS.items():

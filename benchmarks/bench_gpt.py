@@ -1,0 +1,688 @@
+"""Training speed of masklab's LitGPT, side by side with a plain PyTorch loop and HF GPT-2.
+
+One process, one shape (depth 4, width 256, 4 heads, T 256, batch 16, vocab 8192).
+
+How the variants are interleaved: every variant lives in its own worker thread and runs
+exactly one step when handed the turn, then hands the turn back (only one thread works
+at a time, so the variants never compete for the cores). A round gives every variant
+``--steps`` turns, variant by variant, in groups of the variants that are compared with
+each other (so a ratio's two sides run seconds apart), the order inside a group rotating
+from round to round. The LitGPT variants are real ``lightning.Trainer.fit`` runs that
+pause inside ``on_train_batch_end`` between turns; a measured Lightning step is the time
+from the turn being handed over to the next ``on_train_batch_end``: the batch fetch,
+every Lightning hook, forward, loss, backward, clipping, AdamW and the LR scheduler.
+Per variant and round the figure is the mean of its steps (the median of its calls for
+the attention microbenchmarks); the table gives the median over rounds, and each ratio is
+the median of the per-round ratios (paired: both sides measured in the same round).
+The variant table's "others" column is the median share of the machine's CPU that
+other processes used during the variant's steps (from /proc/stat): 0% = a quiet machine.
+Beside the median the ratio table gives three cross-checks: best/best (each side's
+fastest round), cpu (the same paired median on process CPU time, ``time.process_time``,
+which load from other processes inflates less than wall time; it counts OpenMP
+spin-waits too) and quiet (the paired median over the rounds in which other processes
+used < 10% of the machine during both sides' steps, with the number of such rounds).
+
+Variants (a step = fetch a batch + forward + loss + backward (+ clip + AdamW step)):
+  lit_fw, lit_fwbw        LitGPT driven by a real ``lightning.Trainer`` fit (the project's
+                          ``build_trainer``: logger, progress bar, checkpoints off),
+                          masking.p_bw = 0 / 1 (p_bw = 1 stacks fw and bw views: 2B rows).
+  plain_fw, plain_fwbw    the same nn.Module (``lit_modules.gpt.GPT``) in a hand-written
+                          loop: AdamW (same groups), grad clip 1.0, LR schedule.
+  hf_gpt2                 ``GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4,
+                          n_positions=256, vocab_size=8192))``, same plain loop, fw only.
+  hf_gpt2_nodrop          the same with its dropouts (0.1 by default) set to 0: LitGPT
+                          trains with dropout 0, so this isolates the architecture.
+  pass_fw, pass_bw        one forward+backward (no optimizer) of a fw-only / bw-only batch
+                          built by the library masking: bw = flipped sequence + is_causal.
+  pass_bw_dense           the bw batch in original token order with a dense (T, T)
+                          upper-triangular bool mask passed to SDPA (the same function).
+  attn_causal, attn_dense_triu, attn_flip_causal
+                          attention alone, forward+backward of one SDPA call
+                          (B 16, H 4, T 256, D/H 64): is_causal on a sequence already in
+                          reading order (what the model runs) / dense triu mask / flip
+                          q, k, v, is_causal, flip back (the cost if the flip were per layer).
+
+Usage:  python benchmarks/bench_gpt.py [--quick] [--json PATH] [--profile [missed|NAMES]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+
+import lightning as L  # noqa: E402
+
+from lit_modules.blocks import run_blocks  # noqa: E402
+from lit_modules.config import load_run_config  # noqa: E402
+from lit_modules.gpt import GPT  # noqa: E402
+from lit_modules.masking.attention import Attention, backward_causal  # noqa: E402
+from lit_modules.masking.causal_lm import DIRECTIONS  # noqa: E402
+from lit_modules.run import build_model, build_trainer  # noqa: E402
+
+DEPTH, WIDTH, HEADS, T, BATCH, VOCAB = 4, 256, 4, 256, 16, 8192
+LR, WEIGHT_DECAY, BETAS, CLIP, WARMUP = 1e-3, 0.1, (0.9, 0.95), 1.0, 10  # the OptimConfig defaults
+N_BATCHES = 256  # synthetic windows per epoch: more steps than any run takes, so no epoch ends
+FIT_STEPS = 1_000_000  # a Lightning fit runs until the benchmark stops it
+# A round counts as quiet for a ratio when other processes used under this share of the
+# machine during both sides' steps (10%: a background process's occasional work).
+QUIET = 0.10
+
+TARGETS = {  # label: (numerator, denominator, kind, bound); ratio = time(numerator) / time(denominator)
+    "LitGPT / plain loop, fw (throughput)": ("plain_fw", "lit_fw", ">=", 0.95),
+    "LitGPT / plain loop, fw+bw (throughput)": ("plain_fwbw", "lit_fwbw", ">=", 0.95),
+    "bw pass / fw pass (time)": ("pass_bw", "pass_fw", "<=", 1.10),
+    "LitGPT / HF GPT-2 (throughput)": ("hf_gpt2", "lit_fw", ">=", 1.20),
+}
+INFO_RATIOS = {
+    "LitGPT / HF GPT-2 without dropout (throughput)": ("hf_gpt2_nodrop", "lit_fw"),
+    "dense triu / flip+causal, whole-model pass (time)": ("pass_bw_dense", "pass_bw"),
+    "dense triu / causal, attention only (time)": ("attn_dense_triu", "attn_causal"),
+    "flip+causal+flip / causal, attention only (time)": ("attn_flip_causal", "attn_causal"),
+    "LitGPT fw+bw step / LitGPT fw step (time)": ("lit_fwbw", "lit_fw"),
+}
+# Variants compared with each other run back to back (see the module docstring).
+GROUPS = (
+    ("lit_fw", "plain_fw", "hf_gpt2", "hf_gpt2_nodrop"),
+    ("lit_fwbw", "plain_fwbw"),
+    ("pass_fw", "pass_bw", "pass_bw_dense"),
+    ("attn_causal", "attn_dense_triu", "attn_flip_causal"),
+)
+
+
+# ---------------------------------------------------------------- data
+class Windows(Dataset):
+    """Synthetic token windows of length block_size + 1 (inputs and shifted targets)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, VOCAB, (n, T + 1), generator=g)  # (N, T+1)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+WINDOWS = Windows(N_BATCHES * BATCH)
+
+
+def make_loader() -> DataLoader:
+    return DataLoader(WINDOWS, batch_size=BATCH, shuffle=False, num_workers=0)
+
+
+class Batches:
+    """An endless iterator over a DataLoader (a new epoch when one runs out)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.it = loader, iter(loader)
+
+    def next(self) -> torch.Tensor:
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+# ---------------------------------------------------------------- pieces of the plain loops
+def adamw(module: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with the groups LitGPT uses: decay on matrices and embeddings only."""
+    params = list(module.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=LR, betas=BETAS)
+
+
+def warmup_schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
+
+
+def fw_batch(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) -> inputs (B, T), targets (B, T)."""
+    return window[:, :-1], window[:, 1:]
+
+
+def fwbw_batch(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T+1) -> inputs (2B, T), targets (2B, T), direction (2B,): fw rows, then flipped rows."""
+    rev = window.flip(1)
+    inputs = torch.cat([window[:, :-1], rev[:, :-1]])
+    targets = torch.cat([window[:, 1:], rev[:, 1:]])
+    direction = torch.arange(2).repeat_interleave(window.shape[0])
+    return inputs, targets, direction
+
+
+def ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def optimizer_step(model, loss, opt, sched) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    sched.step()
+
+
+def gpt_config_dict(p_bw: float, max_steps: int = 10) -> dict:
+    return {
+        "seed": 0,
+        "data": {"name": "wikitext-2", "vocab_size": VOCAB, "batch_size": BATCH},
+        "model": {"name": "gpt", "depth": DEPTH, "width": WIDTH, "heads": HEADS, "block_size": T},
+        "masking": {"name": "causal-lm", "p_bw": p_bw},
+        "trainer": {"max_steps": max_steps, "val_every": max_steps, "accelerator": "cpu",
+                    "progress_bar": False, "checkpoint": False},
+    }
+
+
+# ---------------------------------------------------------------- clocks
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes on this machine have been busy (Linux /proc/stat), or nan."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def snapshot() -> tuple[float, float, float]:
+    return time.perf_counter(), time.process_time(), machine_busy_s()
+
+
+def elapsed(start: tuple[float, float, float]) -> tuple[float, float, float]:
+    """(wall s, this process's CPU s, share of the machine other processes used meanwhile)."""
+    wall, cpu, busy = (b - a for a, b in zip(start, snapshot()))
+    others = max(0.0, busy - cpu) / (wall * (os.cpu_count() or 1))
+    return wall, cpu, min(1.0, others)
+
+
+# ---------------------------------------------------------------- turn taking
+class Baton:
+    """Hands the turn between the main thread and one variant's worker thread."""
+
+    def __init__(self):
+        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
+        self.stopping = False
+        self.seconds: tuple[float, float, float] | None = None  # elapsed() of the last step
+        self.error: BaseException | None = None
+
+    # main-thread side
+    def turn(self) -> tuple[float, float, float]:
+        self.seconds = None
+        self._go.release()
+        self._back.acquire()
+        if self.error is not None:
+            raise RuntimeError("a benchmark variant failed") from self.error
+        return self.seconds
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._go.release()
+
+    def wait_ready(self) -> None:
+        self._back.acquire()
+        if self.error is not None:
+            raise RuntimeError("a benchmark variant failed to start") from self.error
+
+    # worker side
+    def hand_back(self) -> None:
+        self._back.release()
+
+    def wait_turn(self) -> bool:
+        """Block until the next turn; False when the benchmark is over."""
+        self._go.acquire()
+        return not self.stopping
+
+
+class Variant:
+    """One measured configuration, run in its own thread, one step per ``turn()``."""
+
+    def __init__(self, name: str, what: str, rows_per_step: int, tokens: int = BATCH * T):
+        self.name, self.what = name, what
+        self.tokens, self.predictions = tokens, rows_per_step * T
+        self.baton = Baton()
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.baton.wait_ready()
+
+    def turn(self) -> tuple[float, float, float]:
+        """One step: (wall s, process CPU s, share of the machine used by other processes)."""
+        return self.baton.turn()
+
+    def close(self) -> None:
+        self.baton.stop()
+        self.thread.join(timeout=60)
+
+    def _main(self) -> None:
+        try:
+            self.work()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, re-raised there
+            self.baton.error = e
+            self.baton.hand_back()
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+
+class LoopVariant(Variant):
+    """A hand-written step function, timed around the call."""
+
+    def __init__(self, name: str, what: str, step, rows_per_step: int):
+        super().__init__(name, what, rows_per_step)
+        self.step = step
+
+    def work(self) -> None:
+        self.baton.hand_back()  # ready
+        while self.baton.wait_turn():
+            start = snapshot()
+            self.step()
+            self.baton.seconds = elapsed(start)
+            self.baton.hand_back()
+
+
+class TurnTaker(L.Callback):
+    """Pauses a Lightning fit after every step until its next turn and times the step
+    from the handover to the next ``on_train_batch_end``."""
+
+    def __init__(self, baton: Baton):
+        self.baton, self.start = baton, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is not None:
+            self.baton.seconds = elapsed(self.start)
+        self.baton.hand_back()  # the first time: ready (the fit's first step is never timed)
+        if not self.baton.wait_turn():
+            trainer.should_stop = True
+            return
+        self.start = snapshot()
+
+
+class LitVariant(Variant):
+    """LitGPT trained by one ``lightning.Trainer.fit`` for the whole benchmark."""
+
+    def __init__(self, name: str, what: str, p_bw: float):
+        super().__init__(name, what, 2 * BATCH if p_bw >= 1 else BATCH)
+        self.p_bw = p_bw
+        self.module = build_model(load_run_config(gpt_config_dict(p_bw)))
+
+    def work(self) -> None:
+        cfg = load_run_config(gpt_config_dict(self.p_bw, max_steps=FIT_STEPS))
+        trainer = build_trainer(cfg, logger=None, callbacks=[TurnTaker(self.baton)], checkpoint_dir=None)
+        trainer.fit(self.module, train_dataloaders=make_loader())
+
+
+# ---------------------------------------------------------------- the variants
+def plain_variants() -> list[Variant]:
+    out = []
+    for name, fwbw in (("plain_fw", False), ("plain_fwbw", True)):
+        torch.manual_seed(0)
+        model = GPT(load_run_config(gpt_config_dict(0.0)).model, VOCAB)
+        opt, batches = adamw(model), Batches(make_loader())
+        sched = warmup_schedule(opt)
+
+        def step(model=model, opt=opt, sched=sched, batches=batches, fwbw=fwbw):
+            window = batches.next()
+            if fwbw:
+                inputs, targets, direction = fwbw_batch(window)
+                logits = model(inputs, direction, Attention(causal=True))  # (2B, T, V)
+                # Sum of the two per-direction mean losses (LitGPT's loss). Both directions
+                # score B*T tokens, so it is twice the mean over all 2B rows: one
+                # cross-entropy, where two on slices would each backprop a zero-filled
+                # (2B, T, V) gradient (~0.16 s more per step on the 2-core CPU).
+                loss = 2 * ce(logits, targets)
+            else:
+                inputs, targets = fw_batch(window)
+                direction = torch.zeros(BATCH, dtype=torch.long)
+                loss = ce(model(inputs, direction, Attention(causal=True)), targets)
+            optimizer_step(model, loss, opt, sched)
+
+        what = "plain loop, same GPT nn.Module, " + ("fw+bw (2B rows)" if fwbw else "fw only")
+        out.append(LoopVariant(name, what, step, 2 * BATCH if fwbw else BATCH))
+    return out
+
+
+def hf_variants() -> list[Variant]:
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # GPT2Config keeps GPT-2's bos/eos id 50256, outside vocab 8192: only a warning, and no
+    # training step uses those ids, so the warning is silenced rather than the config changed.
+    transformers.logging.set_verbosity_error()
+    out = []
+    for name, drop in (("hf_gpt2", None), ("hf_gpt2_nodrop", 0.0)):
+        kwargs = {} if drop is None else {"resid_pdrop": drop, "embd_pdrop": drop, "attn_pdrop": drop}
+        cfg = GPT2Config(n_layer=DEPTH, n_embd=WIDTH, n_head=HEADS, n_positions=T, vocab_size=VOCAB, **kwargs)
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(cfg).train()
+        opt, batches = adamw(model), Batches(make_loader())
+        sched = warmup_schedule(opt)
+
+        def step(model=model, opt=opt, sched=sched, batches=batches):
+            inputs, targets = fw_batch(batches.next())
+            optimizer_step(model, ce(model(input_ids=inputs).logits, targets), opt, sched)
+
+        what = (f"HF GPT2LMHeadModel ({cfg._attn_implementation}, {cfg.activation_function}, "
+                f"dropout {cfg.resid_pdrop}), plain loop, fw only")
+        out.append(LoopVariant(name, what, step, BATCH))
+    return out
+
+
+def dense_bw_logits(gpt: GPT, window: torch.Tensor) -> torch.Tensor:
+    """The bw task in original token order with a dense upper-triangular mask.
+
+    window (B, T+1) -> logits (B, T, V); logits[:, t] predicts window[:, t] from
+    window[:, t+1:]. The same function as the flip form: x-position t sits at reading
+    position T-1-t, and "reading position s sees s' <= s" becomes "key >= query" (triu).
+    """
+    x = window[:, 1:]  # (B, T)
+    b, t = x.shape
+    pos = torch.arange(t - 1, -1, -1)  # reading-order position of each x-position
+    direction = torch.full((b,), DIRECTIONS["bw"], dtype=torch.long)
+    h = gpt.tok_emb(x) + gpt.pos_emb(pos)[None] + gpt.dir_emb(direction)[:, None, :]  # (B, T, D)
+    h = run_blocks(gpt.blocks, gpt.drop(h), Attention(mask=backward_causal(t)))
+    return gpt.logits(h)
+
+
+def pass_variants(masking) -> tuple[list[Variant], float]:
+    """fw-only, bw-only (flip + is_causal) and bw-only dense-mask forward+backward passes,
+    and the max |difference| between the two bw forms' logits (they compute one function)."""
+    torch.manual_seed(0)
+    gpt = GPT(load_run_config(gpt_config_dict(0.0)).model, VOCAB)
+    batches = Batches(make_loader())
+
+    def library_pass(direction: str):
+        masked = masking(batches.next(), (direction,))
+        logits = gpt(masked.inputs, masked.direction, masked.attention)  # (B, T, V)
+        ce(logits, masked.targets).backward()
+        gpt.zero_grad(set_to_none=True)
+
+    def dense_pass():
+        window = batches.next()
+        ce(dense_bw_logits(gpt, window), window[:, :-1]).backward()
+        gpt.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        window = WINDOWS.data[:4]
+        masked = masking(window, ("bw",))
+        flip_form = gpt(masked.inputs, masked.direction, masked.attention).flip(1)
+        diff = (flip_form - dense_bw_logits(gpt, window)).abs().max().item()
+    return [
+        LoopVariant("pass_fw", "fw-only forward+backward (library masking, is_causal)",
+                    lambda: library_pass("fw"), BATCH),
+        LoopVariant("pass_bw", "bw-only forward+backward (flipped sequence, is_causal)",
+                    lambda: library_pass("bw"), BATCH),
+        LoopVariant("pass_bw_dense", "bw-only forward+backward, original order, dense triu mask",
+                    dense_pass, BATCH),
+    ], diff
+
+
+def attention_variants() -> tuple[list[Variant], float]:
+    """One SDPA call, forward+backward, at the model's per-layer shape (B, H, T, D/H)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(BATCH, HEADS, T, WIDTH // HEADS, generator=g).requires_grad_() for _ in range(3))
+    grad = torch.randn(BATCH, HEADS, T, WIDTH // HEADS, generator=g)
+    triu = backward_causal(T)
+
+    def causal():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=triu)
+
+    def flip_causal():
+        qf, kf, vf = (z.flip(2) for z in (q, k, v))
+        return F.scaled_dot_product_attention(qf, kf, vf, is_causal=True).flip(2)
+
+    def fwd_bwd(fn):
+        def step():
+            fn().backward(grad)
+            q.grad = k.grad = v.grad = None
+        return step
+
+    with torch.no_grad():
+        diff = (dense() - flip_causal()).abs().max().item()
+    what = "attention only, 1 SDPA call fwd+bwd: "
+    return [
+        LoopVariant("attn_causal", what + "is_causal (sequence already in reading order)", fwd_bwd(causal), BATCH),
+        LoopVariant("attn_dense_triu", what + "dense (T, T) triu bool mask", fwd_bwd(dense), BATCH),
+        LoopVariant("attn_flip_causal", what + "flip q,k,v + is_causal + flip back", fwd_bwd(flip_causal), BATCH),
+    ], diff
+
+
+# ---------------------------------------------------------------- measurement
+def measure(by_name: dict[str, Variant], rounds: int, steps: int, micro_reps: int, label: str = "round"):
+    """Round-robin over GROUPS. Returns ({variant: [[elapsed() of each step of round 0], ...]},
+    the 1-minute load average after each round)."""
+    times = {name: [] for name in by_name}
+    loads = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for group in GROUPS:
+            k = r % len(group)
+            order = group[k:] + group[:k]  # rotate who goes first
+            reps = micro_reps if group[0].startswith("attn_") else steps
+            got = {name: [] for name in group}
+            for _ in range(reps):  # A B C A B C ...: neighbours in time
+                for name in order:
+                    got[name].append(by_name[name].turn())
+            for name in group:
+                times[name].append(got[name])
+        loads.append(os.getloadavg()[0])
+        print(f"  {label} {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s, load {loads[-1]:.2f}", flush=True)
+    return times, loads
+
+
+def per_round(steps_by_round: list[list[tuple]], micro: bool, clock: int) -> list[float]:
+    """One figure per round (clock 0 = wall, 1 = process CPU): the mean of a round's
+    training steps, the median of its attention calls (many, and short)."""
+    reduce = statistics.median if micro else statistics.fmean
+    return [reduce([s[clock] for s in steps]) for steps in steps_by_round]
+
+
+def paired(by_round: dict[str, list[float]], num: str, den: str, others=None) -> dict:
+    """time(num) / time(den) per round, its median and range, the ratio of the best rounds,
+    and (given each round's share used by other processes) the median over quiet rounds."""
+    vals = [a / b for a, b in zip(by_round[num], by_round[den])]
+    out = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "per_round": vals,
+           "best_vs_best": min(by_round[num]) / min(by_round[den])}
+    if others is not None:
+        quiet = [v for v, a, b in zip(vals, others[num], others[den]) if max(a, b) < QUIET]
+        out.update(quiet_rounds=len(quiet), quiet_median=statistics.median(quiet) if quiet else None)
+    return out
+
+
+def report(variants: list[Variant], times, checks: dict[str, float]) -> dict:
+    wall = {v.name: per_round(times[v.name], v.name.startswith("attn_"), 0) for v in variants}
+    cpu = {v.name: per_round(times[v.name], v.name.startswith("attn_"), 1) for v in variants}
+    others = {v.name: per_round(times[v.name], False, 2) for v in variants}
+    rows = {}
+    print(f"\n{'variant':<17}{'ms/step':>9}{'best':>8}{'cpu ms':>8}{'others':>7}{'tokens/s':>10}{'pred/s':>9}  what")
+    for v in variants:
+        sec, best = statistics.median(wall[v.name]), min(wall[v.name])
+        busy = statistics.median(s[2] for steps in times[v.name] for s in steps)
+        rows[v.name] = {"what": v.what, "ms_per_step": 1e3 * sec, "best_ms": 1e3 * best,
+                        "cpu_ms_per_step": 1e3 * statistics.median(cpu[v.name]),
+                        "others_share": busy,
+                        "tokens_per_s": v.tokens / sec, "predictions_per_s": v.predictions / sec,
+                        "per_round_ms": [1e3 * s for s in wall[v.name]],
+                        "raw_steps_wall_ms_cpu_ms_others": [[[round(1e3 * w, 1), round(1e3 * c, 1), round(o, 3)]
+                                                             for w, c, o in steps] for steps in times[v.name]]}
+        print(f"{v.name:<17}{1e3 * sec:>9.1f}{1e3 * best:>8.1f}{rows[v.name]['cpu_ms_per_step']:>8.1f}"
+              f"{busy:>7.0%}{v.tokens / sec:>10,.0f}{v.predictions / sec:>9,.0f}  {v.what}")
+
+    out, missed = {}, []
+    print(f"\n{'ratio (wall clock unless said)':<51}{'median':>7}{'range':>14}{'best/best':>10}{'cpu':>7}"
+          f"{'quiet (n)':>12}  target")
+    for label, (num, den, *target) in [*TARGETS.items(), *((k, (*v, None, None)) for k, v in INFO_RATIOS.items())]:
+        r = paired(wall, num, den, others)
+        r.update(num=num, den=den, cpu_time_median=paired(cpu, num, den)["median"])
+        quiet = f"{r['quiet_median']:.3f} ({r['quiet_rounds']})" if r["quiet_rounds"] else "- (0)"
+        line = (f"{label:<51}{r['median']:>7.3f}{r['min']:>7.3f}-{r['max']:<6.3f}{r['best_vs_best']:>10.3f}"
+                f"{r['cpu_time_median']:>7.3f}{quiet:>12}")
+        kind, bound = target
+        if kind is None:
+            r["target"] = None
+            line += "  (info)"
+        else:
+            r["target"] = f"{kind} {bound}"
+            r["met"] = r["median"] >= bound if kind == ">=" else r["median"] <= bound
+            line += f"  {kind} {bound}: {'met' if r['met'] else 'MISSED'}"
+            if not r["met"]:
+                missed.append(label)
+        out[label] = r
+        print(line)
+    share = DEPTH * rows["attn_causal"]["ms_per_step"] / rows["pass_fw"]["ms_per_step"]
+    print(f"\nattention share of a fw pass ({DEPTH} x attn_causal / pass_fw): {share:.0%}")
+    for name, value in checks.items():
+        print(f"check: {name} = {value:.2e}")
+    return {"variants": rows, "ratios": out, "missed": missed, "attention_share_of_fw_pass": share,
+            "checks": checks}
+
+
+def profile_table(prof, rows: int = 15) -> tuple[str, list[dict]]:
+    """Top ops by self CPU time: the printable table and a JSON-able list."""
+    avg = prof.key_averages()
+    table = avg.table(sort_by="self_cpu_time_total", row_limit=rows)
+    total = sum(e.self_cpu_time_total for e in avg) or 1.0
+    top = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return table, [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
+                    "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1)} for e in top]
+
+
+def profile(by_name: dict[str, Variant], names: list[str]) -> dict:
+    """One step of each named variant under torch.profiler (CPU, all threads: the step runs
+    in the variant's worker thread): top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, _ExperimentalConfig
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    for name in names:
+        with torch_profile(activities=[ProfilerActivity.CPU],
+                           experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
+            ms = 1e3 * by_name[name].turn()[0]
+        table, top = profile_table(prof)
+        print(f"\n=== profile: {name} (one step, {ms:.0f} ms under the profiler) ===\n{table}")
+        out[name] = {"step_ms_under_profiler": ms, "top_ops_by_self_cpu": top}
+    return out
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 rounds, 3 attention calls: a smoke run")
+    p.add_argument("--rounds", type=int, help="round-robin repeats (default 5, quick 2)")
+    p.add_argument("--steps", type=int, default=1, help="steps per variant per round (default 1)")
+    p.add_argument("--micro-reps", type=int, help="attention calls per variant per round (default 7, quick 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--json", type=Path, help="write all figures, ratios and raw step times here")
+    p.add_argument("--profile", nargs="?", const="missed", default=None,
+                   help="after timing, profile one step of the variants behind each missed target "
+                        "('missed', the default) or of a comma-separated list of variants")
+    a = p.parse_args(argv)
+    a.rounds = a.rounds or (2 if a.quick else 5)
+    a.micro_reps = a.micro_reps or (3 if a.quick else 7)
+    return a
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for msg in (".*does not have many workers.*", ".*validation_step.*", ".*val_dataloader.*",
+                ".*treespec.*"):
+        warnings.filterwarnings("ignore", message=msg)
+
+
+def environment(args) -> dict:
+    import transformers
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+              if ln.startswith("model name")] if cpuinfo.exists() else []
+    return {"date": datetime.date.today().isoformat(), "cpu": models[0] if models else platform.processor(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
+            "transformers": transformers.__version__,
+            "shape": {"depth": DEPTH, "width": WIDTH, "heads": HEADS, "seq": T, "batch": BATCH, "vocab": VOCAB},
+            "rounds": args.rounds, "steps": args.steps, "micro_reps": args.micro_reps,
+            "command": " ".join(["python", *sys.argv]), "load_avg_start": os.getloadavg(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_"))}}
+
+
+def profile_names(arg: str, missed: list[str], known) -> list[str]:
+    if arg == "missed":
+        names = [n for label in missed for n in TARGETS[label][:2]]
+    else:
+        names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--profile: unknown variant {unknown[0]!r}; allowed: missed, {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quiet_lightning()
+    start = time.perf_counter()
+    env = environment(args)
+    lit = [LitVariant("lit_fw", "LitGPT, lightning.Trainer fit, p_bw = 0", 0.0),
+           LitVariant("lit_fwbw", "LitGPT, lightning.Trainer fit, p_bw = 1 (2B rows)", 1.0)]
+    passes, pass_diff = pass_variants(lit[0].module.masking)
+    attn, attn_diff = attention_variants()
+    variants = [*lit, *plain_variants(), *hf_variants(), *passes, *attn]
+    by_name = {v.name: v for v in variants}
+    assert sorted(by_name) == sorted(n for g in GROUPS for n in g)
+    print(f"bench_gpt: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
+          f"lightning {env['lightning']}, transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
+    print(f"shape {env['shape']}; {args.rounds} rounds x {args.steps} step(s), "
+          f"{args.micro_reps} attention calls, {len(variants)} variants", flush=True)
+    try:
+        for v in variants:  # Lightning fits run their first (setup) step here
+            v.start()
+        measure(by_name, 1, 1, 1, label="warm-up round (not measured)")
+        times, loads = measure(by_name, args.rounds, args.steps, args.micro_reps)
+        assert torch.get_num_threads() == args.threads, "something changed the thread count"
+        result = report(variants, times, {"max |dense - flip| logits, bw model": pass_diff,
+                                          "max |dense - flip| attention output": attn_diff})
+        result["load_avg_per_round"] = loads
+        if args.profile:
+            result["profiles"] = profile(by_name, profile_names(args.profile, result["missed"], by_name))
+    finally:
+        for v in variants:
+            if v.thread.is_alive():
+                v.close()
+    env["wall_s"] = time.perf_counter() - start
+    env["load_avg_end"] = os.getloadavg()
+    print(f"\ntotal {env['wall_s']:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, **result}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
