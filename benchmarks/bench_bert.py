@@ -1,0 +1,702 @@
+"""Training speed of masklab's LitBERT, side by side with HF transformers' BertForMaskedLM.
+
+One process, one "BERT-mini" shape (depth 4, width 256, 4 heads, T 128, batch 32,
+vocab 8192), real text: the batches are the masklab ``wikitext-2`` data module's masked-LM
+batches (``[CLS] text [SEP] [PAD]...``, SentencePiece BPE 8192 trained on wiki.valid.raw,
+rows cut at a line end so ~7% of positions are padding), the same token rows on both sides.
+
+Measured (a step = fetch + collate a batch + mask + forward + loss + backward + clip 1.0 +
+AdamW + LR scheduler):
+  plain_bert        LitBERT (``mlm-random``, 15%, 80/10/10) in a hand-written loop:
+                    ``MLMTrainBatches[step]`` (the data module's fetch + pack), then
+                    ``LitBERT._shared_step(batch, "train")`` (mask + encode + gathered head +
+                    loss), then the optimizer and scheduler of ``configure_optimizers``.
+                    This is the variant the target is set on: the HF reference runs in the
+                    same kind of loop, so both sides do the same work around the model.
+  lit_bert          the same LitBERT driven by a real ``lightning.Trainer`` fit (the project's
+                    ``build_trainer``: logger, progress bar, checkpoints off) over the data
+                    module's train loader; timed from the handover to the next
+                    ``on_train_batch_end`` (every Lightning hook included). Info only.
+  hf_bert           ``BertForMaskedLM(BertConfig(vocab_size=8192, hidden_size=256,
+                    num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                    max_position_embeddings=128, pad_token_id=5), attn_implementation="sdpa")``
+                    (random init, nothing downloaded; pad_token_id = our [PAD] id), its
+                    batches made by ``DataCollatorForLanguageModeling(mlm_probability=0.15,
+                    pad_to_multiple_of=128)`` from per-row ``input_ids`` + ``special_tokens_mask``
+                    lists (what HF's run_mlm.py hands it), the loss of the model's own
+                    ``labels`` path; same loop, AdamW groups and hyperparameters as ours.
+  hf_bert_nodrop    the same with its dropouts (0.1 by default) set to 0: LitBERT trains with
+                    dropout 0, so this isolates the architecture and the head.
+The collator needs a tokenizer: a ``PreTrainedTokenizerFast`` wrapped around an in-memory
+``tokenizers`` WordLevel model whose 8192 ids are ours, with <unk> = 0, </s> = 1 (eos),
+[CLS] = 2, [SEP] = 3, [MASK] = 4, [PAD] = 5 as its special tokens -- so HF never selects the
+ids our ``eligible`` excludes, and draws random replacements from all 8192 ids (as HF does).
+
+Masking throughput (one call, the same (32, 128) batch; a turn makes MASK_CALLS calls, the
+figure is the median over ``--micro-reps`` turns, per call):
+  mask_ours         ``MLMRandom(mask_ratio=0.15)`` on the batch tensors: content keys,
+                    counter-hash noise, exact per-row count, 80/10/10 replacement.
+  mask_hf           ``collator.torch_mask_tokens(tokens.clone(), special_tokens_mask)``: the
+                    tensor-to-tensor part of the HF collator (Bernoulli 15%, 80/10/10).
+  mask_ours_collate ``data.mlm.pack`` of the batch's rows (numpy piece ids) + ``MLMRandom``.
+  mask_hf_collate   the whole collator call on the batch's example dicts (pad + mask).
+
+Gathered head vs the head at every position (our BERT nn.Module, one fixed masked batch,
+no optimizer):
+  pass_gathered     encode + ``masked_logits`` (the head at the M ~ 540 selected rows: 15% of
+                    the ~3.6k eligible tokens of the 4096 positions).
+  pass_full         encode + ``head`` at all B*T positions (B, T, V) + cross-entropy with
+                    ignore_index at the unselected positions (the common implementation;
+                    the same loss, checked).
+  head_gathered, head_full   the head + loss alone on fixed hidden states, fw+bw.
+
+How the variants are interleaved (as in bench_gpt.py): every variant lives in its own worker
+thread and runs one step when handed the turn (one thread works at a time). A round gives
+every variant ``--steps`` turns in groups of the variants compared with each other, the order
+inside a group rotating from round to round. Per variant and round the figure is the mean of
+its steps (the median of its calls for the masking group); the table gives the median over
+rounds, each ratio the median of the per-round ratios (paired). Cross-checks beside it:
+best/best, cpu (the paired median on process CPU time) and quiet (rounds in which other
+processes used < 10% of the machine during both sides' steps).
+
+Usage:  python benchmarks/bench_bert.py [--quick] [--json PATH] [--profile [missed|NAMES]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere in the repo
+
+import lightning as L  # noqa: E402
+
+from lit_modules.base import lr_factor  # noqa: E402
+from lit_modules.bert import BERT  # noqa: E402
+from lit_modules.config import load_run_config  # noqa: E402
+from lit_modules.data.mlm import CLS, EOS, FIRST_PIECE, MASK, PAD, SEP, pack  # noqa: E402
+from lit_modules.paths import Workspace  # noqa: E402
+from lit_modules.run import build_datamodule, build_model, build_trainer  # noqa: E402
+
+DEPTH, WIDTH, HEADS, T, BATCH, VOCAB = 4, 256, 4, 128, 32, 8192
+MASK_RATIO = 0.15
+N_BATCHES = 64  # distinct batches cycled through (steps 0..63 of the data module)
+FIT_STEPS = 1_000_000  # a Lightning fit runs until the benchmark stops it
+MASK_CALLS = 20  # masking calls per timed turn: one call is ~1 ms, too short to time alone
+QUIET = 0.10  # a round is quiet when others used < 10% of the machine during both sides
+
+TARGETS = {  # label: (numerator, denominator, kind, bound); ratio = time(numerator) / time(denominator)
+    "LitBERT / HF BertForMaskedLM, plain loop (throughput)": ("hf_bert", "plain_bert", ">=", 1.30),
+}
+INFO_RATIOS = {
+    "LitBERT / HF without dropout (throughput)": ("hf_bert_nodrop", "plain_bert"),
+    "LitBERT Lightning fit / HF (throughput)": ("hf_bert", "lit_bert"),
+    "Lightning fit / plain loop, LitBERT (time)": ("lit_bert", "plain_bert"),
+    "masking: ours / HF torch_mask_tokens (throughput)": ("mask_hf", "mask_ours"),
+    "collate+mask: ours / HF collator call (throughput)": ("mask_hf_collate", "mask_ours_collate"),
+    "full head / gathered head, fw+bw pass (time)": ("pass_full", "pass_gathered"),
+    "full head / gathered head, head+loss only (time)": ("head_full", "head_gathered"),
+}
+# Variants compared with each other run back to back (see the module docstring).
+GROUPS = (
+    ("plain_bert", "hf_bert", "hf_bert_nodrop", "lit_bert"),
+    ("pass_gathered", "pass_full", "head_gathered", "head_full"),
+    ("mask_ours", "mask_hf", "mask_ours_collate", "mask_hf_collate"),
+)
+MICRO = {"mask_ours", "mask_hf", "mask_ours_collate", "mask_hf_collate"}
+
+
+# ---------------------------------------------------------------- config and data
+def bert_config_dict(max_steps: int = FIT_STEPS) -> dict:
+    return {
+        "seed": 0,
+        "data": {"name": "wikitext-2", "vocab_size": VOCAB, "batch_size": BATCH},
+        "model": {"name": "bert", "depth": DEPTH, "width": WIDTH, "heads": HEADS, "block_size": T},
+        "masking": {"name": "mlm-random", "mask_ratio": MASK_RATIO},
+        "trainer": {"max_steps": max_steps, "val_every": max_steps, "accelerator": "cpu",
+                    "progress_bar": False, "checkpoint": False},
+    }
+
+
+def workspace() -> Workspace:
+    """Tokenizer cache in the git-ignored output dir; the shared data beside the repo."""
+    out = os.environ.get("MASKLAB_OUTPUT_DIR") or REPO / "masklab-runs"
+    data = os.environ.get("MASKLAB_DATA_DIR") or REPO.parent / "shared" / "data"
+    return Workspace.resolve(out, data)
+
+
+def rows_of(batch: dict) -> list[torch.Tensor]:
+    """The valid ids of each row ([CLS] text [SEP]), padding dropped."""
+    return [row[v] for row, v in zip(batch["tokens"], batch["valid"])]
+
+
+class Data:
+    """The data module's first N_BATCHES training batches, and the same rows for HF."""
+
+    def __init__(self, dm, hf_tokenizer):
+        self.dm = dm
+        self.ds = dm.train_dataloader().dataset  # MLMTrainBatches: item = batch of that step
+        self.batches = [self.ds[i] for i in range(N_BATCHES)]
+        # HF examples as run_mlm.py's tokenization map leaves them: ids + special_tokens_mask.
+        self.examples = []
+        for b in self.batches:
+            ex = []
+            for ids in rows_of(b):
+                ids = ids.tolist()
+                ex.append({"input_ids": ids, "special_tokens_mask":
+                           hf_tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)})
+            self.examples.append(ex)
+        b0 = self.batches[0]
+        hf_special = torch.tensor(self.examples[0][0]["special_tokens_mask"], dtype=torch.bool)
+        assert torch.equal(hf_special, ~b0["eligible"][0, : len(hf_special)]), "HF specials != ~eligible"
+
+    def stats(self) -> dict:
+        valid = torch.cat([b["valid"] for b in self.batches]).float()
+        eligible = torch.cat([b["eligible"] for b in self.batches]).float()
+        return {"valid_share": valid.mean().item(), "eligible_share": eligible.mean().item(),
+                "full_length_rows": (valid.sum(1) == T).float().mean().item()}
+
+
+def hf_tokenizer():
+    """A PreTrainedTokenizerFast over our 8192 ids, specials at our ids; no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = {0: "<unk>", EOS: "</s>", CLS: "[CLS]", SEP: "[SEP]", MASK: "[MASK]", PAD: "[PAD]"}
+    vocab = {names.get(i, f"p{i}"): i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                  pad_token="[PAD]")
+    assert len(out) == VOCAB and out.pad_token_id == PAD and out.mask_token_id == MASK
+    return out
+
+
+def hf_collator(tokenizer):
+    from transformers import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=MASK_RATIO, pad_to_multiple_of=T, seed=0)
+
+
+# ---------------------------------------------------------------- optimizer pieces
+def adamw(module: torch.nn.Module, optim) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW + LR schedule as LitBERT.configure_optimizers builds them (decay on matrices
+    and embeddings only)."""
+    params = list(module.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, FIT_STEPS, optim))
+
+
+def optimizer_step(model, loss, opt, sched, clip: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+
+
+# ---------------------------------------------------------------- clocks
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes on this machine have been busy (Linux /proc/stat), or nan."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def snapshot() -> tuple[float, float, float]:
+    return time.perf_counter(), time.process_time(), machine_busy_s()
+
+
+def elapsed(start: tuple[float, float, float]) -> tuple[float, float, float]:
+    """(wall s, this process's CPU s, share of the machine other processes used meanwhile)."""
+    wall, cpu, busy = (b - a for a, b in zip(start, snapshot()))
+    others = max(0.0, busy - cpu) / (wall * (os.cpu_count() or 1))
+    return wall, cpu, min(1.0, others)
+
+
+# ---------------------------------------------------------------- turn taking
+class Baton:
+    """Hands the turn between the main thread and one variant's worker thread."""
+
+    def __init__(self):
+        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
+        self.stopping = False
+        self.seconds: tuple[float, float, float] | None = None  # elapsed() of the last step
+        self.error: BaseException | None = None
+
+    def turn(self) -> tuple[float, float, float]:
+        self.seconds = None
+        self._go.release()
+        self._back.acquire()
+        if self.error is not None:
+            raise RuntimeError("a benchmark variant failed") from self.error
+        return self.seconds
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._go.release()
+
+    def wait_ready(self) -> None:
+        self._back.acquire()
+        if self.error is not None:
+            raise RuntimeError("a benchmark variant failed to start") from self.error
+
+    def hand_back(self) -> None:
+        self._back.release()
+
+    def wait_turn(self) -> bool:
+        """Block until the next turn; False when the benchmark is over."""
+        self._go.acquire()
+        return not self.stopping
+
+
+class Variant:
+    """One measured configuration, run in its own thread, one step per ``turn()``.
+
+    ``calls``: how many calls one turn makes (the figures are per call); ``rows``: the
+    sequences one call processes (for sequences/s)."""
+
+    def __init__(self, name: str, what: str, calls: int = 1, rows: int = BATCH):
+        self.name, self.what, self.calls, self.rows = name, what, calls, rows
+        self.baton = Baton()
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.baton.wait_ready()
+
+    def turn(self) -> tuple[float, float, float]:
+        """One turn: (wall s, process CPU s, others' share), wall and CPU per call."""
+        wall, cpu, others = self.baton.turn()
+        return wall / self.calls, cpu / self.calls, others
+
+    def close(self) -> None:
+        self.baton.stop()
+        self.thread.join(timeout=60)
+
+    def _main(self) -> None:
+        try:
+            self.work()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, re-raised there
+            self.baton.error = e
+            self.baton.hand_back()
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+
+class LoopVariant(Variant):
+    """A hand-written step function, timed around ``calls`` calls."""
+
+    def __init__(self, name: str, what: str, step, calls: int = 1, rows: int = BATCH):
+        super().__init__(name, what, calls, rows)
+        self.step = step
+
+    def work(self) -> None:
+        self.baton.hand_back()  # ready
+        while self.baton.wait_turn():
+            start = snapshot()
+            for _ in range(self.calls):
+                self.step()
+            self.baton.seconds = elapsed(start)
+            self.baton.hand_back()
+
+
+class TurnTaker(L.Callback):
+    """Pauses a Lightning fit after every step until its next turn and times the step
+    from the handover to the next ``on_train_batch_end``."""
+
+    def __init__(self, baton: Baton):
+        self.baton, self.start = baton, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is not None:
+            self.baton.seconds = elapsed(self.start)
+        self.baton.hand_back()  # the first time: ready (the fit's first step is never timed)
+        if not self.baton.wait_turn():
+            trainer.should_stop = True
+            return
+        self.start = snapshot()
+
+
+class LitVariant(Variant):
+    """LitBERT trained by one ``lightning.Trainer.fit`` for the whole benchmark."""
+
+    def __init__(self, name: str, what: str, dm):
+        super().__init__(name, what)
+        self.dm = dm
+        self.module = build_model(load_run_config(bert_config_dict()))
+
+    def work(self) -> None:
+        cfg = load_run_config(bert_config_dict())
+        trainer = build_trainer(cfg, logger=None, callbacks=[TurnTaker(self.baton)], checkpoint_dir=None)
+        trainer.fit(self.module, train_dataloaders=self.dm.train_dataloader())
+
+
+# ---------------------------------------------------------------- the variants
+def step_variants(data: Data, tokenizer) -> tuple[list[Variant], dict]:
+    """plain_bert, hf_bert, hf_bert_nodrop (the step comparison) and their parameter counts."""
+    import transformers
+    from transformers import BertConfig, BertForMaskedLM
+
+    transformers.logging.set_verbosity_error()
+    cfg = load_run_config(bert_config_dict())
+    clip = cfg.optim.grad_clip
+    lit = build_model(cfg).train()
+    opt, sched = adamw(lit, cfg.optim)
+    count = {"i": 0}
+
+    def plain_step():
+        batch = data.ds[count["i"] % N_BATCHES]  # the data module's fetch + pack
+        count["i"] += 1
+        loss, _ = lit._shared_step(batch, "train")
+        optimizer_step(lit, loss, opt, sched, clip)
+
+    out = [LoopVariant("plain_bert", "LitBERT._shared_step (mlm-random 15%) + AdamW, plain loop", plain_step)]
+    info = {"params_ours": sum(p.numel() for p in lit.parameters())}
+    collator = hf_collator(tokenizer)
+    for name, drop in (("hf_bert", None), ("hf_bert_nodrop", 0.0)):
+        kwargs = {} if drop is None else {"hidden_dropout_prob": drop, "attention_probs_dropout_prob": drop}
+        hcfg = BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                          intermediate_size=4 * WIDTH, max_position_embeddings=T, pad_token_id=PAD, **kwargs)
+        torch.manual_seed(0)
+        model = BertForMaskedLM._from_config(hcfg, attn_implementation="sdpa").train()
+        h_opt, h_sched = adamw(model, cfg.optim)
+        h_count = {"i": 0}
+
+        def hf_step(model=model, h_opt=h_opt, h_sched=h_sched, h_count=h_count):
+            batch = collator(data.examples[h_count["i"] % N_BATCHES])  # pad + mask
+            h_count["i"] += 1
+            optimizer_step(model, model(**batch).loss, h_opt, h_sched, clip)
+
+        what = (f"HF BertForMaskedLM ({model.config._attn_implementation}, dropout "
+                f"{hcfg.hidden_dropout_prob}) + HF collator, plain loop")
+        out.append(LoopVariant(name, what, hf_step))
+        info["params_hf"] = sum(p.numel() for p in model.parameters())
+    return out, info
+
+
+def head_variants(data: Data) -> tuple[list[Variant], dict]:
+    """The gathered head vs the head at every position, in a whole pass and alone."""
+    cfg = load_run_config(bert_config_dict())
+    torch.manual_seed(0)
+    bert = BERT(cfg.model, VOCAB).train()
+    lit = build_model(cfg)  # for its mask(): the training masking of the run config
+    batch = data.batches[0]
+    masked = lit.mask(batch, "train")
+    valid, sel = batch["valid"], masked.loss_mask
+    labels = masked.targets.masked_fill(~sel, -100)  # (B, T): scored positions only
+
+    def gathered_loss(h):
+        logits = bert.masked_logits(h, sel)  # (M, V)
+        return F.cross_entropy(logits.float(), masked.targets[sel])
+
+    def full_loss(h):
+        logits = bert.head(h)  # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1), ignore_index=-100)
+
+    def whole_pass(loss_fn):
+        def step():
+            loss_fn(bert.encode(masked.inputs, valid)).backward()
+            bert.zero_grad(set_to_none=True)
+        return step
+
+    h0 = bert.encode(masked.inputs, valid).detach().requires_grad_()  # (B, T, D)
+
+    def head_only(loss_fn):
+        def step():
+            loss_fn(h0).backward()
+            bert.zero_grad(set_to_none=True)
+            h0.grad = None
+        return step
+
+    with torch.no_grad():
+        diff = (gathered_loss(h0) - full_loss(h0)).abs().item()
+    m = int(sel.sum())
+    return [
+        LoopVariant("pass_gathered", f"BERT fw+bw, head at the {m} selected rows (masked_logits)",
+                    whole_pass(gathered_loss)),
+        LoopVariant("pass_full", f"BERT fw+bw, head at all {BATCH * T} positions, CE ignore_index",
+                    whole_pass(full_loss)),
+        LoopVariant("head_gathered", "head + loss fw+bw on fixed h, selected rows", head_only(gathered_loss)),
+        LoopVariant("head_full", "head + loss fw+bw on fixed h, every position", head_only(full_loss)),
+    ], {"max |gathered - full| loss": diff, "scored rows M (head batch)": m}
+
+
+def mask_variants(data: Data, tokenizer) -> tuple[list[Variant], dict]:
+    """Masking alone: our strategy vs the HF collator, on tensors and from rows."""
+    cfg = load_run_config(bert_config_dict())
+    strategy = cfg.masking
+    batch = data.batches[0]
+    word_start = data.dm.word_start
+    rows = [r[1:-1].numpy() for r in rows_of(batch)]  # piece ids without [CLS]/[SEP]
+    collator = hf_collator(tokenizer)
+    special = (~batch["eligible"]).long()  # (B, T) what the HF collator gets from pad()
+
+    def ours(b=batch):
+        return strategy(b["tokens"], seed=0, mask_index=0, eligible=b["eligible"], word_start=b["word_start"],
+                        valid=b["valid"], vocab_size=VOCAB, mask_token_id=MASK, random_low=FIRST_PIECE)
+
+    def hf():
+        return collator.torch_mask_tokens(batch["tokens"].clone(), special_tokens_mask=special)
+
+    def ours_collate():
+        return ours(pack(rows, T, word_start))
+
+    def hf_collate():
+        return collator(data.examples[0])
+
+    # Same input on both sides: HF's padded batch is our batch, its specials our ~eligible.
+    assert torch.equal(hf_collate()["input_ids"].ne(PAD), batch["valid"]), "HF padding != ours"
+    assert torch.equal(pack(rows, T, word_start)["tokens"], batch["tokens"])
+    ours_share = ours().loss_mask.sum().item() / batch["eligible"].sum().item()
+    hf_share = statistics.fmean((hf()[1] != -100).sum().item() / batch["eligible"].sum().item() for _ in range(50))
+    what = f"{MASK_CALLS} calls per turn, figures per call: "
+    return [
+        LoopVariant("mask_ours", what + "MLMRandom 15% on the (B, T) tensors", ours, MASK_CALLS),
+        LoopVariant("mask_hf", what + "HF torch_mask_tokens on the same tensors", hf, MASK_CALLS),
+        LoopVariant("mask_ours_collate", what + "data.mlm.pack of the rows + MLMRandom", ours_collate, MASK_CALLS),
+        LoopVariant("mask_hf_collate", what + "HF collator call on the rows (pad + mask)", hf_collate, MASK_CALLS),
+    ], {"selected share of eligible, ours (exact)": ours_share,
+        "selected share of eligible, HF (Bernoulli, mean of 50)": hf_share}
+
+
+# ---------------------------------------------------------------- measurement
+def measure(by_name: dict[str, Variant], rounds: int, steps: int, micro_reps: int, label: str = "round"):
+    """Round-robin over GROUPS. Returns ({variant: [[turn of round 0, ...], ...]}, the
+    1-minute load average after each round)."""
+    times = {name: [] for name in by_name}
+    loads = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for group in GROUPS:
+            k = r % len(group)
+            order = group[k:] + group[:k]  # rotate who goes first
+            reps = micro_reps if group[0] in MICRO else steps
+            got = {name: [] for name in group}
+            for _ in range(reps):  # A B C A B C ...: neighbours in time
+                for name in order:
+                    got[name].append(by_name[name].turn())
+            for name in group:
+                times[name].append(got[name])
+        loads.append(os.getloadavg()[0])
+        print(f"  {label} {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s, load {loads[-1]:.2f}", flush=True)
+    return times, loads
+
+
+def per_round(turns_by_round: list[list[tuple]], micro: bool, clock: int) -> list[float]:
+    """One figure per round (clock 0 = wall, 1 = process CPU): the mean of a round's
+    steps, the median of its masking turns (many, and short)."""
+    reduce = statistics.median if micro else statistics.fmean
+    return [reduce([s[clock] for s in turns]) for turns in turns_by_round]
+
+
+def paired(by_round: dict[str, list[float]], num: str, den: str, others=None) -> dict:
+    """time(num) / time(den) per round, its median and range, the ratio of the best rounds,
+    and (given each round's share used by other processes) the median over quiet rounds."""
+    vals = [a / b for a, b in zip(by_round[num], by_round[den])]
+    out = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "per_round": vals,
+           "best_vs_best": min(by_round[num]) / min(by_round[den])}
+    if others is not None:
+        quiet = [v for v, a, b in zip(vals, others[num], others[den]) if max(a, b) < QUIET]
+        out.update(quiet_rounds=len(quiet), quiet_median=statistics.median(quiet) if quiet else None)
+    return out
+
+
+def report(variants: list[Variant], times, checks: dict) -> dict:
+    wall = {v.name: per_round(times[v.name], v.name in MICRO, 0) for v in variants}
+    cpu = {v.name: per_round(times[v.name], v.name in MICRO, 1) for v in variants}
+    others = {v.name: per_round(times[v.name], False, 2) for v in variants}
+    rows = {}
+    print(f"\n{'variant':<18}{'ms/call':>9}{'best':>8}{'cpu ms':>8}{'others':>7}{'seq/s':>10}{'tokens/s':>12}  what")
+    for v in variants:
+        sec, best = statistics.median(wall[v.name]), min(wall[v.name])
+        busy = statistics.median(s[2] for turns in times[v.name] for s in turns)
+        rows[v.name] = {"what": v.what, "ms_per_call": 1e3 * sec, "best_ms": 1e3 * best,
+                        "cpu_ms_per_call": 1e3 * statistics.median(cpu[v.name]), "others_share": busy,
+                        "sequences_per_s": v.rows / sec, "tokens_per_s": v.rows * T / sec,
+                        "per_round_ms": [1e3 * s for s in wall[v.name]],
+                        "raw_wall_ms_cpu_ms_others": [[[round(1e3 * w, 2), round(1e3 * c, 2), round(o, 3)]
+                                                       for w, c, o in turns] for turns in times[v.name]]}
+        print(f"{v.name:<18}{1e3 * sec:>9.1f}{1e3 * best:>8.1f}{rows[v.name]['cpu_ms_per_call']:>8.1f}"
+              f"{busy:>7.0%}{v.rows / sec:>10,.0f}{v.rows * T / sec:>12,.0f}  {v.what}")
+
+    out, missed = {}, []
+    print(f"\n{'ratio (wall clock unless said)':<55}{'median':>7}{'range':>14}{'best/best':>10}{'cpu':>7}"
+          f"{'quiet (n)':>12}  target")
+    for label, (num, den, *target) in [*TARGETS.items(), *((k, (*v, None, None)) for k, v in INFO_RATIOS.items())]:
+        r = paired(wall, num, den, others)
+        r.update(num=num, den=den, cpu_time_median=paired(cpu, num, den)["median"])
+        quiet = f"{r['quiet_median']:.3f} ({r['quiet_rounds']})" if r["quiet_rounds"] else "- (0)"
+        line = (f"{label:<55}{r['median']:>7.3f}{r['min']:>7.3f}-{r['max']:<6.3f}{r['best_vs_best']:>10.3f}"
+                f"{r['cpu_time_median']:>7.3f}{quiet:>12}")
+        kind, bound = target
+        if kind is None:
+            r["target"] = None
+            line += "  (info)"
+        else:
+            r["target"] = f"{kind} {bound}"
+            r["met"] = r["median"] >= bound if kind == ">=" else r["median"] <= bound
+            line += f"  {kind} {bound}: {'met' if r['met'] else 'MISSED'}"
+            if not r["met"]:
+                missed.append(label)
+        out[label] = r
+        print(line)
+    print()
+    for name, value in checks.items():
+        print(f"check: {name} = {value:.4g}" if isinstance(value, float) else f"check: {name} = {value}")
+    return {"variants": rows, "ratios": out, "missed": missed, "checks": checks}
+
+
+def profile_table(prof, rows: int = 15) -> tuple[str, list[dict]]:
+    """Top ops by self CPU time: the printable table and a JSON-able list."""
+    avg = prof.key_averages()
+    table = avg.table(sort_by="self_cpu_time_total", row_limit=rows)
+    total = sum(e.self_cpu_time_total for e in avg) or 1.0
+    top = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return table, [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
+                    "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1)} for e in top]
+
+
+def profile(by_name: dict[str, Variant], names: list[str]) -> dict:
+    """One turn of each named variant under torch.profiler (CPU, all threads: the step runs
+    in the variant's worker thread): top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, _ExperimentalConfig
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    for name in names:
+        with torch_profile(activities=[ProfilerActivity.CPU],
+                           experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
+            ms = 1e3 * by_name[name].turn()[0]
+        table, top = profile_table(prof)
+        print(f"\n=== profile: {name} (one turn, {ms:.1f} ms per call under the profiler) ===\n{table}")
+        out[name] = {"ms_per_call_under_profiler": ms, "top_ops_by_self_cpu": top}
+    return out
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 rounds, 3 masking turns: a smoke run")
+    p.add_argument("--rounds", type=int, help="round-robin repeats (default 7, quick 2)")
+    p.add_argument("--steps", type=int, default=1, help="steps per variant per round (default 1)")
+    p.add_argument("--micro-reps", type=int, help="masking turns per variant per round (default 5, quick 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--json", type=Path, help="write all figures, ratios and raw step times here")
+    p.add_argument("--profile", nargs="?", const="missed", default=None,
+                   help="after timing, profile one step of the variants behind each missed target "
+                        "('missed', the default) or of a comma-separated list of variants")
+    a = p.parse_args(argv)
+    a.rounds = a.rounds or (2 if a.quick else 7)
+    a.micro_reps = a.micro_reps or (3 if a.quick else 5)
+    return a
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for msg in (".*does not have many workers.*", ".*validation_step.*", ".*val_dataloader.*",
+                ".*treespec.*"):
+        warnings.filterwarnings("ignore", message=msg)
+
+
+def environment(args) -> dict:
+    import transformers
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+              if ln.startswith("model name")] if cpuinfo.exists() else []
+    return {"date": datetime.date.today().isoformat(), "cpu": models[0] if models else platform.processor(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
+            "transformers": transformers.__version__,
+            "shape": {"depth": DEPTH, "width": WIDTH, "heads": HEADS, "seq": T, "batch": BATCH, "vocab": VOCAB},
+            "rounds": args.rounds, "steps": args.steps, "micro_reps": args.micro_reps, "mask_calls": MASK_CALLS,
+            "command": " ".join(["python", *sys.argv]), "load_avg_start": os.getloadavg(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_"))}}
+
+
+def profile_names(arg: str, missed: list[str], known) -> list[str]:
+    if arg == "missed":
+        names = [n for label in missed for n in TARGETS[label][:2]]
+    else:
+        names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--profile: unknown variant {unknown[0]!r}; allowed: missed, {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quiet_lightning()
+    start = time.perf_counter()
+    env = environment(args)
+    dm = build_datamodule(load_run_config(bert_config_dict()), workspace())  # trains the tokenizer once
+    tokenizer = hf_tokenizer()
+    data = Data(dm, tokenizer)
+    env["data"] = {**dm.info, **data.stats(), "batches": N_BATCHES}
+    steps, info = step_variants(data, tokenizer)
+    heads, head_checks = head_variants(data)
+    masks, mask_checks = mask_variants(data, tokenizer)
+    lit = LitVariant("lit_bert", "LitBERT, lightning.Trainer fit, mlm-random 15%", dm)
+    variants = [*steps, lit, *heads, *masks]
+    by_name = {v.name: v for v in variants}
+    assert sorted(by_name) == sorted(n for g in GROUPS for n in g)
+    print(f"bench_bert: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
+          f"lightning {env['lightning']}, transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
+    print(f"shape {env['shape']}; data: wikitext-2 (masklab data module), {data.stats()['valid_share']:.1%} "
+          f"of positions valid; {args.rounds} rounds x {args.steps} step(s), {args.micro_reps} masking turns "
+          f"of {MASK_CALLS} calls, {len(variants)} variants", flush=True)
+    try:
+        for v in variants:  # the Lightning fit runs its first (setup) step here
+            v.start()
+        measure(by_name, 1, 1, 1, label="warm-up round (not measured)")
+        times, loads = measure(by_name, args.rounds, args.steps, args.micro_reps)
+        assert torch.get_num_threads() == args.threads, "something changed the thread count"
+        result = report(variants, times, {**info, **head_checks, **mask_checks})
+        result["load_avg_per_round"] = loads
+        if args.profile:
+            result["profiles"] = profile(by_name, profile_names(args.profile, result["missed"], by_name))
+    finally:
+        for v in variants:
+            if v.thread.is_alive():
+                v.close()
+    env["wall_s"] = time.perf_counter() - start
+    env["load_avg_end"] = os.getloadavg()
+    print(f"\ntotal {env['wall_s']:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, **result}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
