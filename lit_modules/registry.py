@@ -48,5 +48,7 @@ DATASETS = Registry("dataset")
 def ensure_registered() -> None:
     """Import the modules whose decorators fill the registries (idempotent)."""
     from . import bert, gpt, mae  # noqa: F401
-    from .data import images, text  # noqa: F401
+    from . import video as video_model  # noqa: F401  (aliased: data.video and masking.video share the name)
+    from .data import images, text, video  # noqa: F401
     from .masking import causal_lm, mlm, patches  # noqa: F401
+    from .masking import video as masking_video  # noqa: F401  (aliased: data.video shares the name)

@@ -25,10 +25,12 @@ def build_datamodule(cfg: RunConfig, workspace: Workspace) -> L.LightningDataMod
     dm = DATASETS.get(cfg.data.name)(cfg.data, getattr(cfg.model, "block_size", 0), cfg.seed, t.max_steps, workspace,
                                      steps_per_epoch=t.val_every, layout=layout)
     dm.setup("fit")
-    size = getattr(cfg.model, "image_size", None)
-    if size is not None and getattr(dm, "image_size", size) != size:
-        raise ConfigError("model.image_size", size, f"the {cfg.data.name} images are {dm.image_size}x{dm.image_size}; "
-                          f"set model.image_size: {dm.image_size} or data.image_size: {size}")
+    # Shapes the model is built for must be the data's (image and video models).
+    for field in ("image_size", "frames", "clip_kind"):
+        want, have = getattr(cfg.model, field, None), getattr(dm, field, None)
+        if want is not None and have not in (None, 0) and want != have:
+            raise ConfigError(f"model.{field}", want, f"the {cfg.data.name} data has {field} {have}; "
+                              f"set model.{field}: {have} or change the data config to match")
     return dm
 
 

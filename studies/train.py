@@ -113,6 +113,10 @@ def train_run(
     }
     if tracking.parent_run_id:
         tags["mlflow.parentRunId"] = tracking.parent_run_id
+    init_from = getattr(cfg.model, "init_from", "")
+    if init_from:  # a second stage: link the run to the one whose checkpoint it starts from
+        tags["masklab.init_from"] = str(Path(init_from).resolve())
+        tags["masklab.init_from_run"] = Path(init_from).resolve().parent.name
     run = client.create_run(exp_id, run_name=tracking.run_name, tags=tags)
     run_id = run.info.run_id
     logger = BufferedMLflowLogger(client, run_id)

@@ -120,6 +120,17 @@ TINY = {
         "optim": {"warmup_steps": 2},
         "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
     },
+    "video": {
+        "seed": 0,
+        "data": {"name": "moving-mnist", "frames": 4, "image_size": 64, "n_clips": 64, "batch_size": 2,
+                 "val_batch_size": 4, "val_clips": 4},
+        "model": {"name": "video", "clip_kind": "pixels", "frames": 4, "image_size": 64, "tubelet_frames": 2,
+                  "patch_size": 16, "depth": 2, "width": 32, "heads": 2, "decoder_depth": 1, "decoder_width": 32,
+                  "decoder_heads": 2, "eval_masks": 2},
+        "masking": {"name": "video-tube", "mask_ratio": 0.75},
+        "optim": {"warmup_steps": 2},
+        "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
+    },
 }
 
 

@@ -112,7 +112,7 @@ def test_image_size_errors(data_dir, tmp_path):
     with pytest.raises(ConfigError) as info:
         build_datamodule(_cfg(**{"model.image_size": 64}), Workspace.resolve(tmp_path, data_dir))
     msg = str(info.value)
-    assert "model.image_size" in msg and "32x32" in msg and "\n" not in msg
+    assert "model.image_size" in msg and "image_size 32" in msg and "\n" not in msg
 
 
 def test_reconstruction_grid(batch):

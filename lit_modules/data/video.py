@@ -1,0 +1,438 @@
+"""Video datasets -> uint8 clips (or token-id clips) -> step batches of whole clips.
+
+Three datasets, all of ``kind = "video"``:
+
+- ``bbb``: Big Buck Bunny, ``big-buck-bunny/bbb_clips_16x64x64.npz`` (real RGB video).
+  Train = its ``train`` array (45 clips), validation = ``heldout`` (8 clips from another
+  part of the film). Clips are concatenated as ``train + heldout``, so ``index`` 45..52
+  are the held-out clips.
+- ``moving-mnist``: ``digits`` MNIST test digits (28x28) bouncing in a 64x64 frame
+  (Srivastava et al. 2015), generated once from a generator seeded by the constant
+  ``MOVING_MNIST_SEED`` (never the run seed: every trial sees the same clips) and cached
+  as .npy in the workspace cache dir, keyed by its parameters. Last 10% of clips = val.
+- ``video-tokens``: a .npy of pre-tokenized clips, integer ids ``(n_clips, frames, h, w)``
+  (frames already encoded by a discrete tokenizer), memory-mapped. ``vocab_size`` must
+  exceed every id. Last 10% of clips = val.
+
+Every batch is a dict; pixel clips (``kind_of_clip: pixels``)::
+
+    clips   (B, F, 3, H, W) float32   in [0, 1], then (x - 0.5) / 0.5, i.e. in [-1, 1]
+    keys    (B,)            int64     content key: blake2b-64 of the stored uint8 clip
+    index   (B,)            int64     position of the clip in the dataset
+
+Grayscale clips (moving-mnist) are replicated to 3 channels, so a pixel model always
+sees 3 channels. Token clips (``kind_of_clip: tokens``)::
+
+    tokens  (B, F, h, w)    int64     ids in [0, vocab_size)
+    keys, index                       as above (keys hash the ids as little-endian int64)
+
+``image_size`` (pixel clips) must be 64 or a divisor of it: frames are average-pooled
+down from 64x64. Only the first ``frames`` frames of each clip are used.
+
+Training batches are drawn (with replacement) from the train split by a counter-based
+hash of ``(seed, step)`` (stream ``STREAM_BATCH``), and, when ``flip`` is on, each pixel
+clip is mirrored horizontally (all its frames alike) by a hash of ``(seed, step, row)``
+(stream ``STREAM_FLIP``): batch ``step`` is identical in every run with that seed. Keys
+are those of the un-flipped clip. Validation batches are fixed clips in index order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..config_errors import ConfigError
+from ..masking.rng import random_bits, uniform
+from ..paths import Workspace
+from ..registry import DATASETS
+from .images import _hash64, spread
+from .steps import StepSampler
+
+# Stream ids of the training clip sampler and of its flips (distinct from the text
+# samplers 0xDA7A / 0xDA7B, the image streams 0x1A6E / 0x1A6F and the masking streams).
+STREAM_BATCH = 0x71DE
+STREAM_FLIP = 0x71DF
+# Pixel clips: x in [0, 1] -> (x - MEAN) / STD, the same for every channel.
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+NATIVE_SIZE = 64  # frame size of bbb and moving-mnist
+CLIP_KINDS = ("pixels", "tokens")
+VAL_FRACTION = 0.1  # moving-mnist and video-tokens: the last 10% of clips are validation
+# Moving-MNIST: the generator's fixed seed and the motion of Srivastava et al.'s script
+# (positions in [0, 1] of the free range 64 - 28 = 36 px, step 0.1 per frame = 3.6 px).
+MOVING_MNIST_SEED = 20150101
+MNIST_FILE = "mnist/t10k-images-idx3-ubyte.gz"
+BBB_FILE = "big-buck-bunny/bbb_clips_16x64x64.npz"
+DIGIT_SIZE = 28
+STEP_LENGTH = 0.1
+# Bump when the cache layout or the generation changes, so old caches are not reused.
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class VideoDataConfig:
+    kind: ClassVar[str] = "video"
+    name: str = "bbb"
+    # For "video-tokens": a .npy of integer ids shaped (n_clips, frames, h, w).
+    path: str = ""
+    # Clip length: the first `frames` frames of each clip (bbb has 16).
+    frames: int = 16
+    # Pixel clips: 64 or a divisor of 64 (average-pooled from 64x64).
+    image_size: int = 64
+    batch_size: int = 8
+    val_batch_size: int = 16
+    # At most this many validation clips, evenly spread over the split (0 = all).
+    val_clips: int = 0
+    # "pixels" (bbb, moving-mnist) or "tokens" (video-tokens); must match the dataset.
+    kind_of_clip: str = "pixels"
+    # Tokens only: ids lie in [0, vocab_size).
+    vocab_size: int = 0
+    # Pixel clips: mirror each training clip horizontally with probability 1/2.
+    flip: bool = True
+    # moving-mnist only: number of clips and digits per clip.
+    n_clips: int = 2000
+    digits: int = 2
+
+    def __post_init__(self):
+        for name in ("frames", "image_size", "batch_size", "val_batch_size", "n_clips", "digits"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
+        if self.val_clips < 0:
+            raise ConfigError("val_clips", self.val_clips, "must be >= 0 (0 = all)")
+        if self.kind_of_clip not in CLIP_KINDS:
+            raise ConfigError("kind_of_clip", self.kind_of_clip, f"allowed: {', '.join(CLIP_KINDS)}")
+        if self.vocab_size < 0:
+            raise ConfigError("vocab_size", self.vocab_size, "must be >= 0")
+        if self.kind_of_clip == "tokens" and self.vocab_size < 1:
+            raise ConfigError("vocab_size", self.vocab_size, "required (>= 1) when kind_of_clip is 'tokens'")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def clip_keys(clips: np.ndarray) -> np.ndarray:
+    """(N, ...) clips -> (N,) int64 content keys: blake2b-64 of each clip's bytes.
+
+    uint8 clips are hashed as they are, integer ids as little-endian int64 (so the key
+    does not depend on the file's dtype); same role as ``images.image_keys``."""
+    dtype = np.uint8 if clips.dtype == np.uint8 else np.dtype("<i8")
+    return _hash64([np.ascontiguousarray(c, dtype=dtype).tobytes() for c in clips], b"masklab-clip")
+
+
+def pool_frames(clips: np.ndarray, image_size: int) -> np.ndarray:
+    """(N, F, 64, 64[, C]) uint8 -> (N, F, S, S[, C]) uint8 by k x k average pooling
+    (k = 64 / S), rounded to nearest. Identity when S = 64."""
+    k = NATIVE_SIZE // image_size
+    if k == 1:
+        return clips
+    n, f, h, w = clips.shape[:4]
+    rest = clips.shape[4:]
+    x = clips.reshape(n, f, h // k, k, w // k, k, *rest).astype(np.float32).mean(axis=(3, 5))
+    return np.rint(x).astype(np.uint8)
+
+
+def check_image_size(image_size: int) -> None:
+    if NATIVE_SIZE % image_size:
+        allowed = [d for d in range(1, NATIVE_SIZE + 1) if NATIVE_SIZE % d == 0]
+        raise ConfigError("data.image_size", image_size,
+                          f"must be {NATIVE_SIZE} or a divisor of it ({', '.join(map(str, allowed))})")
+
+
+def to_float(clips: np.ndarray) -> Tensor:
+    """(B, F, H, W, 3) or grayscale (B, F, H, W) uint8 -> (B, F, 3, H, W) float32,
+    scaled to [0, 1] and normalized with mean 0.5, std 0.5 (so in [-1, 1])."""
+    x = torch.from_numpy(np.ascontiguousarray(clips))
+    if x.ndim == 4:  # grayscale: replicate to 3 channels
+        x = x[:, :, None].expand(-1, -1, 3, -1, -1)
+    else:
+        x = x.permute(0, 1, 4, 2, 3)
+    x = x.to(torch.float32).div_(255.0)
+    return (x - PIXEL_MEAN) / PIXEL_STD
+
+
+# ---------------------------------------------------------------- moving-mnist
+
+
+def load_mnist_digits(path: Path) -> np.ndarray:
+    """The MNIST idx image file -> (N, 28, 28) uint8."""
+    with gzip.open(path) as f:
+        return np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, DIGIT_SIZE, DIGIT_SIZE)
+
+
+def generate_moving_mnist(mnist: np.ndarray, n_clips: int, frames: int, digits: int,
+                          seed: int = MOVING_MNIST_SEED) -> np.ndarray:
+    """(n_clips, frames, 64, 64) uint8: ``digits`` random MNIST digits per clip, each with
+    a uniform start position and a random direction at speed ``STEP_LENGTH`` (of the free
+    range per frame), reflected at the borders; overlapping digits combine by max.
+
+    Deterministic in its arguments (a numpy generator seeded by ``seed``); vectorized
+    over clips, frames and digits except for a loop over the digit slots."""
+    rng = np.random.default_rng(seed)
+    which = rng.integers(0, len(mnist), size=(n_clips, digits))
+    start = rng.random((n_clips, digits, 2))  # (y, x) in [0, 1]
+    theta = rng.random((n_clips, digits)) * 2 * np.pi
+    velocity = np.stack([np.sin(theta), np.cos(theta)], axis=-1) * STEP_LENGTH  # (N, D, 2)
+    t = np.arange(frames, dtype=np.float64)[None, :, None, None]  # (1, F, 1, 1)
+    pos = start[:, None] + velocity[:, None] * t  # (N, F, D, 2) unfolded
+    pos = np.mod(pos, 2.0)
+    pos = np.where(pos > 1.0, 2.0 - pos, pos)  # reflection at 0 and 1 = triangle wave
+    free = NATIVE_SIZE - DIGIT_SIZE
+    px = np.rint(pos * free).astype(np.int64)  # (N, F, D, 2) top-left corner in pixels
+    m = n_clips * frames
+    out = np.zeros((m, NATIVE_SIZE, NATIVE_SIZE), dtype=np.uint8)
+    ar = np.arange(DIGIT_SIZE)
+    rows = np.arange(m)[:, None, None]
+    for d in range(digits):
+        y = px[:, :, d, 0].reshape(m)[:, None] + ar  # (M, 28)
+        x = px[:, :, d, 1].reshape(m)[:, None] + ar
+        img = np.repeat(mnist[which[:, d]], frames, axis=0)  # (M, 28, 28)
+        layer = np.zeros_like(out)
+        layer[rows, y[:, :, None], x[:, None, :]] = img
+        np.maximum(out, layer, out=out)
+    return out.reshape(n_clips, frames, NATIVE_SIZE, NATIVE_SIZE)
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npy")
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class _Clips:
+    """All clips (N, F, ...) of one dataset with their content keys (N,)."""
+
+    def __init__(self, clips: np.ndarray, keys: np.ndarray, clip_kind: str):
+        self.clips, self.keys, self.clip_kind = clips, keys, clip_kind
+
+    def batch(self, index: np.ndarray, flips: Tensor | None = None) -> dict[str, Tensor]:
+        raw = self.clips[index]
+        out: dict[str, Tensor] = {}
+        if self.clip_kind == "tokens":
+            out["tokens"] = torch.from_numpy(np.asarray(raw, dtype=np.int64))
+        else:
+            x = to_float(raw)  # (B, F, 3, H, W)
+            if flips is not None:
+                x = torch.where(flips[:, None, None, None, None], x.flip(-1), x)
+            out["clips"] = x.contiguous()
+        out["keys"] = torch.from_numpy(self.keys[index].astype(np.int64))
+        out["index"] = torch.from_numpy(index.astype(np.int64))
+        return out
+
+
+class TrainBatches(Dataset):
+    """Item ``step`` is the whole batch of step ``step`` (see the module docstring)."""
+
+    def __init__(self, data: _Clips, train_index: np.ndarray, cfg: VideoDataConfig, seed: int, steps: int):
+        self.data, self.train_index, self.cfg = data, train_index, cfg
+        self.seed, self.steps = seed, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict[str, Tensor]:
+        b = self.cfg.batch_size
+        key = torch.tensor([int(step)], dtype=torch.int64)
+        bits = random_bits(self.seed, key, STREAM_BATCH, (b,))[0]  # (B,)
+        index = self.train_index[(bits % len(self.train_index)).numpy()]
+        flips = None
+        if self.data.clip_kind == "pixels" and self.cfg.flip:
+            flips = uniform(self.seed, key, STREAM_FLIP, (b,))[0] < 0.5  # row b: (seed, step, b)
+        return self.data.batch(index, flips)
+
+
+class FixedBatches(Dataset):
+    """Item ``i`` is the ``i``-th batch of fixed clips ``index``, never flipped."""
+
+    def __init__(self, data: _Clips, index: np.ndarray, batch_size: int):
+        self.data, self.index, self.batch_size = data, index, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.data.batch(self.index[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+# ---------------------------------------------------------------- data modules
+
+
+@dataclass(frozen=True)
+class LoadedClips:
+    clips: np.ndarray  # (N, F, ...) uint8 pixels or integer ids
+    keys: np.ndarray  # (N,) int64
+    train_index: np.ndarray
+    val_index: np.ndarray  # the whole validation split
+    source: str
+    split_note: str
+
+
+def _last_fraction_split(n: int, field: str, value: object) -> tuple[np.ndarray, np.ndarray]:
+    if n < 2:
+        raise ConfigError(field, value, f"gives {n} clip(s); need >= 2 to hold out the last 10% for validation")
+    n_val = max(1, round(VAL_FRACTION * n))
+    return np.arange(n - n_val, dtype=np.int64), np.arange(n - n_val, n, dtype=np.int64)
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Base of every video dataset: subclasses say where the clips come from."""
+
+    Config = VideoDataConfig
+    clip_kind: ClassVar[str] = "pixels"
+
+    def __init__(
+        self, cfg: VideoDataConfig, block_size: int, seed: int, max_steps: int, workspace: Workspace,
+        steps_per_epoch: int | None = None, layout: str = "windows",
+    ):
+        """Same signature as ``TextDataModule``; ``block_size`` and ``layout`` are unused."""
+        super().__init__()
+        if cfg.kind_of_clip != self.clip_kind:
+            raise ConfigError("data.kind_of_clip", cfg.kind_of_clip,
+                              f"dataset {cfg.name!r} has {self.clip_kind} clips; set data.kind_of_clip: {self.clip_kind}")
+        self.cfg, self.seed, self.max_steps, self.workspace = cfg, seed, max_steps, workspace
+        self.block_size, self.layout = block_size, layout
+        self.steps_per_epoch = steps_per_epoch or max_steps
+        self.data: _Clips | None = None
+        self.train_index = np.zeros(0, dtype=np.int64)
+        self.val_split = np.zeros(0, dtype=np.int64)
+        self.val_index = np.zeros(0, dtype=np.int64)
+        self.frames = cfg.frames
+        self.image_size = cfg.image_size if self.clip_kind == "pixels" else 0
+        self.vocab_size = cfg.vocab_size if self.clip_kind == "tokens" else 0
+        self.info: dict[str, object] = {}
+
+    def load(self) -> LoadedClips:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        loaded = self.load()
+        self.data = _Clips(loaded.clips, loaded.keys, self.clip_kind)
+        self.train_index, self.val_split = loaded.train_index, loaded.val_index
+        self.val_index = spread(self.val_split, self.cfg.val_clips)
+        shape = tuple(int(s) for s in loaded.clips.shape[1:])
+        self.frames = shape[0]
+        if self.clip_kind == "tokens":
+            self.image_size = shape[1]  # token grid height (h)
+        self.info = {
+            "data.source": loaded.source,
+            "data.clip_kind": self.clip_kind,
+            "data.clip_shape": "x".join(map(str, shape)),
+            "data.n_clips": len(loaded.clips),
+            "data.n_train": len(self.train_index),
+            "data.n_val_split": len(self.val_split),
+            "data.n_val": len(self.val_index),
+            "data.frames": self.frames,
+            "data.resolution": self.image_size,
+            "data.split_note": loaded.split_note,
+        }
+        if self.clip_kind == "pixels":
+            self.info["data.normalization"] = f"(x - {PIXEL_MEAN}) / {PIXEL_STD}, x in [0, 1]"
+        else:
+            self.info["data.vocab_size"] = self.vocab_size
+
+    def train_dataloader(self) -> DataLoader:
+        ds = TrainBatches(self.data, self.train_index, self.cfg, self.seed, self.max_steps)
+        return DataLoader(ds, batch_size=None, sampler=StepSampler(self.max_steps, self.steps_per_epoch))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(FixedBatches(self.data, self.val_index, self.cfg.val_batch_size), batch_size=None)
+
+
+@DATASETS.register("bbb")
+class BigBuckBunny(VideoDataModule):
+    """Big Buck Bunny: 45 train + 8 held-out RGB clips of 16 frames at 64x64."""
+
+    def load(self) -> LoadedClips:
+        check_image_size(self.cfg.image_size)
+        path = self.workspace.data_file(BBB_FILE, "data.path")
+        with np.load(path) as z:
+            train, heldout = z["train"], z["heldout"]
+        if self.cfg.frames > train.shape[1]:
+            raise ConfigError("data.frames", self.cfg.frames, f"dataset 'bbb' has clips of {train.shape[1]} frames; use <= {train.shape[1]}")
+        clips = np.concatenate([train, heldout])[:, : self.cfg.frames]  # (53, F, 64, 64, 3)
+        clips = np.ascontiguousarray(pool_frames(clips, self.cfg.image_size))
+        n = len(train)
+        return LoadedClips(
+            clips, clip_keys(clips), np.arange(n, dtype=np.int64), np.arange(n, len(clips), dtype=np.int64),
+            str(path), "val = the 'heldout' clips (another part of the film), index >= 45",
+        )
+
+
+@DATASETS.register("moving-mnist")
+class MovingMnist(VideoDataModule):
+    """Moving-MNIST generated from the MNIST test digits with a fixed seed (cached)."""
+
+    def load(self) -> LoadedClips:
+        cfg = self.cfg
+        check_image_size(cfg.image_size)
+        _last_fraction_split(cfg.n_clips, "data.n_clips", cfg.n_clips)  # fail before generating
+        mnist_path = self.workspace.data_file(MNIST_FILE, "data.path")
+        stem = hashlib.sha256(
+            f"v{CACHE_VERSION}|seed={MOVING_MNIST_SEED}|n={cfg.n_clips}|f={cfg.frames}|d={cfg.digits}"
+            f"|s={cfg.image_size}|step={STEP_LENGTH}".encode()
+        ).hexdigest()[:20]
+        folder = self.workspace.cache_dir / "video"
+        clips_path, keys_path = folder / f"moving-mnist-{stem}.npy", folder / f"moving-mnist-{stem}.keys.npy"
+        if not (clips_path.exists() and keys_path.exists()):
+            folder.mkdir(parents=True, exist_ok=True)
+            clips = generate_moving_mnist(load_mnist_digits(mnist_path), cfg.n_clips, cfg.frames, cfg.digits)
+            clips = np.ascontiguousarray(pool_frames(clips, cfg.image_size))
+            _save_atomic(keys_path, clip_keys(clips))
+            _save_atomic(clips_path, clips)
+        clips = np.load(clips_path, mmap_mode="r")
+        train, val = _last_fraction_split(len(clips), "data.n_clips", cfg.n_clips)
+        return LoadedClips(
+            clips, np.load(keys_path), train, val, str(clips_path),
+            f"generated from {mnist_path.name} with fixed seed {MOVING_MNIST_SEED}; val = last 10% of clips",
+        )
+
+
+@DATASETS.register("video-tokens")
+class VideoTokens(VideoDataModule):
+    """Pre-tokenized clips: a .npy of integer ids (n_clips, frames, h, w), memory-mapped."""
+
+    clip_kind = "tokens"
+
+    def load(self) -> LoadedClips:
+        cfg = self.cfg
+        if not cfg.path:
+            raise ConfigError("data.path", cfg.path,
+                              "required for dataset 'video-tokens': a .npy of integer ids shaped (n_clips, frames, h, w)")
+        path = self.workspace.data_file(cfg.path, "data.path")
+        try:
+            ids = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ConfigError("data.path", str(path), f"cannot be read as a .npy array ({e})") from None
+        if ids.ndim != 4 or not np.issubdtype(ids.dtype, np.integer):
+            raise ConfigError("data.path", str(path),
+                              f"holds {ids.dtype} {tuple(ids.shape)}; need integer ids shaped (n_clips, frames, h, w)")
+        if cfg.frames > ids.shape[1]:
+            raise ConfigError("data.frames", cfg.frames, f"{path.name} has clips of {ids.shape[1]} frames; use <= {ids.shape[1]}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0:
+            raise ConfigError("data.path", str(path), f"holds negative token id {lo}")
+        if hi >= cfg.vocab_size:
+            raise ConfigError("data.vocab_size", cfg.vocab_size, f"must be > the largest id in {path.name} ({hi})")
+        clips = ids[:, : cfg.frames]
+        train, val = _last_fraction_split(len(clips), "data.path", str(path))
+        return LoadedClips(clips, clip_keys(clips), train, val, str(path), "val = last 10% of clips")

@@ -1,0 +1,255 @@
+"""Tubelet masking for video masked autoencoders: which tubelets of a clip the encoder
+sees, and which it must reconstruct.
+
+Axis legend: B batch, F' = frames / tubelet_frames time steps, (h, w) the spatial patch
+grid, S = h * w positions per time step, N = F' * S tubelets. Tokens are flattened in
+(t, y, x) row-major order: tubelet ``i`` sits at time step ``i // S``, row
+``(i % S) // w``, column ``i % w``.
+
+The mask is the image maskings' ``patches.PatchMask`` with the same conventions:
+``masked`` (B, N) bool, True = masked = hidden from the encoder, reconstructed and
+scored (the loss mask); ``keep_idx`` / ``mask_idx`` ascending, covering 0..N-1 once;
+every sample of a batch masks the same number of tubelets, so the encoder takes
+(B, N_keep, D) without padding.
+
+Strategies (registered in ``MASKINGS``):
+- ``video-tube``: VideoMAE's tube masking. One spatial mask of exactly
+  ``S_mask = round(ratio * S)`` positions (clamped to [1, S - 1]) per clip, shared by
+  every time step, so a masked position stays hidden for the whole clip and cannot be
+  copied from a neighbouring frame. N_mask = F' * S_mask. Default ratio 0.9 (VideoMAE).
+- ``video-random``: random tubelet masking: exactly ``round(ratio * N)`` tubelets
+  (clamped to [1, N - 1]) uniformly over the whole clip (the ``mae-random`` rule on N
+  tubelets). Default ratio 0.9.
+- ``video-frame``: MaskViT-style per-frame masking: every time step masks exactly
+  S_mask = round(ratio * S) positions (clamped to [1, S - 1]), independently per time
+  step. ``keep_first_frames = K`` leaves the first K time steps fully visible (the
+  conditioning frames of frame prediction) and the ratio applies to the other F' - K,
+  so N_mask = (F' - K) * S_mask. K must be < F'. Default ratio 0.75.
+
+Mask ratio: the fields and ``ratio_at(step, total_steps, stage)`` of the image maskings
+(``patches.PatchMaskingStrategy``): training with ``final_mask_ratio`` set follows
+``schedules.get_schedule(mask_ratio_schedule)`` from ``mask_ratio`` at step 0 to
+``final_mask_ratio`` at ``total_steps``; every other stage uses ``eval_mask_ratio``
+(None = ``mask_ratio``). ``PatchMask.ratio`` is that ratio; the counts round it as above.
+
+Determinism (DESIGN.md section 3): every random number is a pure function of
+``(seed, sample_key, mask_index, stream, counter)``: ``patches.patch_stream`` with a
+purpose word of its own per strategy (``STREAM_VIDEO_TUBE``, counter = spatial position;
+``STREAM_VIDEO_RANDOM`` and ``STREAM_VIDEO_FRAME``, counter = tubelet index), distinct
+from every other stream constant of the package (text 0..3, 0xB5, 0xDA7A, 0xDA7B,
+images 0x1A6E/0x1A6F, patches 0xFA70/0xFA71). The positions with the largest 32-bit
+noise are masked, ties to the lower index (stable sort). A row's mask depends on its own
+key and mask index only; everything is integer arithmetic, identical on every device.
+Mask indices as for the other maskings (``epoch_mask_index``, ``eval_mask_indices``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config_errors import ConfigError
+from ..registry import MASKINGS
+from .mlm import _check_mask_index, _is_int, epoch_mask_index
+from .patches import (
+    PatchMask,
+    PatchMaskingStrategy,
+    _check_keys,
+    mask_from_scores,
+    num_masked,
+    patch_stream,
+    stream_bits,
+)
+
+STREAM_VIDEO_TUBE = 0xF1D0
+STREAM_VIDEO_RANDOM = 0xF1D1
+STREAM_VIDEO_FRAME = 0xF1D2
+
+
+def _check_video_grid(grid: object, min_spatial: int) -> tuple[int, int, int]:
+    ok = isinstance(grid, (tuple, list)) and len(grid) == 3 and all(_is_int(g) and g >= 1 for g in grid)
+    if not ok or grid[1] * grid[2] < min_spatial or grid[0] * grid[1] * grid[2] < 2:
+        raise ValueError(
+            f"grid = {grid!r}: must be (F', h, w), three integers >= 1 with h * w >= {min_spatial} "
+            "and F' * h * w >= 2 tubelets"
+        )
+    return int(grid[0]), int(grid[1]), int(grid[2])
+
+
+def masked_to_patch_mask(masked: Tensor, n_mask: int, ratio: float) -> PatchMask:
+    """(B, N) bool with exactly ``n_mask`` True per row -> its ``PatchMask``."""
+    b, n = masked.shape
+    idx = torch.arange(n, device=masked.device).expand(b, n)
+    mask_idx = idx[masked].reshape(b, n_mask)  # boolean indexing is row-major: ascending
+    keep_idx = idx[~masked].reshape(b, n - n_mask)
+    return PatchMask(keep_idx=keep_idx, mask_idx=mask_idx, masked=masked, ratio=ratio)
+
+
+def top_k_mask(score: Tensor, k: int) -> Tensor:
+    """bool of ``score``'s shape: the ``k`` largest along the last dim (ties to the lower
+    index)."""
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order[..., :k], True)
+
+
+@dataclass(frozen=True)
+class VideoMaskingStrategy:
+    """Fields and call shared by the video maskings (not registered itself); the ratio
+    fields and their checks are those of ``patches.PatchMaskingStrategy``.
+
+    mask_ratio:          fraction masked, in (0, 1) (of the positions per time step for
+                         tube and frame, of all tubelets for random).
+    mask_ratio_schedule: constant, linear, cosine or exponential (``schedules``).
+    final_mask_ratio:    the training ratio at the last step, in (0, 1); None = constant.
+    eval_mask_ratio:     the ratio of every non-training stage, in (0, 1);
+                         None = ``mask_ratio``.
+    """
+
+    name: str = ""
+    mask_ratio: float = 0.9
+    mask_ratio_schedule: str = "constant"
+    final_mask_ratio: float | None = None
+    eval_mask_ratio: float | None = None
+
+    _MIN_SPATIAL = 2  # positions per time step: one masked and one visible
+
+    def __post_init__(self):
+        PatchMaskingStrategy.__post_init__(self)  # type: ignore[arg-type]
+
+    scheduled = PatchMaskingStrategy.scheduled
+    ratio_at = PatchMaskingStrategy.ratio_at
+
+    def epoch_mask_index(self, epoch: int) -> int:
+        """The training mask index of ``epoch``: a new mask every epoch."""
+        return epoch_mask_index(epoch)
+
+    def num_masked(self, grid: tuple[int, int, int], ratio: float) -> int:
+        """Masked tubelets per sample on ``grid`` at ``ratio``."""
+        raise NotImplementedError
+
+    # Subclasses: (B, N) bool, True = masked, exactly num_masked(grid, ratio) per row.
+    def _masked(self, keys: Tensor, grid: tuple[int, int, int], seed: int, mask_index: Tensor | int, ratio: float) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        keys: Tensor,
+        grid: tuple[int, int, int],
+        *,
+        seed: int,
+        mask_index: Tensor | int,
+        step: int | None = None,
+        total_steps: int | None = None,
+        stage: str = "train",
+    ) -> PatchMask:
+        """Mask a batch of clips given their content keys.
+
+        keys:       (B,) int64 content keys (``rng.content_key(clips)``).
+        grid:       (F', h, w) tubelet grid; N = F' * h * w, flattened (t, y, x).
+        seed:       the run's global seed.
+        mask_index: int or (B,) int64 (``epoch_mask_index`` in training,
+                    ``eval_mask_indices(K)[k]`` in evaluation).
+        step, total_steps: the training step, for a scheduled ratio.
+        stage:      train, val, test or predict (the last three use eval_mask_ratio).
+        """
+        _check_keys(keys)
+        grid = _check_video_grid(grid, self._MIN_SPATIAL)
+        _check_mask_index(mask_index, keys.shape[0])
+        if not _is_int(seed):
+            raise ValueError(f"seed = {seed!r}: must be an integer")
+        if isinstance(mask_index, Tensor):
+            mask_index = mask_index.to(device=keys.device, dtype=torch.int64)
+        ratio = self.ratio_at(step, total_steps, stage)
+        masked = self._masked(keys, grid, seed, mask_index, ratio)
+        return masked_to_patch_mask(masked, self.num_masked(grid, ratio), ratio)
+
+
+@MASKINGS.register("video-tube")
+@dataclass(frozen=True)
+class VideoTube(VideoMaskingStrategy):
+    """VideoMAE tube masking: one spatial mask shared by every time step."""
+
+    name: str = "video-tube"
+
+    def num_masked(self, grid, ratio):
+        f, h, w = grid
+        return f * num_masked(ratio, h * w)
+
+    def _masked(self, keys, grid, seed, mask_index, ratio):
+        f, h, w = grid
+        noise = stream_bits(patch_stream(seed, keys, mask_index, STREAM_VIDEO_TUBE), 0, h * w)  # (B, S)
+        spatial = top_k_mask(noise, num_masked(ratio, h * w))  # (B, S)
+        return spatial[:, None, :].expand(-1, f, -1).reshape(keys.shape[0], f * h * w)
+
+
+@MASKINGS.register("video-random")
+@dataclass(frozen=True)
+class VideoRandom(VideoMaskingStrategy):
+    """Random tubelet masking: exactly round(ratio * N) tubelets over the whole clip."""
+
+    name: str = "video-random"
+    _MIN_SPATIAL = 1
+
+    def num_masked(self, grid, ratio):
+        return num_masked(ratio, grid[0] * grid[1] * grid[2])
+
+    def _masked(self, keys, grid, seed, mask_index, ratio):
+        n = grid[0] * grid[1] * grid[2]
+        noise = stream_bits(patch_stream(seed, keys, mask_index, STREAM_VIDEO_RANDOM), 0, n)
+        return mask_from_scores(noise, self.num_masked(grid, ratio), ratio).masked
+
+
+@MASKINGS.register("video-frame")
+@dataclass(frozen=True)
+class VideoFrame(VideoMaskingStrategy):
+    """MaskViT-style masking: round(ratio * h * w) positions per time step, drawn
+    independently per time step; the first ``keep_first_frames`` time steps stay fully
+    visible.
+
+    keep_first_frames: K, an integer >= 0 (and < F' at call time).
+    """
+
+    name: str = "video-frame"
+    mask_ratio: float = 0.75
+    keep_first_frames: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not _is_int(self.keep_first_frames) or self.keep_first_frames < 0:
+            raise ConfigError("keep_first_frames", self.keep_first_frames, "must be an integer >= 0")
+
+    def _check_frames(self, f: int) -> None:
+        if self.keep_first_frames >= f:
+            raise ConfigError(
+                "keep_first_frames", self.keep_first_frames,
+                f"must be < the {f} time steps of the tubelet grid (at least one masked time step)",
+            )
+
+    def num_masked(self, grid, ratio):
+        f, h, w = grid
+        self._check_frames(f)
+        return (f - self.keep_first_frames) * num_masked(ratio, h * w)
+
+    def _masked(self, keys, grid, seed, mask_index, ratio):
+        f, h, w = grid
+        self._check_frames(f)
+        b = keys.shape[0]
+        noise = stream_bits(patch_stream(seed, keys, mask_index, STREAM_VIDEO_FRAME), 0, f * h * w)
+        masked = top_k_mask(noise.reshape(b, f, h * w), num_masked(ratio, h * w))  # (B, F', S)
+        masked[:, : self.keep_first_frames] = False
+        return masked.reshape(b, f * h * w)
+
+
+__all__ = [
+    "STREAM_VIDEO_FRAME",
+    "STREAM_VIDEO_RANDOM",
+    "STREAM_VIDEO_TUBE",
+    "VideoFrame",
+    "VideoMaskingStrategy",
+    "VideoRandom",
+    "VideoTube",
+    "masked_to_patch_mask",
+    "top_k_mask",
+]

@@ -1,0 +1,272 @@
+"""Property tests of the video tubelet maskings (``lit_modules.masking.video``): exact
+counts, tube / per-frame structure, keep_first_frames, index conventions, determinism,
+ratio schedules and config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lit_modules.config import from_dict
+from lit_modules.config_errors import ConfigError
+from lit_modules.masking import mlm, patches, selection, video
+from lit_modules.masking.causal_lm import STREAM_BW_COIN
+from lit_modules.masking.patches import PatchMask, num_masked
+from lit_modules.masking.video import VideoFrame, VideoRandom, VideoTube
+from lit_modules.registry import MASKINGS
+
+STRATEGIES = [VideoTube, VideoRandom, VideoFrame]
+GRIDS = [(1, 2, 1), (2, 2, 2), (4, 3, 5), (8, 14, 14)]
+RATIOS = [0.1, 0.5, 0.75, 0.9]
+
+
+def _keys(n: int, seed: int = 0) -> torch.Tensor:
+    """n distinct int64 sample keys spread over the whole 64-bit range."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**63), 2**63 - 1, (n,), generator=g, dtype=torch.int64)
+
+
+def _check_conventions(pm: PatchMask, n: int, n_mask: int) -> None:
+    """Shapes, dtypes, ascending disjoint covering indices, and masked == mask_idx."""
+    b = pm.masked.shape[0]
+    assert pm.masked.shape == (b, n) and pm.masked.dtype == torch.bool
+    assert pm.mask_idx.shape == (b, n_mask) and pm.keep_idx.shape == (b, n - n_mask)
+    assert pm.mask_idx.dtype == torch.int64 and pm.keep_idx.dtype == torch.int64
+    assert (pm.masked.sum(1) == n_mask).all()
+    assert (pm.mask_idx.diff(dim=1) > 0).all() and (pm.keep_idx.diff(dim=1) > 0).all()
+    both = torch.cat([pm.mask_idx, pm.keep_idx], 1).sort(dim=1).values
+    assert torch.equal(both, torch.arange(n).expand(b, n))
+    assert pm.masked.gather(1, pm.mask_idx).all() and not pm.masked.gather(1, pm.keep_idx).any()
+    assert pm.loss_mask is pm.masked
+
+
+def _call(s, grid, b=32, **kw):
+    return s(_keys(b), grid, seed=kw.pop("seed", 0), mask_index=kw.pop("mask_index", 0), **kw)
+
+
+# ================================================================ registry and API
+
+
+def test_registered_with_defaults():
+    assert {"video-tube", "video-random", "video-frame"} <= set(MASKINGS.names())
+    for cls in STRATEGIES:
+        s = cls()
+        assert MASKINGS.get(s.name) is cls
+        assert (s.mask_ratio_schedule, s.final_mask_ratio, s.eval_mask_ratio) == ("constant", None, None)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            s.mask_ratio = 0.5  # type: ignore[misc]
+    assert VideoTube().mask_ratio == VideoRandom().mask_ratio == 0.9
+    assert (VideoFrame().mask_ratio, VideoFrame().keep_first_frames) == (0.75, 0)
+
+
+def test_yaml_boundary_builds_and_prefixes_errors():
+    s = from_dict(VideoFrame, {"name": "video-frame", "mask_ratio": 0.8, "final_mask_ratio": 0.1,
+                               "mask_ratio_schedule": "cosine", "keep_first_frames": 2}, "masking")
+    assert s == VideoFrame(mask_ratio=0.8, final_mask_ratio=0.1, mask_ratio_schedule="cosine", keep_first_frames=2)
+    with pytest.raises(ConfigError, match=r"^masking\.keep_first_frames = -1: "):
+        from_dict(VideoFrame, {"keep_first_frames": -1}, "masking")
+
+
+def test_stream_constants_are_new():
+    ours = {video.STREAM_VIDEO_TUBE, video.STREAM_VIDEO_RANDOM, video.STREAM_VIDEO_FRAME}
+    others = {selection.STREAM_SELECT, selection.STREAM_REPLACE, selection.STREAM_RANDOM_TOKEN,
+              mlm.STREAM_SPAN_LENGTH, STREAM_BW_COIN, patches.STREAM_PATCH_RANK,
+              patches.STREAM_PATCH_BLOCK, 0xDA7A, 0xDA7B, 0x1A6E, 0x1A6F}
+    assert len(ours) == 3 and not ours & others
+
+
+# ================================================================ structure and counts
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_tube_is_one_spatial_mask_shared_by_every_time_step(grid, ratio):
+    f, h, w = grid
+    pm = _call(VideoTube(mask_ratio=ratio), grid)
+    s_mask = num_masked(ratio, h * w)
+    _check_conventions(pm, f * h * w, f * s_mask)
+    m = pm.masked.reshape(-1, f, h * w)
+    assert (m == m[:, :1]).all()  # identical across time
+    assert (m[:, 0].sum(1) == s_mask).all()
+    assert pm.ratio == ratio
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_random_masks_exactly_round_ratio_n(grid, ratio):
+    n = grid[0] * grid[1] * grid[2]
+    pm = _call(VideoRandom(mask_ratio=ratio), grid)
+    _check_conventions(pm, n, num_masked(ratio, n))
+
+
+def test_random_is_not_a_tube():
+    pm = _call(VideoRandom(mask_ratio=0.5), (4, 4, 4), b=64)
+    m = pm.masked.reshape(64, 4, 16)
+    assert not (m == m[:, :1]).all(dim=(1, 2)).any()
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_frame_masks_exactly_per_frame_and_independently(grid, ratio):
+    f, h, w = grid
+    pm = _call(VideoFrame(mask_ratio=ratio), grid, b=64)
+    s_mask = num_masked(ratio, h * w)
+    _check_conventions(pm, f * h * w, f * s_mask)
+    m = pm.masked.reshape(64, f, h * w)
+    assert (m.sum(2) == s_mask).all()
+    if f > 1 and h * w >= 4:  # frames differ within a sample (not a tube)
+        assert not (m == m[:, :1]).all(dim=(1, 2)).all()
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_keep_first_frames_are_fully_visible(k):
+    f, h, w = 4, 3, 5
+    ratio = 0.6
+    pm = _call(VideoFrame(mask_ratio=ratio, keep_first_frames=k), (f, h, w), b=64)
+    s_mask = num_masked(ratio, h * w)
+    _check_conventions(pm, f * h * w, (f - k) * s_mask)
+    m = pm.masked.reshape(64, f, h * w)
+    assert not m[:, :k].any()
+    assert (m[:, k:].sum(2) == s_mask).all()
+    # The masked frames are the same as without conditioning frames.
+    base = _call(VideoFrame(mask_ratio=ratio), (f, h, w), b=64).masked.reshape(64, f, h * w)
+    assert torch.equal(m[:, k:], base[:, k:])
+
+
+def test_restore_idx_undoes_the_keep_mask_split():
+    pm = _call(VideoTube(), (4, 4, 4), b=8)
+    x = torch.randn(8, 64, 3)
+    cat = torch.cat([x.gather(1, pm.keep_idx[..., None].expand(-1, -1, 3)),
+                     x.gather(1, pm.mask_idx[..., None].expand(-1, -1, 3))], 1)
+    assert torch.equal(cat.gather(1, pm.restore_idx[..., None].expand(-1, -1, 3)), x)
+
+
+# ================================================================ determinism
+
+
+@pytest.mark.parametrize("cls", STRATEGIES)
+def test_same_key_same_mask_at_any_batch_position(cls):
+    s, grid = cls(mask_ratio=0.5), (4, 4, 4)
+    keys = _keys(16)
+    full = s(keys, grid, seed=3, mask_index=5).masked
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    shuffled = s(keys[perm], grid, seed=3, mask_index=5).masked
+    assert torch.equal(shuffled, full[perm])
+    single = s(keys[7:8], grid, seed=3, mask_index=5).masked
+    assert torch.equal(single[0], full[7])
+    per_row = s(keys, grid, seed=3, mask_index=torch.full((16,), 5)).masked
+    assert torch.equal(per_row, full)
+
+
+@pytest.mark.parametrize("cls", STRATEGIES)
+def test_mask_index_seed_and_key_change_the_mask(cls):
+    s, grid = cls(mask_ratio=0.5), (4, 4, 4)
+    keys = _keys(32)
+    base = s(keys, grid, seed=0, mask_index=0).masked
+    for other in (s(keys, grid, seed=0, mask_index=1).masked,
+                  s(keys, grid, seed=1, mask_index=0).masked,
+                  s(_keys(32, seed=9), grid, seed=0, mask_index=0).masked):
+        assert (other != base).any(dim=1).all()
+
+
+def test_strategies_use_different_streams():
+    keys, grid = _keys(32), (2, 4, 4)
+    tube = VideoTube(mask_ratio=0.5)(keys, grid, seed=0, mask_index=0).masked.reshape(32, 2, 16)[:, 0]
+    frame = VideoFrame(mask_ratio=0.5)(keys, grid, seed=0, mask_index=0).masked.reshape(32, 2, 16)[:, 0]
+    assert (tube != frame).any(dim=1).all()
+
+
+# ================================================================ ratio schedules
+
+
+@pytest.mark.parametrize("cls", STRATEGIES)
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "exponential"])
+def test_ratio_schedule_08_to_01_endpoints_and_monotone(cls, schedule):
+    s = cls(mask_ratio=0.8, final_mask_ratio=0.1, mask_ratio_schedule=schedule, eval_mask_ratio=0.5)
+    total = 100
+    values = [s.ratio_at(step, total) for step in range(total + 1)]
+    assert values[0] == 0.8 and values[-1] == 0.1 and s.ratio_at(total + 5, total) == 0.1
+    assert all(b <= a for a, b in zip(values, values[1:]))
+    assert s.ratio_at(stage="val") == 0.5
+    grid = (4, 4, 5)
+    counts = [s(_keys(4), grid, seed=0, mask_index=0, step=step, total_steps=total).num_masked
+              for step in (0, 25, 50, 75, 100)]
+    assert counts == sorted(counts, reverse=True)
+    assert counts[0] == s.num_masked(grid, 0.8) and counts[-1] == s.num_masked(grid, 0.1)
+    val = s(_keys(4), grid, seed=0, mask_index=0, stage="val")
+    assert val.ratio == 0.5 and val.num_masked == s.num_masked(grid, 0.5)
+
+
+def test_constant_schedule_stays_put():
+    for s in (VideoTube(mask_ratio=0.6), VideoTube(mask_ratio=0.6, final_mask_ratio=0.1)):
+        assert not s.scheduled and s.ratio_at() == s.ratio_at(7, 10) == s.ratio_at(stage="val") == 0.6
+
+
+def test_scheduled_training_needs_the_step():
+    s = VideoRandom(mask_ratio=0.8, final_mask_ratio=0.1, mask_ratio_schedule="linear")
+    with pytest.raises(ValueError, match="total_steps"):
+        s(_keys(4), (2, 4, 4), seed=0, mask_index=0)
+
+
+# ================================================================ errors
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"mask_ratio": 0.0}, "mask_ratio"),
+        ({"mask_ratio": 1.0}, "mask_ratio"),
+        ({"mask_ratio": float("nan")}, "mask_ratio"),
+        ({"mask_ratio": True}, "mask_ratio"),
+        ({"mask_ratio_schedule": "step"}, "mask_ratio_schedule"),
+        ({"final_mask_ratio": 1.0}, "final_mask_ratio"),
+        ({"eval_mask_ratio": 1.2}, "eval_mask_ratio"),
+    ],
+)
+@pytest.mark.parametrize("cls", STRATEGIES)
+def test_bad_config_is_a_one_line_error_naming_the_field(cls, kwargs, field):
+    with pytest.raises(ConfigError) as e:
+        cls(**kwargs)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{field} = ")
+
+
+@pytest.mark.parametrize("k", [-1, 1.5, True, "2"])
+def test_bad_keep_first_frames(k):
+    with pytest.raises(ConfigError, match=r"^keep_first_frames = "):
+        VideoFrame(keep_first_frames=k)
+
+
+def test_keep_first_frames_must_leave_a_masked_frame():
+    with pytest.raises(ConfigError, match=r"^keep_first_frames = 4: must be < the 4 time steps"):
+        _call(VideoFrame(keep_first_frames=4), (4, 2, 2), b=2)
+
+
+@pytest.mark.parametrize(
+    "cls,call,match",
+    [
+        (VideoTube, {"grid": (4, 1, 1)}, r"^grid = \(4, 1, 1\): "),
+        (VideoFrame, {"grid": (4, 1, 1)}, r"^grid = "),
+        (VideoRandom, {"grid": (1, 1, 1)}, r"^grid = "),
+        (VideoTube, {"grid": (4, 4)}, r"^grid = "),
+        (VideoTube, {"grid": (0, 4, 4)}, r"^grid = "),
+        (VideoTube, {"keys": torch.zeros(4, dtype=torch.int32)}, r"^keys: "),
+        (VideoTube, {"mask_index": -1}, r"^mask_index"),
+        (VideoTube, {"mask_index": torch.zeros(3, dtype=torch.long)}, r"^mask_index"),
+        (VideoTube, {"stage": "validation"}, r"^stage = 'validation': allowed: "),
+        (VideoTube, {"seed": 1.5}, r"^seed = "),
+    ],
+)
+def test_bad_call_arguments(cls, call, match):
+    args = {"keys": _keys(4), "grid": (2, 4, 4), "seed": 0, "mask_index": 0, "stage": "train"} | call
+    keys, grid = args.pop("keys"), args.pop("grid")
+    with pytest.raises(ValueError, match=match) as e:
+        cls()(keys, grid, **args)
+    assert "\n" not in str(e.value)
+
+
+def test_random_accepts_a_single_position_grid():
+    pm = _call(VideoRandom(mask_ratio=0.5), (4, 1, 1), b=4)
+    _check_conventions(pm, 4, 2)
