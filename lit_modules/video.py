@@ -12,6 +12,10 @@ space and time. Two kinds of clip:
   Stage ``pretrain`` is MaskViT: every position enters the encoder, masked ones as a
   learned [MASK] embedding; cross-entropy at the masked positions.
 
+Stage ``two-stage`` runs both in one run: masked pretraining for ``pretrain_steps``
+steps, then autoregressive fine-tuning for the rest (``pretrain_steps: 0`` is
+autoregressive training from scratch at the same number of steps: the baseline).
+
 Stage ``autoregressive``: no masking; frame-causal attention (a token of time step t sees
 time steps <= t) and each token predicts the token at the same place one time step later
 (pixels: MSE; tokens: cross-entropy). It starts from a stage-1 checkpoint
@@ -34,7 +38,7 @@ from .mae import PatchBatch, gather_rows, sincos_2d
 from .masking.attention import Attention
 from .registry import MODELS
 
-STAGES = ("pretrain", "autoregressive")
+STAGES = ("pretrain", "autoregressive", "two-stage")
 CLIP_KINDS = ("pixels", "tokens")
 
 
@@ -44,6 +48,9 @@ class VideoConfig:
     clip_kind: str = "pixels"
     stage: str = "pretrain"
     init_from: str = ""  # stage-1 checkpoint for the autoregressive stage ("" = from scratch)
+    # "two-stage": masked pretraining for the first pretrain_steps steps, then
+    # autoregressive fine-tuning for the rest, in one run (0 = autoregressive from scratch).
+    pretrain_steps: int = 0
     frames: int = 4
     image_size: int = 32  # pixels: H = W; tokens: the token grid side h = w
     tubelet_frames: int = 2
@@ -75,7 +82,9 @@ class VideoConfig:
             raise ConfigError("vocab_size" if self.vocab_size < 2 else "patch_size",
                               self.vocab_size if self.vocab_size < 2 else self.patch_size,
                               "token clips need vocab_size >= 2, patch_size 1 and tubelet_frames 1")
-        if self.stage == "autoregressive" and self.frames // self.tubelet_frames < 2:
+        if self.pretrain_steps < 0:
+            raise ConfigError("pretrain_steps", self.pretrain_steps, "must be >= 0")
+        if self.stage != "pretrain" and self.frames // self.tubelet_frames < 2:
             raise ConfigError("frames", self.frames, "the autoregressive stage needs at least 2 time steps")
         for w, h in (("width", "heads"), ("decoder_width", "decoder_heads")):
             if getattr(self, w) < 4 or getattr(self, w) % getattr(self, h) or getattr(self, w) % 4:
@@ -127,7 +136,9 @@ class VideoNet(nn.Module):
         self.register_buffer("pos", sincos_3d(cfg.width, cfg.grid), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
-        if cfg.stage == "pretrain" and cfg.clip_kind == "pixels":
+        if cfg.stage != "pretrain":  # next-frame head of the autoregressive stage
+            self.ar_head = nn.Linear(cfg.width, out)
+        if cfg.stage != "autoregressive" and cfg.clip_kind == "pixels":
             self.decoder_embed = nn.Linear(cfg.width, cfg.decoder_width)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
             self.register_buffer("dec_pos", sincos_3d(cfg.decoder_width, cfg.grid), persistent=False)
@@ -135,7 +146,7 @@ class VideoNet(nn.Module):
                                                 for _ in range(cfg.decoder_depth))
             self.decoder_norm = nn.LayerNorm(cfg.decoder_width)
             self.head = nn.Linear(cfg.decoder_width, out)
-        else:
+        elif cfg.stage != "autoregressive":
             self.head = nn.Linear(cfg.width, out)
         init_weights(self, cfg.depth)
         if hasattr(self, "mask_token"):
@@ -266,23 +277,40 @@ class LitVideo(MaskedModelBase):
     def _ar_out(self, v: PatchBatch, h: Tensor | None = None) -> Tensor:
         if h is None:
             h = run_blocks(self.blocks, self.model.tokens_in(v.inputs), v.attention)
-        return self.model.head(self.model.norm(h))
+        return self.model.ar_head(self.model.norm(h))
+
+    def phase(self) -> str:
+        """What this step trains: "pretrain" or "autoregressive"."""
+        if self.cfg.stage == "two-stage":
+            return "pretrain" if self.global_step < self.cfg.pretrain_steps else "autoregressive"
+        return self.cfg.stage
 
     def _shared_step(self, batch: dict, stage: str):
-        if self.cfg.stage == "autoregressive":
-            v = self._ar_batch(batch)
-            total, count = self._loss_sums(self._ar_out(v), v.targets, v.loss_mask)
-            name = "next_frame_loss"
-        else:
-            views = [self.mask(batch, "train")] if stage == "train" else [
-                self.mask(batch, stage, k) for k in range(self.cfg.eval_masks)]
-            total = count = 0.0
-            for v in views:
-                s, n = self._loss_sums(self._pretrain_out(v), v.targets, v.loss_mask)
-                total, count = total + s, count + n
-            name = "recon_loss"
+        if stage != "train" and self.cfg.stage == "two-stage":
+            # Both tasks are validated in a two-stage run; next_frame_loss is the objective.
+            loss, metrics = self._ar_step(batch)
+            if self.cfg.pretrain_steps > 0:
+                metrics.update(self._pretrain_step(batch, stage)[1])
+            return loss, metrics
+        if self.phase() == "autoregressive":
+            return self._ar_step(batch)
+        return self._pretrain_step(batch, stage)
+
+    def _ar_step(self, batch: dict):
+        v = self._ar_batch(batch)
+        total, count = self._loss_sums(self._ar_out(v), v.targets, v.loss_mask)
         loss = total / max(float(count), 1.0)
-        return loss, {name: (loss.detach(), int(count))}
+        return loss, {"next_frame_loss": (loss.detach(), int(count))}
+
+    def _pretrain_step(self, batch: dict, stage: str):
+        views = [self.mask(batch, "train")] if stage == "train" else [
+            self.mask(batch, stage, k) for k in range(self.cfg.eval_masks)]
+        total = count = 0.0
+        for v in views:
+            s, n = self._loss_sums(self._pretrain_out(v), v.targets, v.loss_mask)
+            total, count = total + s, count + n
+        loss = total / max(float(count), 1.0)
+        return loss, {"recon_loss": (loss.detach(), int(count))}
 
     @torch.no_grad()
     def predict_next(self, batch: dict) -> Tensor:
@@ -292,7 +320,7 @@ class LitVideo(MaskedModelBase):
 
     # ------------------------------------------------------------ layer removal
     def ablation_batch(self, batch: dict) -> PatchBatch:
-        if self.cfg.stage == "autoregressive":
+        if self.phase() == "autoregressive":
             return self._ar_batch(batch)
         views = [self.mask(batch, "val", k) for k in range(self.cfg.eval_masks)]
         return PatchBatch(
@@ -302,7 +330,7 @@ class LitVideo(MaskedModelBase):
         )
 
     def ablation_embed(self, masked: PatchBatch) -> Tensor:
-        if self.cfg.stage == "autoregressive":
+        if self.phase() == "autoregressive":
             return self.model.tokens_in(masked.inputs)
         if self.cfg.clip_kind == "pixels":
             return gather_rows(self.model.tokens_in(masked.inputs), masked.keep_idx)
@@ -312,7 +340,7 @@ class LitVideo(MaskedModelBase):
         return torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
 
     def ablation_score(self, h: Tensor, masked: PatchBatch) -> dict[str, tuple[Tensor, Tensor]]:
-        if self.cfg.stage == "autoregressive":
+        if self.phase() == "autoregressive":
             s, n = self._loss_sums(self._ar_out(masked, h), masked.targets, masked.loss_mask)
             return {"next_frame_loss": (s, n)}
         s, n = self._loss_sums(self._pretrain_out(masked, h), masked.targets, masked.loss_mask)

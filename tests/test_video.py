@@ -134,3 +134,16 @@ def test_bad_shapes_are_config_errors():
     with pytest.raises(ConfigError) as info:
         _cfg(**{"model.image_size": 40})
     assert "model.image_size" in str(info.value)
+
+
+def test_two_stage_switches_task_at_pretrain_steps(monkeypatch):
+    from lit_modules.video import LitVideo
+
+    model = _model(**{"model.stage": "two-stage", "model.pretrain_steps": 3}).train()
+    batch = _pixel_batch()
+    assert model.phase() == "pretrain"
+    assert set(model._shared_step(batch, "train")[1]) == {"recon_loss"}
+    monkeypatch.setattr(LitVideo, "global_step", property(lambda self: 3))  # as at step 3
+    assert model.phase() == "autoregressive"
+    assert set(model._shared_step(batch, "train")[1]) == {"next_frame_loss"}
+    assert set(model._shared_step(batch, "val")[1]) == {"next_frame_loss", "recon_loss"}
