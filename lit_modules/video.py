@@ -114,6 +114,14 @@ def tubelets(clips: Tensor, tf: int, p: int) -> Tensor:
     return x.reshape(b, (f // tf) * (h // p) * (w // p), tf * p * p * c)
 
 
+def untubelets(x: Tensor, tf: int, p: int, grid: tuple[int, int, int], c: int = 3) -> Tensor:
+    """(B, N, tf*p*p*C) -> (B, F, C, H, W), the inverse of ``tubelets``."""
+    b = x.shape[0]
+    t, h, w = grid
+    x = x.reshape(b, t, h, w, tf, p, p, c).permute(0, 1, 4, 7, 2, 5, 3, 6)  # (B, t, tf, C, h, p, w, p)
+    return x.reshape(b, t * tf, c, h * p, w * p)
+
+
 def frame_causal(grid: tuple[int, int, int], device=None) -> Tensor:
     """(N, N) bool: query at time step t may attend keys at time steps <= t."""
     t, h, w = grid
@@ -345,3 +353,39 @@ class LitVideo(MaskedModelBase):
             return {"next_frame_loss": (s, n)}
         s, n = self._loss_sums(self._pretrain_out(masked, h), masked.targets, masked.loss_mask)
         return {"recon_loss": (s, n)}
+
+    # ------------------------------------------------------------ frame strips
+    @torch.no_grad()
+    def frame_strip(self, batch: dict) -> Tensor | None:
+        """(3, rows*H, F*W) in [0, 1] for the first validation clip (pixel clips only).
+        Pretraining: original | masked | reconstruction with the visible tubelets pasted
+        back. Autoregressive: original | predicted next frames (frame f from frames < f)."""
+        if self.cfg.clip_kind != "pixels":
+            return None
+        one = {k: v[:1] for k, v in batch.items()}
+        tf, p, grid = self.cfg.tubelet_frames, self.cfg.patch_size, self.cfg.grid
+        raw = tubelets(one["clips"], tf, p)  # (1, N, P) unnormalized pixels
+        mean, std = raw.mean(-1, keepdim=True), (raw.var(-1, keepdim=True) + 1e-6).sqrt()
+        denorm = (lambda y: y * std + mean) if self.cfg.norm_pix_loss else (lambda y: y)
+        if self.phase() == "autoregressive":
+            v = self._ar_batch(one)
+            pred = denorm(torch.roll(self._ar_out(v), shifts=grid[1] * grid[2], dims=1))  # back to its own step
+            t0 = grid[1] * grid[2]
+            pred[:, :t0] = raw[:, :t0]  # the first step has no prediction: show it as given
+            rows = [raw, pred]
+        else:
+            v = self.mask(one, "val", 0)
+            pred = denorm(self._pretrain_out(v))
+            m = v.loss_mask[..., None].float()
+            rows = [raw, raw * (1 - m), raw * (1 - m) + pred * m]
+        frames = [untubelets(r, tf, p, grid)[0] for r in rows]  # each (F, 3, H, W)
+        img = torch.cat([torch.cat(list(f), dim=2) for f in frames], dim=1)  # (3, rows*H, F*W)
+        return (img * 0.5 + 0.5).clamp(0, 1)  # the data's (x - 0.5) / 0.5 undone
+
+    def on_validation_epoch_end(self) -> None:
+        log_image = getattr(self.logger, "log_image", None)
+        dm = getattr(self.trainer, "datamodule", None)
+        if log_image is None or dm is None or self.trainer.sanity_checking or self.cfg.clip_kind != "pixels":
+            return
+        batch = {k: t.to(self.device) for k, t in next(iter(dm.val_dataloader())).items()}
+        log_image(f"reconstructions/step_{self.global_step:06d}.png", self.frame_strip(batch), self.global_step)

@@ -147,3 +147,14 @@ def test_two_stage_switches_task_at_pretrain_steps(monkeypatch):
     assert model.phase() == "autoregressive"
     assert set(model._shared_step(batch, "train")[1]) == {"next_frame_loss"}
     assert set(model._shared_step(batch, "val")[1]) == {"next_frame_loss", "recon_loss"}
+
+
+def test_tubelets_roundtrip_and_frame_strips():
+    from lit_modules.video import tubelets, untubelets
+
+    x = torch.randn(2, 4, 3, 64, 64)
+    assert torch.equal(untubelets(tubelets(x, 2, 16), 2, 16, (2, 4, 4)), x)
+    for stage in ("pretrain", "autoregressive"):
+        img = _model(**{"model.stage": stage}).frame_strip(_pixel_batch())
+        rows = 3 if stage == "pretrain" else 2
+        assert img.shape == (3, rows * 64, 4 * 64) and 0 <= float(img.min()) and float(img.max()) <= 1

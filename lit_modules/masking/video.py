@@ -81,9 +81,9 @@ def _check_video_grid(grid: object, min_spatial: int) -> tuple[int, int, int]:
 def masked_to_patch_mask(masked: Tensor, n_mask: int, ratio: float) -> PatchMask:
     """(B, N) bool with exactly ``n_mask`` True per row -> its ``PatchMask``."""
     b, n = masked.shape
-    idx = torch.arange(n, device=masked.device).expand(b, n)
-    mask_idx = idx[masked].reshape(b, n_mask)  # boolean indexing is row-major: ascending
-    keep_idx = idx[~masked].reshape(b, n - n_mask)
+    # nonzero() lists positions row-major, so each row's indices come out ascending.
+    mask_idx = masked.nonzero()[:, 1].view(b, n_mask)
+    keep_idx = (~masked).nonzero()[:, 1].view(b, n - n_mask)
     return PatchMask(keep_idx=keep_idx, mask_idx=mask_idx, masked=masked, ratio=ratio)
 
 
@@ -181,7 +181,7 @@ class VideoTube(VideoMaskingStrategy):
         f, h, w = grid
         noise = stream_bits(patch_stream(seed, keys, mask_index, STREAM_VIDEO_TUBE), 0, h * w)  # (B, S)
         spatial = top_k_mask(noise, num_masked(ratio, h * w))  # (B, S)
-        return spatial[:, None, :].expand(-1, f, -1).reshape(keys.shape[0], f * h * w)
+        return spatial.repeat(1, f)  # (B, f*S): the same spatial mask at every time step
 
 
 @MASKINGS.register("video-random")

@@ -1,0 +1,504 @@
+"""Speed of masklab's video masking and VideoMAE training step, side by side with the common
+per-sample loop and HF transformers' VideoMAEForPreTraining.
+
+One process, two parts, each its own group of variants:
+
+(a) Mask generation for one batch: B = 64 clips, tubelet grid (F', h, w) = (8, 14, 14)
+    (16 frames of 224x224 cut into 2x16x16 tubelets: N = 1568), mask ratio 0.9.
+  mask_tube     our ``video-tube`` strategy (``VideoTube``), one vectorized call on the
+                batch's (B,) content keys: counter-based noise for the S = 196 spatial
+                positions, the round(0.9 * 196) = 176 largest masked, the spatial mask
+                tiled over the 8 time steps; returns the full ``PatchMask`` (masked (B, N)
+                bool, keep_idx (B, 160), mask_idx (B, 1408)).
+  mask_random   our ``video-random`` strategy: round(0.9 * 1568) = 1411 tubelets anywhere
+                in the clip, same call and output.
+  mask_loop     the common VideoMAE implementation (``TubeMaskingGenerator`` with
+                ``torch.randperm`` instead of numpy): for each sample a Python loop runs
+                ``randperm(h * w)``, sets the first round(0.9 * h * w) positions, tiles the
+                spatial mask over time, and the B rows are stacked to (B, N) bool. It builds
+                the bool mask only (no index tensors): the baseline does less work than ours.
+  Per variant and round the figure is the median of ``--mask-reps`` calls.
+
+(b) One training step (mask + forward + loss + backward + clip + AdamW + LR scheduler) of
+    the VideoMAE of studies/specs/video_tiny.yaml: 16 frames of 64x64 (grid (8, 4, 4),
+    N = 128 tubelets), encoder depth 4, width 128, 4 heads (MLP 512), decoder depth 2,
+    width 64, 4 heads (MLP 256), norm_pix_loss, ``video-tube`` at 0.9 (S_mask =
+    round(0.9 * 16) = 14 of 16 positions masked: 16 tubelets visible), batch 8.
+  ours          ``LitVideo._shared_step(batch, "train")`` (video-tube masking of the
+                batch's content keys, norm-pix targets, encoder on the visible tubelets
+                only, light decoder with mask tokens, masked-tubelet MSE) in a plain loop
+                with the optimizer and scheduler of its ``configure_optimizers``.
+  hf            ``VideoMAEForPreTraining(VideoMAEConfig(image_size=64, patch_size=16,
+                num_frames=16, tubelet_size=2, hidden_size=128, num_hidden_layers=4,
+                num_attention_heads=4, intermediate_size=512, decoder_hidden_size=64,
+                decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+                decoder_intermediate_size=256, norm_pix_loss=True))``, sdpa attention where
+                the installed transformers has it, random init, nothing downloaded;
+                ``bool_masked_pos`` = our ``video-tube`` mask of the same batch, made inside
+                the timed step (so both sides pay the same masking); its own loss
+                (``.loss``); the same clips, AdamW groups, LR schedule and grad clip as ours.
+  The clips are synthetic: ``--batches`` batches of standard-normal (B, 16, 3, 64, 64)
+  pixels made once with a fixed seed and cycled through (compute does not depend on the
+  pixel values; both sides get the same tensors).
+
+How the variants are interleaved (as in bench_gpt.py / bench_mae.py): a round gives every
+variant ``--steps`` steps (mask variants: ``--mask-reps`` calls), group by group, the
+variants of a group alternating A B A B ... so a ratio's two sides run moments apart, the
+order inside a group rotating from round to round. Every variant runs in the main thread.
+Per variant and round the figure is the mean of its steps (the median of its calls for the
+mask variants); the table gives the median over rounds, and each ratio is the median of the
+per-round ratios (paired: both sides measured in the same round). The "others" column is the
+median share of the machine's CPU that other processes used during the variant's steps
+(/proc/stat). Beside the median the ratio table gives best/best (each side's fastest round),
+cpu (the paired median on process CPU time) and quiet (the paired median over rounds in
+which other processes used < 10% of the machine during both sides' steps).
+``--profile`` adds a torch.profiler table of one step of each named variant (default: the
+variants behind a missed target).
+
+Usage:  python benchmarks/bench_video.py [--quick] [--json PATH] [--profile [missed|NAMES]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere in the repo
+
+from lit_modules.base import lr_factor  # noqa: E402
+from lit_modules.config import load_run_config  # noqa: E402
+from lit_modules.masking.rng import content_key  # noqa: E402
+from lit_modules.masking.video import VideoRandom, VideoTube  # noqa: E402
+from lit_modules.run import build_model  # noqa: E402
+
+# (a) mask generation
+MASK_B, MASK_GRID, MASK_RATIO = 64, (8, 14, 14), 0.9
+# (b) training step: the shape of studies/specs/video_tiny.yaml
+FRAMES, SIZE, TUBELET, PATCH = 16, 64, 2, 16
+DEPTH, WIDTH, HEADS, DEC_DEPTH, DEC_WIDTH, DEC_HEADS = 4, 128, 4, 2, 64, 4
+BATCH, RATIO = 8, 0.9
+MAX_STEPS = 1000  # the LR schedule's length: longer than any run here, so the rate stays sane
+# A round counts as quiet for a ratio when other processes used under this share of the
+# machine during both sides' steps (10%: a background process's occasional work).
+QUIET = 0.10
+
+# label: (numerator, denominator, kind, bound); ratio = time(numerator) / time(denominator),
+# i.e. the throughput of ours over the other side.
+TARGETS = {
+    "video-tube mask / per-sample randperm loop (speed-up)": ("mask_loop", "mask_tube", ">=", 20.0),
+    "LitVideo step / HF VideoMAE step (throughput)": ("hf", "ours", ">=", 1.0),
+}
+INFO_RATIOS = {
+    "video-random mask / per-sample randperm loop (speed-up)": ("mask_loop", "mask_random"),
+}
+GROUPS = (("mask_tube", "mask_random", "mask_loop"), ("ours", "hf"))
+
+
+# ---------------------------------------------------------------- configs and data
+def video_config_dict() -> dict:
+    return {
+        "seed": 0,
+        "data": {"name": "bbb", "frames": FRAMES, "image_size": SIZE, "batch_size": BATCH},
+        "model": {"name": "video", "clip_kind": "pixels", "stage": "pretrain", "frames": FRAMES,
+                  "image_size": SIZE, "tubelet_frames": TUBELET, "patch_size": PATCH, "depth": DEPTH,
+                  "width": WIDTH, "heads": HEADS, "decoder_depth": DEC_DEPTH, "decoder_width": DEC_WIDTH,
+                  "decoder_heads": DEC_HEADS, "norm_pix_loss": True},
+        "masking": {"name": "video-tube", "mask_ratio": RATIO},
+        "trainer": {"max_steps": MAX_STEPS, "val_every": MAX_STEPS, "accelerator": "cpu",
+                    "progress_bar": False, "checkpoint": False},
+    }
+
+
+def make_batches(n: int, b: int = BATCH) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        clips = torch.randn(b, FRAMES, 3, SIZE, SIZE, generator=g)  # (B, F, 3, H, W)
+        out.append({"clips": clips, "keys": content_key(clips)})
+    return out
+
+
+class Cycle:
+    def __init__(self, items: list):
+        self.items, self.i = items, 0
+
+    def next(self):
+        item = self.items[self.i % len(self.items)]
+        self.i += 1
+        return item
+
+
+# ---------------------------------------------------------------- clocks
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes on this machine have been busy (Linux /proc/stat), or nan."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def snapshot() -> tuple[float, float, float]:
+    return time.perf_counter(), time.process_time(), machine_busy_s()
+
+
+def elapsed(start: tuple[float, float, float]) -> tuple[float, float, float]:
+    """(wall s, this process's CPU s, share of the machine other processes used meanwhile)."""
+    wall, cpu, busy = (b - a for a, b in zip(start, snapshot()))
+    others = max(0.0, busy - cpu) / (wall * (os.cpu_count() or 1))
+    return wall, cpu, min(1.0, others)
+
+
+# ---------------------------------------------------------------- variants
+class Variant:
+    """One measured configuration: ``turn()`` runs and times one call of ``fn``."""
+
+    def __init__(self, name: str, what: str, fn, micro: bool, items: int, unit: str):
+        self.name, self.what, self.fn, self.micro = name, what, fn, micro
+        self.items, self.unit = items, unit  # items per call (clips), for the throughput column
+
+    def turn(self) -> tuple[float, float, float]:
+        start = snapshot()
+        self.fn()
+        return elapsed(start)
+
+
+def loop_tube_mask(b: int, grid: tuple[int, int, int], ratio: float) -> Tensor:
+    """The common VideoMAE tube masking: a per-sample Python loop over ``torch.randperm``."""
+    f, h, w = grid
+    s = h * w
+    k = round(ratio * s)
+    rows = []
+    for _ in range(b):
+        spatial = torch.zeros(s, dtype=torch.bool)
+        spatial[torch.randperm(s)[:k]] = True
+        rows.append(spatial.repeat(f))  # tile over time: (F' * S,), (t, y, x) order
+    return torch.stack(rows)  # (B, N)
+
+
+def mask_variants() -> tuple[list[Variant], dict]:
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randint(-(2**62), 2**62, (MASK_B,), generator=g)  # (B,) int64 content keys
+    tube, rand = VideoTube(mask_ratio=MASK_RATIO), VideoRandom(mask_ratio=MASK_RATIO)
+    state = {"i": 0}
+
+    def ours(strategy):
+        def call():
+            state["i"] += 1  # a fresh mask every call, as in training (mask index = step)
+            return strategy(keys, MASK_GRID, seed=0, mask_index=state["i"], step=state["i"],
+                            total_steps=MAX_STEPS, stage="train")
+        return call
+
+    # sanity: same counts and tube structure on both sides
+    f, h, w = MASK_GRID
+    pm, lp = ours(tube)(), loop_tube_mask(MASK_B, MASK_GRID, MASK_RATIO)
+    m = pm.masked.view(MASK_B, f, h * w)
+    checks = {"tube masked per row, ours": float(pm.masked.sum(1).unique().item()),
+              "tube masked per row, loop": float(lp.sum(1).unique().item()),
+              "tube mask equal over time, ours": float(bool((m == m[:, :1]).all())),
+              "random masked per row, ours": float(ours(rand)().masked.sum(1).unique().item())}
+    return [
+        Variant("mask_tube", "VideoTube (video-tube), one vectorized call -> PatchMask", ours(tube), True,
+                MASK_B, "clips"),
+        Variant("mask_random", "VideoRandom (video-random), one vectorized call -> PatchMask", ours(rand), True,
+                MASK_B, "clips"),
+        Variant("mask_loop", "per-sample loop: randperm(h*w)[:k], tile over time, stack (bool only)",
+                lambda: loop_tube_mask(MASK_B, MASK_GRID, MASK_RATIO), True, MASK_B, "clips"),
+    ], checks
+
+
+class Trainer:
+    """A plain training loop: loss(batch) -> zero_grad, backward, clip, AdamW, scheduler."""
+
+    def __init__(self, model: nn.Module, loss, opt, sched, clip: float, batches: Cycle):
+        self.model, self.loss, self.opt, self.sched, self.clip, self.batches = model, loss, opt, sched, clip, batches
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.n_params = sum(p.numel() for p in self.params)
+
+    def step(self) -> None:
+        loss = self.loss(self.batches.next())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.sched.step()
+
+    def first_loss(self) -> float:
+        with torch.no_grad():
+            return self.loss(self.batches.items[0]).item()
+
+
+def hf_adamw(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and schedule as ``MaskedModelBase.configure_optimizers`` builds them (decay on
+    matrices only), over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.trainer.max_steps, cfg.optim))
+    return opt, sched
+
+
+def step_variants(batches: list[dict]) -> tuple[list[Variant], dict, dict]:
+    import transformers
+    from transformers import VideoMAEConfig, VideoMAEForPreTraining
+
+    transformers.logging.set_verbosity_error()
+    cfg = load_run_config(video_config_dict())
+    torch.manual_seed(0)
+    lit = build_model(cfg)
+    lit.train()
+    conf = lit.configure_optimizers()
+    ours = Trainer(lit, lambda batch: lit._shared_step(batch, "train")[0], conf["optimizer"],
+                   conf["lr_scheduler"]["scheduler"], cfg.optim.grad_clip, Cycle(batches))
+
+    hf_cfg = VideoMAEConfig(image_size=SIZE, patch_size=PATCH, num_frames=FRAMES, tubelet_size=TUBELET,
+                            hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                            intermediate_size=4 * WIDTH, decoder_hidden_size=DEC_WIDTH,
+                            decoder_num_hidden_layers=DEC_DEPTH, decoder_num_attention_heads=DEC_HEADS,
+                            decoder_intermediate_size=4 * DEC_WIDTH, norm_pix_loss=True)
+    torch.manual_seed(0)
+    try:
+        model = VideoMAEForPreTraining._from_config(hf_cfg, attn_implementation="sdpa")
+    except (ValueError, ImportError):  # an older transformers without sdpa for VideoMAE
+        model = VideoMAEForPreTraining(hf_cfg)
+    model.train()
+    masking, grid = lit.masking, lit.cfg.grid
+
+    def hf_loss(batch: dict) -> Tensor:
+        pm = masking(batch["keys"], grid, seed=0, mask_index=0, step=0, total_steps=MAX_STEPS, stage="train")
+        return model(pixel_values=batch["clips"], bool_masked_pos=pm.masked).loss
+
+    opt, sched = hf_adamw(model, cfg)
+    hf = Trainer(model, hf_loss, opt, sched, cfg.optim.grad_clip, Cycle(batches))
+    c = model.config
+    n = grid[0] * grid[1] * grid[2]
+    visible = n - masking.num_masked(grid, RATIO)
+    variants = [
+        Variant("ours", f"LitVideo._shared_step (encoder on the {visible} visible tubelets), plain loop",
+                ours.step, False, BATCH, "clips"),
+        Variant("hf", f"HF VideoMAEForPreTraining ({c._attn_implementation}, {c.hidden_act}, dropout "
+                f"{c.hidden_dropout_prob}), our tube mask, own loss, plain loop", hf.step, False, BATCH, "clips"),
+    ]
+    checks = {"first-batch loss ours": ours.first_loss(), "first-batch loss hf": hf.first_loss()}
+    info = {"ours": {"trainable_params": ours.n_params}, "hf": {"trainable_params": hf.n_params},
+            "grid": list(grid), "visible_tubelets": visible}
+    return variants, checks, info
+
+
+# ---------------------------------------------------------------- measurement
+def measure(by_name: dict[str, Variant], rounds: int, steps: int, mask_reps: int, label: str = "round"):
+    """Round-robin over the groups. Returns ({variant: [[elapsed() of each call of round 0], ...]},
+    the 1-minute load average after each round)."""
+    times = {name: [] for name in by_name}
+    loads = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for group in GROUPS:
+            k = r % len(group)
+            order = group[k:] + group[:k]  # rotate who goes first
+            got = {name: [] for name in group}
+            reps = mask_reps if by_name[group[0]].micro else steps
+            for _ in range(reps):  # A B C A B C ...: neighbours in time
+                for name in order:
+                    got[name].append(by_name[name].turn())
+            for name in group:
+                times[name].append(got[name])
+        loads.append(os.getloadavg()[0])
+        print(f"  {label} {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s, load {loads[-1]:.2f}", flush=True)
+    return times, loads
+
+
+def per_round(steps_by_round: list[list[tuple]], micro: bool, clock: int) -> list[float]:
+    """One figure per round (clock 0 = wall, 1 = process CPU, 2 = others' share): the mean
+    of a round's training steps, the median of its mask calls (many, and short)."""
+    reduce = statistics.median if micro else statistics.fmean
+    return [reduce([s[clock] for s in steps]) for steps in steps_by_round]
+
+
+def paired(by_round: dict[str, list[float]], num: str, den: str, others=None) -> dict:
+    """time(num) / time(den) per round, its median and range, the ratio of the best rounds,
+    and (given each round's share used by other processes) the median over quiet rounds."""
+    vals = [a / b for a, b in zip(by_round[num], by_round[den])]
+    out = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "per_round": vals,
+           "best_vs_best": min(by_round[num]) / min(by_round[den])}
+    if others is not None:
+        quiet = [v for v, a, b in zip(vals, others[num], others[den]) if max(a, b) < QUIET]
+        out.update(quiet_rounds=len(quiet), quiet_median=statistics.median(quiet) if quiet else None)
+    return out
+
+
+def report(variants: list[Variant], times, checks: dict[str, float]) -> dict:
+    wall = {v.name: per_round(times[v.name], v.micro, 0) for v in variants}
+    cpu = {v.name: per_round(times[v.name], v.micro, 1) for v in variants}
+    others = {v.name: per_round(times[v.name], False, 2) for v in variants}
+    rows = {}
+    print(f"\n{'variant':<13}{'ms/call':>9}{'best':>9}{'cpu ms':>9}{'others':>7}{'clips/s':>10}  what")
+    for v in variants:
+        sec, best = statistics.median(wall[v.name]), min(wall[v.name])
+        busy = statistics.median(s[2] for steps in times[v.name] for s in steps)
+        rows[v.name] = {"what": v.what, "ms_per_call": 1e3 * sec, "best_ms": 1e3 * best,
+                        "cpu_ms_per_call": 1e3 * statistics.median(cpu[v.name]), "others_share": busy,
+                        "clips_per_s": v.items / sec, "per_round_ms": [1e3 * s for s in wall[v.name]],
+                        "raw_calls_wall_ms_cpu_ms_others": [[[round(1e3 * w, 3), round(1e3 * c, 3), round(o, 3)]
+                                                             for w, c, o in steps] for steps in times[v.name]]}
+        print(f"{v.name:<13}{1e3 * sec:>9.3f}{1e3 * best:>9.3f}{rows[v.name]['cpu_ms_per_call']:>9.3f}"
+              f"{busy:>7.0%}{v.items / sec:>10,.0f}  {v.what}")
+
+    out, missed = {}, []
+    print(f"\n{'ratio (wall clock unless said)':<57}{'median':>8}{'range':>16}{'best/best':>10}{'cpu':>8}"
+          f"{'quiet (n)':>12}  target")
+    rows_r = [*((k, *v) for k, v in TARGETS.items()), *((k, *v, None, None) for k, v in INFO_RATIOS.items())]
+    for label, num, den, kind, bound in rows_r:
+        r = paired(wall, num, den, others)
+        r.update(num=num, den=den, cpu_time_median=paired(cpu, num, den)["median"])
+        quiet = f"{r['quiet_median']:.2f} ({r['quiet_rounds']})" if r["quiet_rounds"] else "- (0)"
+        line = (f"{label:<57}{r['median']:>8.2f}{r['min']:>8.2f}-{r['max']:<7.2f}{r['best_vs_best']:>10.2f}"
+                f"{r['cpu_time_median']:>8.2f}{quiet:>12}")
+        if kind is None:
+            r["target"] = None
+            line += "  (info)"
+        else:
+            r["target"] = f"{kind} {bound}"
+            r["met"] = r["median"] >= bound if kind == ">=" else r["median"] <= bound
+            line += f"  {kind} {bound}: {'met' if r['met'] else 'MISSED'}"
+            if not r["met"]:
+                missed.append((label, num, den))
+        out[label] = r
+        print(line)
+    for name, value in checks.items():
+        print(f"check: {name} = {value:.4f}")
+    return {"variants": rows, "ratios": out, "missed": [m[0] for m in missed],
+            "missed_variants": sorted({n for m in missed for n in m[1:]}), "checks": checks}
+
+
+def profile_table(prof, rows: int = 15) -> tuple[str, list[dict]]:
+    """Top ops by self CPU time: the printable table and a JSON-able list."""
+    avg = prof.key_averages()
+    table = avg.table(sort_by="self_cpu_time_total", row_limit=rows)
+    total = sum(e.self_cpu_time_total for e in avg) or 1.0
+    top = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return table, [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+                    "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1)} for e in top]
+
+
+def profile(by_name: dict[str, Variant], names: list[str]) -> dict:
+    """One call of each named variant under torch.profiler (CPU), after one unprofiled
+    call: top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    for name in names:
+        by_name[name].turn()  # warm
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            ms = 1e3 * by_name[name].turn()[0]
+        table, top = profile_table(prof)
+        print(f"\n=== profile: {name} (one call, {ms:.2f} ms under the profiler) ===\n{table}")
+        out[name] = {"ms_under_profiler": ms, "top_ops_by_self_cpu": top}
+    return out
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 rounds x 1 step, 5 mask calls: a smoke run")
+    p.add_argument("--rounds", type=int, help="round-robin repeats (default 7, quick 2)")
+    p.add_argument("--steps", type=int, help="training steps per variant per round (default 4, quick 1)")
+    p.add_argument("--mask-reps", type=int, help="mask calls per variant per round (default 21, quick 5)")
+    p.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled through (default 4)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--json", type=Path, help="write all figures, ratios and raw call times here")
+    p.add_argument("--profile", nargs="?", const="missed", default=None,
+                   help="after timing, profile one call of the variants behind each missed target "
+                        "('missed', the default) or of a comma-separated list of variants")
+    a = p.parse_args(argv)
+    a.rounds = a.rounds or (2 if a.quick else 7)
+    a.steps = a.steps or (1 if a.quick else 4)
+    a.mask_reps = a.mask_reps or (5 if a.quick else 21)
+    return a
+
+
+def environment(args, info: dict) -> dict:
+    import transformers
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+              if ln.startswith("model name")] if cpuinfo.exists() else []
+    return {"date": datetime.date.today().isoformat(), "cpu": models[0] if models else platform.processor(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "mask_shape": {"batch": MASK_B, "grid": list(MASK_GRID), "ratio": MASK_RATIO},
+            "step_shape": {"frames": FRAMES, "image_size": SIZE, "tubelet": [TUBELET, PATCH, PATCH],
+                           "depth": DEPTH, "width": WIDTH, "heads": HEADS, "decoder_depth": DEC_DEPTH,
+                           "decoder_width": DEC_WIDTH, "decoder_heads": DEC_HEADS, "batch": BATCH,
+                           "mask_ratio": RATIO, **info},
+            "data": f"synthetic standard-normal clips, {args.batches} batches cycled",
+            "rounds": args.rounds, "steps": args.steps, "mask_reps": args.mask_reps,
+            "command": " ".join(["python", *sys.argv]), "load_avg_start": os.getloadavg(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_"))}}
+
+
+def profile_names(arg: str, missed_variants: list[str], known) -> list[str]:
+    names = missed_variants if arg == "missed" else [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--profile: unknown variant {unknown[0]!r}; allowed: missed, {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    start = time.perf_counter()
+    masks, checks = mask_variants()
+    steps, step_checks, info = step_variants(make_batches(args.batches))
+    checks.update(step_checks)
+    env = environment(args, info)
+    variants = [*masks, *steps]
+    by_name = {v.name: v for v in variants}
+    assert sorted(by_name) == sorted(n for g in GROUPS for n in g)
+    print(f"bench_video: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
+          f"transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
+    print(f"mask {env['mask_shape']}; step {env['step_shape']}; {args.rounds} rounds x {args.steps} step(s), "
+          f"{args.mask_reps} mask calls, {len(variants)} variants", flush=True)
+    measure(by_name, 1, 1, 3, label="warm-up round (not measured)")
+    times, loads = measure(by_name, args.rounds, args.steps, args.mask_reps)
+    assert torch.get_num_threads() == args.threads, "something changed the thread count"
+    result = report(variants, times, checks)
+    result["load_avg_per_round"] = loads
+    if args.profile:
+        result["profiles"] = profile(by_name, profile_names(args.profile, result["missed_variants"], by_name))
+    env["wall_s"] = time.perf_counter() - start
+    env["load_avg_end"] = os.getloadavg()
+    print(f"\ntotal {env['wall_s']:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, **result}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
