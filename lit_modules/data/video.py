@@ -436,3 +436,58 @@ class VideoTokens(VideoDataModule):
         clips = ids[:, : cfg.frames]
         train, val = _last_fraction_split(len(clips), "data.path", str(path))
         return LoadedClips(clips, clip_keys(clips), train, val, str(path), "val = last 10% of clips")
+
+
+def decode_video_file(path: Path, image_size: int) -> np.ndarray:
+    """Every frame of a video file, center-cropped to a square and resized to
+    ``image_size`` (bicubic): (T, S, S, 3) uint8. Needs PyAV (the ``video`` extra)."""
+    try:
+        import av
+    except ImportError:
+        raise ConfigError("data.name", "video-file", "decoding video files needs PyAV: pip install 'masklab[video]'") from None
+    from PIL import Image
+
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                img = frame.to_image()  # RGB PIL image
+                w, h = img.size
+                side = min(w, h)
+                left, top = (w - side) // 2, (h - side) // 2
+                img = img.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
+                frames.append(np.asarray(img, dtype=np.uint8))
+    except av.error.FFmpegError as e:
+        raise ConfigError("data.path", str(path), f"cannot be decoded as video ({e})") from None
+    if not frames:
+        raise ConfigError("data.path", str(path), "holds no video frames")
+    return np.stack(frames)
+
+
+@DATASETS.register("video-file")
+class VideoFile(VideoDataModule):
+    """A video file (webm, mp4, ...) decoded with PyAV into consecutive non-overlapping
+    clips of ``frames`` frames (the tail is dropped), cached; val = the last 10%."""
+
+    def load(self) -> LoadedClips:
+        cfg = self.cfg
+        if not cfg.path:
+            raise ConfigError("data.path", cfg.path, "required for dataset 'video-file': a video file (webm, mp4, ...)")
+        path = self.workspace.data_file(cfg.path, "data.path")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        stem = f"{path.stem}-{digest}-s{cfg.image_size}-f{cfg.frames}"
+        folder = self.workspace.cache_dir / "video"
+        clips_path, keys_path = folder / f"{stem}.npy", folder / f"{stem}.keys.npy"
+        if not (clips_path.exists() and keys_path.exists()):
+            frames = decode_video_file(path, cfg.image_size)  # (T, S, S, 3)
+            n = len(frames) // cfg.frames
+            if n < 2:
+                raise ConfigError("data.frames", cfg.frames, f"{path.name} has {len(frames)} frames: fewer than 2 clips")
+            clips = np.ascontiguousarray(frames[: n * cfg.frames].reshape(n, cfg.frames, *frames.shape[1:]))
+            folder.mkdir(parents=True, exist_ok=True)
+            _save_atomic(keys_path, clip_keys(clips))
+            _save_atomic(clips_path, clips)
+        clips = np.load(clips_path, mmap_mode="r")
+        train, val = _last_fraction_split(len(clips), "data.path", str(path))
+        return LoadedClips(clips, np.load(keys_path), train, val, str(path),
+                           f"{len(clips)} consecutive clips decoded with PyAV; val = last 10%")
