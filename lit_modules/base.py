@@ -74,11 +74,14 @@ class MaskedModelBase(L.LightningModule):
         cfg = self.run_config.optim
         decay = [p for p in self.parameters() if p.dim() >= 2]  # matrices and embeddings
         no_decay = [p for p in self.parameters() if p.dim() < 2]  # biases and norms
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        )
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        try:
+            # The fused kernel updates all tensors at once: ~4x cheaper than the
+            # per-parameter loop on CPU (benchmarks/README.md), and available on CUDA.
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+        except RuntimeError:  # a device or dtype the fused kernel does not support
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         total = self.run_config.trainer.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
