@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
-from .config_errors import ConfigError
+from .config_errors import ConfigError, check_at_least, check_dropout, check_width
 from .data.mlm import FIRST_PIECE, MASK
 from .masking import MaskedBatch
 from .masking.attention import Attention, padding
@@ -44,16 +44,10 @@ class BERTConfig:
     eval_mask_ratio: float = 0.15
 
     def __post_init__(self):
-        if self.depth < 1:
-            raise ConfigError("depth", self.depth, "must be an integer >= 1")
-        if self.heads < 1:
-            raise ConfigError("heads", self.heads, "must be an integer >= 1")
-        if self.width < 1 or self.width % self.heads:
-            raise ConfigError("width", self.width, f"must be a positive multiple of heads ({self.heads})")
-        if self.block_size < 4:
-            raise ConfigError("block_size", self.block_size, "must be an integer >= 4")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("dropout", self.dropout, "must be in [0, 1)")
+        check_at_least(self, ("depth", "heads"))
+        check_width(self)
+        check_at_least(self, ("block_size",), 4)
+        check_dropout(self.dropout)
         if self.eval_masks < 1:
             raise ConfigError("eval_masks", self.eval_masks, "must be an integer >= 1")
         if not 0.0 < self.eval_mask_ratio < 1.0:

@@ -22,3 +22,23 @@ class ConfigError(ValueError):
         """The same error with the field prefixed by its section and/or a source file."""
         field = f"{prefix}.{self.field}" if prefix else self.field
         return ConfigError(field, self.value, self.allowed, source or self.source)
+
+
+def check_at_least(cfg: object, names: tuple[str, ...], minimum: int = 1) -> None:
+    """Each named integer field of ``cfg`` is >= ``minimum``."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ConfigError(name, getattr(cfg, name), f"must be an integer >= {minimum}")
+
+
+def check_width(cfg: object, width: str = "width", heads: str = "heads") -> None:
+    """A transformer width splits evenly into its attention heads."""
+    w, h = getattr(cfg, width), getattr(cfg, heads)
+    if w < 1 or w % h:
+        raise ConfigError(width, w, f"must be a positive multiple of {heads} ({h})")
+
+
+def check_dropout(value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError("dropout", value, "must be in [0, 1)")
+

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
-from .config_errors import ConfigError
+from .config_errors import ConfigError, check_at_least, check_width
 from .masking import MaskedBatch
 from .masking.attention import Attention
 from .registry import MODELS
@@ -44,15 +44,12 @@ class MAEConfig:
     eval_masks: int = 2  # fixed validation masks per image
 
     def __post_init__(self):
-        for name in ("depth", "heads", "decoder_depth", "decoder_heads", "patch_size", "eval_masks"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
+        check_at_least(self, ("depth", "heads", "decoder_depth", "decoder_heads", "patch_size", "eval_masks"))
         if self.image_size < 1 or self.image_size % self.patch_size:
             raise ConfigError("image_size", self.image_size,
                               f"must be a positive multiple of patch_size ({self.patch_size})")
-        for w, h in (("width", "heads"), ("decoder_width", "decoder_heads")):
-            if getattr(self, w) < 1 or getattr(self, w) % getattr(self, h):
-                raise ConfigError(w, getattr(self, w), f"must be a positive multiple of {h} ({getattr(self, h)})")
+        check_width(self)
+        check_width(self, "decoder_width", "decoder_heads")
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
-from .config_errors import ConfigError
+from .config_errors import ConfigError, check_at_least
 from .mae import PatchBatch, gather_rows, sincos_2d
 from .masking.attention import Attention
 from .registry import MODELS
@@ -70,10 +70,8 @@ class VideoConfig:
             raise ConfigError("clip_kind", self.clip_kind, f"allowed: {', '.join(CLIP_KINDS)}")
         if self.stage not in STAGES:
             raise ConfigError("stage", self.stage, f"allowed: {', '.join(STAGES)}")
-        for name in ("frames", "tubelet_frames", "patch_size", "depth", "heads", "decoder_depth",
-                     "decoder_heads", "eval_masks"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
+        check_at_least(self, ("frames", "tubelet_frames", "patch_size", "depth", "heads", "decoder_depth",
+                              "decoder_heads", "eval_masks"))
         if self.frames % self.tubelet_frames:
             raise ConfigError("frames", self.frames, f"must be a multiple of tubelet_frames ({self.tubelet_frames})")
         if self.image_size % self.patch_size:
