@@ -37,10 +37,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..config_errors import ConfigError
-from ..masking.rng import random_bits, uniform
+from ..masking.rng import uniform
 from ..paths import Workspace
 from ..registry import DATASETS
-from .steps import StepSampler
+from .steps import StepSampler, step_draw
 
 # Stream ids of the training image sampler and of its augmentation (distinct from the
 # text sampler 0xDA7A and from the masking streams).
@@ -328,9 +328,7 @@ class TrainBatches(Dataset):
 
     def __getitem__(self, step: int) -> dict[str, Tensor]:
         b = self.cfg.batch_size
-        key = torch.tensor([int(step)], dtype=torch.int64)
-        bits = random_bits(self.seed, key, STREAM_BATCH, (b,))[0]  # (B,)
-        index = self.train_index[(bits % len(self.train_index)).numpy()]
+        key, index = step_draw(self.seed, step, STREAM_BATCH, b, self.train_index)
         x = to_float(self.data.pixels[index], normalize=False)  # (B, 3, S, S) in [0, 1]
         if self.cfg.augment:
             u = uniform(self.seed, key, STREAM_AUG, (b, 4 * CROP_ATTEMPTS + 1))[0]  # row b: (seed, step, b)

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
+import torch
 from torch.utils.data import Sampler
+
+from ..masking.rng import random_bits
 
 
 class StepSampler(Sampler[int]):
@@ -33,3 +37,12 @@ class StepSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self._range())
+
+
+def step_draw(seed: int, step: int, stream: int, batch_size: int, pool: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """The samples of training step ``step``: ``batch_size`` entries of ``pool`` drawn
+    with replacement from ``(seed, step, stream)``. Returns (the step's key, the entries)."""
+    key = torch.tensor([int(step)], dtype=torch.int64)
+    bits = random_bits(seed, key, stream, (batch_size,))[0]  # (B,)
+    return key, pool[(bits % len(pool)).numpy()]
+

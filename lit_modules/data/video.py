@@ -53,11 +53,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..config_errors import ConfigError
-from ..masking.rng import random_bits, uniform
+from ..masking.rng import uniform
 from ..paths import Workspace
 from ..registry import DATASETS
 from .images import _hash64, spread
-from .steps import StepSampler
+from .steps import StepSampler, step_draw
 
 # Stream ids of the training clip sampler and of its flips (distinct from the text
 # samplers 0xDA7A / 0xDA7B, the image streams 0x1A6E / 0x1A6F and the masking streams).
@@ -250,9 +250,7 @@ class TrainBatches(Dataset):
 
     def __getitem__(self, step: int) -> dict[str, Tensor]:
         b = self.cfg.batch_size
-        key = torch.tensor([int(step)], dtype=torch.int64)
-        bits = random_bits(self.seed, key, STREAM_BATCH, (b,))[0]  # (B,)
-        index = self.train_index[(bits % len(self.train_index)).numpy()]
+        key, index = step_draw(self.seed, step, STREAM_BATCH, b, self.train_index)
         flips = None
         if self.data.clip_kind == "pixels" and self.cfg.flip:
             flips = uniform(self.seed, key, STREAM_FLIP, (b,))[0] < 0.5  # row b: (seed, step, b)
