@@ -262,10 +262,10 @@ def _check_keys(keys: object) -> None:
 
 
 @dataclass(frozen=True)
-class PatchMaskingStrategy:
-    """Fields and call shared by the MAE patch maskings (not registered itself).
+class ScheduledRatio:
+    """The mask-ratio fields shared by the patch and video maskings.
 
-    mask_ratio:          fraction of patches masked, in (0, 1) (MAE: 0.75).
+    mask_ratio:          fraction masked, in (0, 1) (the initial one under a schedule).
     mask_ratio_schedule: constant, linear, cosine or exponential (``schedules``).
     final_mask_ratio:    the training ratio at the last step, in (0, 1); None = constant.
     eval_mask_ratio:     the ratio of every non-training stage, in (0, 1);
@@ -310,6 +310,12 @@ class PatchMaskingStrategy:
     def epoch_mask_index(self, epoch: int) -> int:
         """The training mask index of ``epoch``: a new mask every epoch."""
         return epoch_mask_index(epoch)
+
+
+@dataclass(frozen=True)
+class PatchMaskingStrategy(ScheduledRatio):
+    """Call shared by the MAE patch maskings (not registered itself); mask_ratio is the
+    fraction of patches masked (MAE: 0.75)."""
 
     # Subclasses: (B, N) int64 scores; the N_mask largest of each row are masked.
     def _scores(self, keys: Tensor, grid: tuple[int, int], seed: int, mask_index: Tensor | int, n_mask: int) -> Tensor:

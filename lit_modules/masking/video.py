@@ -27,7 +27,7 @@ Strategies (registered in ``MASKINGS``):
   so N_mask = (F' - K) * S_mask. K must be < F'. Default ratio 0.75.
 
 Mask ratio: the fields and ``ratio_at(step, total_steps, stage)`` of the image maskings
-(``patches.PatchMaskingStrategy``): training with ``final_mask_ratio`` set follows
+(``patches.ScheduledRatio``): training with ``final_mask_ratio`` set follows
 ``schedules.get_schedule(mask_ratio_schedule)`` from ``mask_ratio`` at step 0 to
 ``final_mask_ratio`` at ``total_steps``; every other stage uses ``eval_mask_ratio``
 (None = ``mask_ratio``). ``PatchMask.ratio`` is that ratio; the counts round it as above.
@@ -52,10 +52,10 @@ from torch import Tensor
 
 from ..config_errors import ConfigError
 from ..registry import MASKINGS
-from .mlm import _check_mask_index, _is_int, epoch_mask_index
+from .mlm import _check_mask_index, _is_int
 from .patches import (
     PatchMask,
-    PatchMaskingStrategy,
+    ScheduledRatio,
     _check_keys,
     mask_from_scores,
     num_masked,
@@ -95,35 +95,14 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class VideoMaskingStrategy:
-    """Fields and call shared by the video maskings (not registered itself); the ratio
-    fields and their checks are those of ``patches.PatchMaskingStrategy``.
+class VideoMaskingStrategy(ScheduledRatio):
+    """Call shared by the video maskings (not registered itself). The ratio fields are
+    ``patches.ScheduledRatio``'s; mask_ratio is the fraction of the positions per time
+    step for tube and frame masking, of all tubelets for random masking."""
 
-    mask_ratio:          fraction masked, in (0, 1) (of the positions per time step for
-                         tube and frame, of all tubelets for random).
-    mask_ratio_schedule: constant, linear, cosine or exponential (``schedules``).
-    final_mask_ratio:    the training ratio at the last step, in (0, 1); None = constant.
-    eval_mask_ratio:     the ratio of every non-training stage, in (0, 1);
-                         None = ``mask_ratio``.
-    """
-
-    name: str = ""
     mask_ratio: float = 0.9
-    mask_ratio_schedule: str = "constant"
-    final_mask_ratio: float | None = None
-    eval_mask_ratio: float | None = None
 
     _MIN_SPATIAL = 2  # positions per time step: one masked and one visible
-
-    def __post_init__(self):
-        PatchMaskingStrategy.__post_init__(self)  # type: ignore[arg-type]
-
-    scheduled = PatchMaskingStrategy.scheduled
-    ratio_at = PatchMaskingStrategy.ratio_at
-
-    def epoch_mask_index(self, epoch: int) -> int:
-        """The training mask index of ``epoch``: a new mask every epoch."""
-        return epoch_mask_index(epoch)
 
     def num_masked(self, grid: tuple[int, int, int], ratio: float) -> int:
         """Masked tubelets per sample on ``grid`` at ``ratio``."""
