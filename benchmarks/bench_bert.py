@@ -65,16 +65,10 @@ Usage:  python benchmarks/bench_bert.py [--quick] [--json PATH] [--profile [miss
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import logging
 import os
-import platform
 import statistics
 import sys
-import threading
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -83,6 +77,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere in the repo
 
+import harness  # noqa: E402
 import lightning as L  # noqa: E402
 
 from lit_modules.base import lr_factor  # noqa: E402
@@ -97,7 +92,6 @@ MASK_RATIO = 0.15
 N_BATCHES = 64  # distinct batches cycled through (steps 0..63 of the data module)
 FIT_STEPS = 1_000_000  # a Lightning fit runs until the benchmark stops it
 MASK_CALLS = 20  # masking calls per timed turn: one call is ~1 ms, too short to time alone
-QUIET = 0.10  # a round is quiet when others used < 10% of the machine during both sides
 
 TARGETS = {  # label: (numerator, denominator, kind, bound); ratio = time(numerator) / time(denominator)
     "LitBERT / HF BertForMaskedLM, plain loop (throughput)": ("hf_bert", "plain_bert", ">=", 1.30),
@@ -212,138 +206,7 @@ def optimizer_step(model, loss, opt, sched, clip: float) -> None:
     sched.step()
 
 
-# ---------------------------------------------------------------- clocks
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all processes on this machine have been busy (Linux /proc/stat), or nan."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / _TICK
-
-
-def snapshot() -> tuple[float, float, float]:
-    return time.perf_counter(), time.process_time(), machine_busy_s()
-
-
-def elapsed(start: tuple[float, float, float]) -> tuple[float, float, float]:
-    """(wall s, this process's CPU s, share of the machine other processes used meanwhile)."""
-    wall, cpu, busy = (b - a for a, b in zip(start, snapshot()))
-    others = max(0.0, busy - cpu) / (wall * (os.cpu_count() or 1))
-    return wall, cpu, min(1.0, others)
-
-
-# ---------------------------------------------------------------- turn taking
-class Baton:
-    """Hands the turn between the main thread and one variant's worker thread."""
-
-    def __init__(self):
-        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
-        self.stopping = False
-        self.seconds: tuple[float, float, float] | None = None  # elapsed() of the last step
-        self.error: BaseException | None = None
-
-    def turn(self) -> tuple[float, float, float]:
-        self.seconds = None
-        self._go.release()
-        self._back.acquire()
-        if self.error is not None:
-            raise RuntimeError("a benchmark variant failed") from self.error
-        return self.seconds
-
-    def stop(self) -> None:
-        self.stopping = True
-        self._go.release()
-
-    def wait_ready(self) -> None:
-        self._back.acquire()
-        if self.error is not None:
-            raise RuntimeError("a benchmark variant failed to start") from self.error
-
-    def hand_back(self) -> None:
-        self._back.release()
-
-    def wait_turn(self) -> bool:
-        """Block until the next turn; False when the benchmark is over."""
-        self._go.acquire()
-        return not self.stopping
-
-
-class Variant:
-    """One measured configuration, run in its own thread, one step per ``turn()``.
-
-    ``calls``: how many calls one turn makes (the figures are per call); ``rows``: the
-    sequences one call processes (for sequences/s)."""
-
-    def __init__(self, name: str, what: str, calls: int = 1, rows: int = BATCH):
-        self.name, self.what, self.calls, self.rows = name, what, calls, rows
-        self.baton = Baton()
-        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        self.baton.wait_ready()
-
-    def turn(self) -> tuple[float, float, float]:
-        """One turn: (wall s, process CPU s, others' share), wall and CPU per call."""
-        wall, cpu, others = self.baton.turn()
-        return wall / self.calls, cpu / self.calls, others
-
-    def close(self) -> None:
-        self.baton.stop()
-        self.thread.join(timeout=60)
-
-    def _main(self) -> None:
-        try:
-            self.work()
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread, re-raised there
-            self.baton.error = e
-            self.baton.hand_back()
-
-    def work(self) -> None:
-        raise NotImplementedError
-
-
-class LoopVariant(Variant):
-    """A hand-written step function, timed around ``calls`` calls."""
-
-    def __init__(self, name: str, what: str, step, calls: int = 1, rows: int = BATCH):
-        super().__init__(name, what, calls, rows)
-        self.step = step
-
-    def work(self) -> None:
-        self.baton.hand_back()  # ready
-        while self.baton.wait_turn():
-            start = snapshot()
-            for _ in range(self.calls):
-                self.step()
-            self.baton.seconds = elapsed(start)
-            self.baton.hand_back()
-
-
-class TurnTaker(L.Callback):
-    """Pauses a Lightning fit after every step until its next turn and times the step
-    from the handover to the next ``on_train_batch_end``."""
-
-    def __init__(self, baton: Baton):
-        self.baton, self.start = baton, None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
-            self.baton.seconds = elapsed(self.start)
-        self.baton.hand_back()  # the first time: ready (the fit's first step is never timed)
-        if not self.baton.wait_turn():
-            trainer.should_stop = True
-            return
-        self.start = snapshot()
-
-
-class LitVariant(Variant):
+class LitVariant(harness.Variant):
     """LitBERT trained by one ``lightning.Trainer.fit`` for the whole benchmark."""
 
     def __init__(self, name: str, what: str, dm):
@@ -353,12 +216,12 @@ class LitVariant(Variant):
 
     def work(self) -> None:
         cfg = load_run_config(bert_config_dict())
-        trainer = build_trainer(cfg, logger=None, callbacks=[TurnTaker(self.baton)], checkpoint_dir=None)
+        trainer = build_trainer(cfg, logger=None, callbacks=[harness.TurnTaker(self.baton)], checkpoint_dir=None)
         trainer.fit(self.module, train_dataloaders=self.dm.train_dataloader())
 
 
 # ---------------------------------------------------------------- the variants
-def step_variants(data: Data, tokenizer) -> tuple[list[Variant], dict]:
+def step_variants(data: Data, tokenizer) -> tuple[list[harness.Variant], dict]:
     """plain_bert, hf_bert, hf_bert_nodrop (the step comparison) and their parameter counts."""
     import transformers
     from transformers import BertConfig, BertForMaskedLM
@@ -376,7 +239,7 @@ def step_variants(data: Data, tokenizer) -> tuple[list[Variant], dict]:
         loss, _ = lit._shared_step(batch, "train")
         optimizer_step(lit, loss, opt, sched, clip)
 
-    out = [LoopVariant("plain_bert", "LitBERT._shared_step (mlm-random 15%) + AdamW, plain loop", plain_step)]
+    out = [harness.LoopVariant("plain_bert", "LitBERT._shared_step (mlm-random 15%) + AdamW, plain loop", plain_step)]
     info = {"params_ours": sum(p.numel() for p in lit.parameters())}
     collator = hf_collator(tokenizer)
     for name, drop in (("hf_bert", None), ("hf_bert_nodrop", 0.0)):
@@ -395,12 +258,12 @@ def step_variants(data: Data, tokenizer) -> tuple[list[Variant], dict]:
 
         what = (f"HF BertForMaskedLM ({model.config._attn_implementation}, dropout "
                 f"{hcfg.hidden_dropout_prob}) + HF collator, plain loop")
-        out.append(LoopVariant(name, what, hf_step))
+        out.append(harness.LoopVariant(name, what, hf_step))
         info["params_hf"] = sum(p.numel() for p in model.parameters())
     return out, info
 
 
-def head_variants(data: Data) -> tuple[list[Variant], dict]:
+def head_variants(data: Data) -> tuple[list[harness.Variant], dict]:
     """The gathered head vs the head at every position, in a whole pass and alone."""
     cfg = load_run_config(bert_config_dict())
     torch.manual_seed(0)
@@ -438,16 +301,16 @@ def head_variants(data: Data) -> tuple[list[Variant], dict]:
         diff = (gathered_loss(h0) - full_loss(h0)).abs().item()
     m = int(sel.sum())
     return [
-        LoopVariant("pass_gathered", f"BERT fw+bw, head at the {m} selected rows (masked_logits)",
+        harness.LoopVariant("pass_gathered", f"BERT fw+bw, head at the {m} selected rows (masked_logits)",
                     whole_pass(gathered_loss)),
-        LoopVariant("pass_full", f"BERT fw+bw, head at all {BATCH * T} positions, CE ignore_index",
+        harness.LoopVariant("pass_full", f"BERT fw+bw, head at all {BATCH * T} positions, CE ignore_index",
                     whole_pass(full_loss)),
-        LoopVariant("head_gathered", "head + loss fw+bw on fixed h, selected rows", head_only(gathered_loss)),
-        LoopVariant("head_full", "head + loss fw+bw on fixed h, every position", head_only(full_loss)),
+        harness.LoopVariant("head_gathered", "head + loss fw+bw on fixed h, selected rows", head_only(gathered_loss)),
+        harness.LoopVariant("head_full", "head + loss fw+bw on fixed h, every position", head_only(full_loss)),
     ], {"max |gathered - full| loss": diff, "scored rows M (head batch)": m}
 
 
-def mask_variants(data: Data, tokenizer) -> tuple[list[Variant], dict]:
+def mask_variants(data: Data, tokenizer) -> tuple[list[harness.Variant], dict]:
     """Masking alone: our strategy vs the HF collator, on tensors and from rows."""
     cfg = load_run_config(bert_config_dict())
     strategy = cfg.masking
@@ -477,126 +340,53 @@ def mask_variants(data: Data, tokenizer) -> tuple[list[Variant], dict]:
     hf_share = statistics.fmean((hf()[1] != -100).sum().item() / batch["eligible"].sum().item() for _ in range(50))
     what = f"{MASK_CALLS} calls per turn, figures per call: "
     return [
-        LoopVariant("mask_ours", what + "MLMRandom 15% on the (B, T) tensors", ours, MASK_CALLS),
-        LoopVariant("mask_hf", what + "HF torch_mask_tokens on the same tensors", hf, MASK_CALLS),
-        LoopVariant("mask_ours_collate", what + "data.mlm.pack of the rows + MLMRandom", ours_collate, MASK_CALLS),
-        LoopVariant("mask_hf_collate", what + "HF collator call on the rows (pad + mask)", hf_collate, MASK_CALLS),
+        harness.LoopVariant("mask_ours", what + "MLMRandom 15% on the (B, T) tensors", ours, MASK_CALLS),
+        harness.LoopVariant("mask_hf", what + "HF torch_mask_tokens on the same tensors", hf, MASK_CALLS),
+        harness.LoopVariant("mask_ours_collate", what + "data.mlm.pack of the rows + MLMRandom", ours_collate, MASK_CALLS),
+        harness.LoopVariant("mask_hf_collate", what + "HF collator call on the rows (pad + mask)", hf_collate, MASK_CALLS),
     ], {"selected share of eligible, ours (exact)": ours_share,
         "selected share of eligible, HF (Bernoulli, mean of 50)": hf_share}
 
 
 # ---------------------------------------------------------------- measurement
-def measure(by_name: dict[str, Variant], rounds: int, steps: int, micro_reps: int, label: str = "round"):
-    """Round-robin over GROUPS. Returns ({variant: [[turn of round 0, ...], ...]}, the
-    1-minute load average after each round)."""
-    times = {name: [] for name in by_name}
-    loads = []
-    for r in range(rounds):
-        t0 = time.perf_counter()
-        for group in GROUPS:
-            k = r % len(group)
-            order = group[k:] + group[:k]  # rotate who goes first
-            reps = micro_reps if group[0] in MICRO else steps
-            got = {name: [] for name in group}
-            for _ in range(reps):  # A B C A B C ...: neighbours in time
-                for name in order:
-                    got[name].append(by_name[name].turn())
-            for name in group:
-                times[name].append(got[name])
-        loads.append(os.getloadavg()[0])
-        print(f"  {label} {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s, load {loads[-1]:.2f}", flush=True)
-    return times, loads
+def is_masking(group) -> bool:
+    return group[0] in MICRO
 
 
-def per_round(turns_by_round: list[list[tuple]], micro: bool, clock: int) -> list[float]:
-    """One figure per round (clock 0 = wall, 1 = process CPU): the mean of a round's
-    steps, the median of its masking turns (many, and short)."""
-    reduce = statistics.median if micro else statistics.fmean
-    return [reduce([s[clock] for s in turns]) for turns in turns_by_round]
-
-
-def paired(by_round: dict[str, list[float]], num: str, den: str, others=None) -> dict:
-    """time(num) / time(den) per round, its median and range, the ratio of the best rounds,
-    and (given each round's share used by other processes) the median over quiet rounds."""
-    vals = [a / b for a, b in zip(by_round[num], by_round[den])]
-    out = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "per_round": vals,
-           "best_vs_best": min(by_round[num]) / min(by_round[den])}
-    if others is not None:
-        quiet = [v for v, a, b in zip(vals, others[num], others[den]) if max(a, b) < QUIET]
-        out.update(quiet_rounds=len(quiet), quiet_median=statistics.median(quiet) if quiet else None)
-    return out
-
-
-def report(variants: list[Variant], times, checks: dict) -> dict:
-    wall = {v.name: per_round(times[v.name], v.name in MICRO, 0) for v in variants}
-    cpu = {v.name: per_round(times[v.name], v.name in MICRO, 1) for v in variants}
-    others = {v.name: per_round(times[v.name], False, 2) for v in variants}
+def report(variants: list[harness.Variant], times, checks: dict) -> dict:
+    wall = {v.name: harness.per_round(times[v.name], v.name in MICRO, 0) for v in variants}
+    cpu = {v.name: harness.per_round(times[v.name], v.name in MICRO, 1) for v in variants}
+    others = {v.name: harness.per_round(times[v.name], False, 2) for v in variants}
     rows = {}
     print(f"\n{'variant':<18}{'ms/call':>9}{'best':>8}{'cpu ms':>8}{'others':>7}{'seq/s':>10}{'tokens/s':>12}  what")
     for v in variants:
         sec, best = statistics.median(wall[v.name]), min(wall[v.name])
-        busy = statistics.median(s[2] for turns in times[v.name] for s in turns)
+        busy = harness.median_others(times[v.name])
         rows[v.name] = {"what": v.what, "ms_per_call": 1e3 * sec, "best_ms": 1e3 * best,
                         "cpu_ms_per_call": 1e3 * statistics.median(cpu[v.name]), "others_share": busy,
-                        "sequences_per_s": v.rows / sec, "tokens_per_s": v.rows * T / sec,
+                        "sequences_per_s": BATCH / sec, "tokens_per_s": BATCH * T / sec,
                         "per_round_ms": [1e3 * s for s in wall[v.name]],
-                        "raw_wall_ms_cpu_ms_others": [[[round(1e3 * w, 2), round(1e3 * c, 2), round(o, 3)]
-                                                       for w, c, o in turns] for turns in times[v.name]]}
+                        "raw_wall_ms_cpu_ms_others": harness.raw_turns(times[v.name], 2)}
         print(f"{v.name:<18}{1e3 * sec:>9.1f}{1e3 * best:>8.1f}{rows[v.name]['cpu_ms_per_call']:>8.1f}"
-              f"{busy:>7.0%}{v.rows / sec:>10,.0f}{v.rows * T / sec:>12,.0f}  {v.what}")
+              f"{busy:>7.0%}{BATCH / sec:>10,.0f}{BATCH * T / sec:>12,.0f}  {v.what}")
 
     out, missed = {}, []
     print(f"\n{'ratio (wall clock unless said)':<55}{'median':>7}{'range':>14}{'best/best':>10}{'cpu':>7}"
           f"{'quiet (n)':>12}  target")
-    for label, (num, den, *target) in [*TARGETS.items(), *((k, (*v, None, None)) for k, v in INFO_RATIOS.items())]:
-        r = paired(wall, num, den, others)
-        r.update(num=num, den=den, cpu_time_median=paired(cpu, num, den)["median"])
-        quiet = f"{r['quiet_median']:.3f} ({r['quiet_rounds']})" if r["quiet_rounds"] else "- (0)"
+    for label, num, den, kind, bound in harness.ratio_rows(TARGETS, INFO_RATIOS):
+        r = harness.paired(wall, num, den, others)
+        r.update(num=num, den=den, cpu_time_median=harness.paired(cpu, num, den)["median"])
+        quiet = harness.quiet_cell(r)
         line = (f"{label:<55}{r['median']:>7.3f}{r['min']:>7.3f}-{r['max']:<6.3f}{r['best_vs_best']:>10.3f}"
-                f"{r['cpu_time_median']:>7.3f}{quiet:>12}")
-        kind, bound = target
-        if kind is None:
-            r["target"] = None
-            line += "  (info)"
-        else:
-            r["target"] = f"{kind} {bound}"
-            r["met"] = r["median"] >= bound if kind == ">=" else r["median"] <= bound
-            line += f"  {kind} {bound}: {'met' if r['met'] else 'MISSED'}"
-            if not r["met"]:
-                missed.append(label)
+                f"{r['cpu_time_median']:>7.3f}{quiet:>12}") + harness.judge(r, kind, bound)
+        if kind is not None and not r["met"]:
+            missed.append(label)
         out[label] = r
         print(line)
     print()
     for name, value in checks.items():
         print(f"check: {name} = {value:.4g}" if isinstance(value, float) else f"check: {name} = {value}")
     return {"variants": rows, "ratios": out, "missed": missed, "checks": checks}
-
-
-def profile_table(prof, rows: int = 15) -> tuple[str, list[dict]]:
-    """Top ops by self CPU time: the printable table and a JSON-able list."""
-    avg = prof.key_averages()
-    table = avg.table(sort_by="self_cpu_time_total", row_limit=rows)
-    total = sum(e.self_cpu_time_total for e in avg) or 1.0
-    top = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    return table, [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
-                    "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1)} for e in top]
-
-
-def profile(by_name: dict[str, Variant], names: list[str]) -> dict:
-    """One turn of each named variant under torch.profiler (CPU, all threads: the step runs
-    in the variant's worker thread): top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity, _ExperimentalConfig
-    from torch.profiler import profile as torch_profile
-
-    out = {}
-    for name in names:
-        with torch_profile(activities=[ProfilerActivity.CPU],
-                           experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
-            ms = 1e3 * by_name[name].turn()[0]
-        table, top = profile_table(prof)
-        print(f"\n=== profile: {name} (one turn, {ms:.1f} ms per call under the profiler) ===\n{table}")
-        out[name] = {"ms_per_call_under_profiler": ms, "top_ops_by_self_cpu": top}
-    return out
 
 
 # ---------------------------------------------------------------- main
@@ -606,56 +396,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="round-robin repeats (default 7, quick 2)")
     p.add_argument("--steps", type=int, default=1, help="steps per variant per round (default 1)")
     p.add_argument("--micro-reps", type=int, help="masking turns per variant per round (default 5, quick 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--json", type=Path, help="write all figures, ratios and raw step times here")
-    p.add_argument("--profile", nargs="?", const="missed", default=None,
-                   help="after timing, profile one step of the variants behind each missed target "
-                        "('missed', the default) or of a comma-separated list of variants")
+    harness.add_output_args(p, "step")
     a = p.parse_args(argv)
     a.rounds = a.rounds or (2 if a.quick else 7)
     a.micro_reps = a.micro_reps or (3 if a.quick else 5)
     return a
 
 
-def quiet_lightning() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for msg in (".*does not have many workers.*", ".*validation_step.*", ".*val_dataloader.*",
-                ".*treespec.*"):
-        warnings.filterwarnings("ignore", message=msg)
-
-
 def environment(args) -> dict:
     import transformers
 
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-              if ln.startswith("model name")] if cpuinfo.exists() else []
-    return {"date": datetime.date.today().isoformat(), "cpu": models[0] if models else platform.processor(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
+    return {**harness.machine(), "lightning": L.__version__,
             "transformers": transformers.__version__,
             "shape": {"depth": DEPTH, "width": WIDTH, "heads": HEADS, "seq": T, "batch": BATCH, "vocab": VOCAB},
             "rounds": args.rounds, "steps": args.steps, "micro_reps": args.micro_reps, "mask_calls": MASK_CALLS,
-            "command": " ".join(["python", *sys.argv]), "load_avg_start": os.getloadavg(),
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_"))}}
-
-
-def profile_names(arg: str, missed: list[str], known) -> list[str]:
-    if arg == "missed":
-        names = [n for label in missed for n in TARGETS[label][:2]]
-    else:
-        names = [n.strip() for n in arg.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"--profile: unknown variant {unknown[0]!r}; allowed: missed, {', '.join(known)}")
-    return list(dict.fromkeys(names))
+            **harness.invocation()}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    quiet_lightning()
+    harness.quiet_lightning()
     start = time.perf_counter()
     env = environment(args)
     dm = build_datamodule(load_run_config(bert_config_dict()), workspace())  # trains the tokenizer once
@@ -677,25 +438,18 @@ def main(argv=None) -> int:
     try:
         for v in variants:  # the Lightning fit runs its first (setup) step here
             v.start()
-        measure(by_name, 1, 1, 1, label="warm-up round (not measured)")
-        times, loads = measure(by_name, args.rounds, args.steps, args.micro_reps)
+        harness.measure(by_name, GROUPS, 1, 1, 1, is_masking, label="warm-up round (not measured)")
+        times, loads = harness.measure(by_name, GROUPS, args.rounds, args.steps, args.micro_reps, is_masking)
         assert torch.get_num_threads() == args.threads, "something changed the thread count"
         result = report(variants, times, {**info, **head_checks, **mask_checks})
         result["load_avg_per_round"] = loads
         if args.profile:
-            result["profiles"] = profile(by_name, profile_names(args.profile, result["missed"], by_name))
+            missed = [n for label in result["missed"] for n in TARGETS[label][:2]]
+            result["profiles"] = harness.profile(by_name, harness.profile_names(args.profile, missed, by_name),
+                                         "one turn, {ms:.1f} ms per call", "ms_per_call_under_profiler", all_threads=True)
     finally:
-        for v in variants:
-            if v.thread.is_alive():
-                v.close()
-    env["wall_s"] = time.perf_counter() - start
-    env["load_avg_end"] = os.getloadavg()
-    print(f"\ntotal {env['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, **result}, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+        harness.close_all(variants)
+    return harness.finish(args, env, result, start)
 
 
 if __name__ == "__main__":

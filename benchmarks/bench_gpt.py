@@ -48,16 +48,9 @@ Usage:  python benchmarks/bench_gpt.py [--quick] [--json PATH] [--profile [misse
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import logging
-import os
-import platform
 import statistics
 import sys
-import threading
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -66,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+import harness  # noqa: E402
 import lightning as L  # noqa: E402
 
 from lit_modules.blocks import run_blocks  # noqa: E402
@@ -79,9 +73,6 @@ DEPTH, WIDTH, HEADS, T, BATCH, VOCAB = 4, 256, 4, 256, 16, 8192
 LR, WEIGHT_DECAY, BETAS, CLIP, WARMUP = 1e-3, 0.1, (0.9, 0.95), 1.0, 10  # the OptimConfig defaults
 N_BATCHES = 256  # synthetic windows per epoch: more steps than any run takes, so no epoch ends
 FIT_STEPS = 1_000_000  # a Lightning fit runs until the benchmark stops it
-# A round counts as quiet for a ratio when other processes used under this share of the
-# machine during both sides' steps (10%: a background process's occasional work).
-QUIET = 0.10
 
 TARGETS = {  # label: (numerator, denominator, kind, bound); ratio = time(numerator) / time(denominator)
     "LitGPT / plain loop, fw (throughput)": ("plain_fw", "lit_fw", ">=", 0.95),
@@ -191,151 +182,22 @@ def gpt_config_dict(p_bw: float, max_steps: int = 10) -> dict:
     }
 
 
-# ---------------------------------------------------------------- clocks
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all processes on this machine have been busy (Linux /proc/stat), or nan."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / _TICK
-
-
-def snapshot() -> tuple[float, float, float]:
-    return time.perf_counter(), time.process_time(), machine_busy_s()
-
-
-def elapsed(start: tuple[float, float, float]) -> tuple[float, float, float]:
-    """(wall s, this process's CPU s, share of the machine other processes used meanwhile)."""
-    wall, cpu, busy = (b - a for a, b in zip(start, snapshot()))
-    others = max(0.0, busy - cpu) / (wall * (os.cpu_count() or 1))
-    return wall, cpu, min(1.0, others)
-
-
-# ---------------------------------------------------------------- turn taking
-class Baton:
-    """Hands the turn between the main thread and one variant's worker thread."""
-
-    def __init__(self):
-        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
-        self.stopping = False
-        self.seconds: tuple[float, float, float] | None = None  # elapsed() of the last step
-        self.error: BaseException | None = None
-
-    # main-thread side
-    def turn(self) -> tuple[float, float, float]:
-        self.seconds = None
-        self._go.release()
-        self._back.acquire()
-        if self.error is not None:
-            raise RuntimeError("a benchmark variant failed") from self.error
-        return self.seconds
-
-    def stop(self) -> None:
-        self.stopping = True
-        self._go.release()
-
-    def wait_ready(self) -> None:
-        self._back.acquire()
-        if self.error is not None:
-            raise RuntimeError("a benchmark variant failed to start") from self.error
-
-    # worker side
-    def hand_back(self) -> None:
-        self._back.release()
-
-    def wait_turn(self) -> bool:
-        """Block until the next turn; False when the benchmark is over."""
-        self._go.acquire()
-        return not self.stopping
-
-
-class Variant:
-    """One measured configuration, run in its own thread, one step per ``turn()``."""
-
-    def __init__(self, name: str, what: str, rows_per_step: int, tokens: int = BATCH * T):
-        self.name, self.what = name, what
-        self.tokens, self.predictions = tokens, rows_per_step * T
-        self.baton = Baton()
-        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-        self.baton.wait_ready()
-
-    def turn(self) -> tuple[float, float, float]:
-        """One step: (wall s, process CPU s, share of the machine used by other processes)."""
-        return self.baton.turn()
-
-    def close(self) -> None:
-        self.baton.stop()
-        self.thread.join(timeout=60)
-
-    def _main(self) -> None:
-        try:
-            self.work()
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread, re-raised there
-            self.baton.error = e
-            self.baton.hand_back()
-
-    def work(self) -> None:
-        raise NotImplementedError
-
-
-class LoopVariant(Variant):
-    """A hand-written step function, timed around the call."""
-
-    def __init__(self, name: str, what: str, step, rows_per_step: int):
-        super().__init__(name, what, rows_per_step)
-        self.step = step
-
-    def work(self) -> None:
-        self.baton.hand_back()  # ready
-        while self.baton.wait_turn():
-            start = snapshot()
-            self.step()
-            self.baton.seconds = elapsed(start)
-            self.baton.hand_back()
-
-
-class TurnTaker(L.Callback):
-    """Pauses a Lightning fit after every step until its next turn and times the step
-    from the handover to the next ``on_train_batch_end``."""
-
-    def __init__(self, baton: Baton):
-        self.baton, self.start = baton, None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
-            self.baton.seconds = elapsed(self.start)
-        self.baton.hand_back()  # the first time: ready (the fit's first step is never timed)
-        if not self.baton.wait_turn():
-            trainer.should_stop = True
-            return
-        self.start = snapshot()
-
-
-class LitVariant(Variant):
+class LitVariant(harness.Variant):
     """LitGPT trained by one ``lightning.Trainer.fit`` for the whole benchmark."""
 
     def __init__(self, name: str, what: str, p_bw: float):
-        super().__init__(name, what, 2 * BATCH if p_bw >= 1 else BATCH)
+        super().__init__(name, what, rows=2 * BATCH if p_bw >= 1 else BATCH)
         self.p_bw = p_bw
         self.module = build_model(load_run_config(gpt_config_dict(p_bw)))
 
     def work(self) -> None:
         cfg = load_run_config(gpt_config_dict(self.p_bw, max_steps=FIT_STEPS))
-        trainer = build_trainer(cfg, logger=None, callbacks=[TurnTaker(self.baton)], checkpoint_dir=None)
+        trainer = build_trainer(cfg, logger=None, callbacks=[harness.TurnTaker(self.baton)], checkpoint_dir=None)
         trainer.fit(self.module, train_dataloaders=make_loader())
 
 
 # ---------------------------------------------------------------- the variants
-def plain_variants() -> list[Variant]:
+def plain_variants() -> list[harness.Variant]:
     out = []
     for name, fwbw in (("plain_fw", False), ("plain_fwbw", True)):
         torch.manual_seed(0)
@@ -360,11 +222,11 @@ def plain_variants() -> list[Variant]:
             optimizer_step(model, loss, opt, sched)
 
         what = "plain loop, same GPT nn.Module, " + ("fw+bw (2B rows)" if fwbw else "fw only")
-        out.append(LoopVariant(name, what, step, 2 * BATCH if fwbw else BATCH))
+        out.append(harness.LoopVariant(name, what, step, rows=2 * BATCH if fwbw else BATCH))
     return out
 
 
-def hf_variants() -> list[Variant]:
+def hf_variants() -> list[harness.Variant]:
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -386,7 +248,7 @@ def hf_variants() -> list[Variant]:
 
         what = (f"HF GPT2LMHeadModel ({cfg._attn_implementation}, {cfg.activation_function}, "
                 f"dropout {cfg.resid_pdrop}), plain loop, fw only")
-        out.append(LoopVariant(name, what, step, BATCH))
+        out.append(harness.LoopVariant(name, what, step, rows=BATCH))
     return out
 
 
@@ -406,7 +268,7 @@ def dense_bw_logits(gpt: GPT, window: torch.Tensor) -> torch.Tensor:
     return gpt.logits(h)
 
 
-def pass_variants(masking) -> tuple[list[Variant], float]:
+def pass_variants(masking) -> tuple[list[harness.Variant], float]:
     """fw-only, bw-only (flip + is_causal) and bw-only dense-mask forward+backward passes,
     and the max |difference| between the two bw forms' logits (they compute one function)."""
     torch.manual_seed(0)
@@ -430,16 +292,16 @@ def pass_variants(masking) -> tuple[list[Variant], float]:
         flip_form = gpt(masked.inputs, masked.direction, masked.attention).flip(1)
         diff = (flip_form - dense_bw_logits(gpt, window)).abs().max().item()
     return [
-        LoopVariant("pass_fw", "fw-only forward+backward (library masking, is_causal)",
-                    lambda: library_pass("fw"), BATCH),
-        LoopVariant("pass_bw", "bw-only forward+backward (flipped sequence, is_causal)",
-                    lambda: library_pass("bw"), BATCH),
-        LoopVariant("pass_bw_dense", "bw-only forward+backward, original order, dense triu mask",
-                    dense_pass, BATCH),
+        harness.LoopVariant("pass_fw", "fw-only forward+backward (library masking, is_causal)",
+                    lambda: library_pass("fw"), rows=BATCH),
+        harness.LoopVariant("pass_bw", "bw-only forward+backward (flipped sequence, is_causal)",
+                    lambda: library_pass("bw"), rows=BATCH),
+        harness.LoopVariant("pass_bw_dense", "bw-only forward+backward, original order, dense triu mask",
+                    dense_pass, rows=BATCH),
     ], diff
 
 
-def attention_variants() -> tuple[list[Variant], float]:
+def attention_variants() -> tuple[list[harness.Variant], float]:
     """One SDPA call, forward+backward, at the model's per-layer shape (B, H, T, D/H)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(BATCH, HEADS, T, WIDTH // HEADS, generator=g).requires_grad_() for _ in range(3))
@@ -466,92 +328,46 @@ def attention_variants() -> tuple[list[Variant], float]:
         diff = (dense() - flip_causal()).abs().max().item()
     what = "attention only, 1 SDPA call fwd+bwd: "
     return [
-        LoopVariant("attn_causal", what + "is_causal (sequence already in reading order)", fwd_bwd(causal), BATCH),
-        LoopVariant("attn_dense_triu", what + "dense (T, T) triu bool mask", fwd_bwd(dense), BATCH),
-        LoopVariant("attn_flip_causal", what + "flip q,k,v + is_causal + flip back", fwd_bwd(flip_causal), BATCH),
+        harness.LoopVariant("attn_causal", what + "is_causal (sequence already in reading order)", fwd_bwd(causal), rows=BATCH),
+        harness.LoopVariant("attn_dense_triu", what + "dense (T, T) triu bool mask", fwd_bwd(dense), rows=BATCH),
+        harness.LoopVariant("attn_flip_causal", what + "flip q,k,v + is_causal + flip back", fwd_bwd(flip_causal), rows=BATCH),
     ], diff
 
 
 # ---------------------------------------------------------------- measurement
-def measure(by_name: dict[str, Variant], rounds: int, steps: int, micro_reps: int, label: str = "round"):
-    """Round-robin over GROUPS. Returns ({variant: [[elapsed() of each step of round 0], ...]},
-    the 1-minute load average after each round)."""
-    times = {name: [] for name in by_name}
-    loads = []
-    for r in range(rounds):
-        t0 = time.perf_counter()
-        for group in GROUPS:
-            k = r % len(group)
-            order = group[k:] + group[:k]  # rotate who goes first
-            reps = micro_reps if group[0].startswith("attn_") else steps
-            got = {name: [] for name in group}
-            for _ in range(reps):  # A B C A B C ...: neighbours in time
-                for name in order:
-                    got[name].append(by_name[name].turn())
-            for name in group:
-                times[name].append(got[name])
-        loads.append(os.getloadavg()[0])
-        print(f"  {label} {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s, load {loads[-1]:.2f}", flush=True)
-    return times, loads
+def is_attention(group) -> bool:
+    return group[0].startswith("attn_")
 
 
-def per_round(steps_by_round: list[list[tuple]], micro: bool, clock: int) -> list[float]:
-    """One figure per round (clock 0 = wall, 1 = process CPU): the mean of a round's
-    training steps, the median of its attention calls (many, and short)."""
-    reduce = statistics.median if micro else statistics.fmean
-    return [reduce([s[clock] for s in steps]) for steps in steps_by_round]
-
-
-def paired(by_round: dict[str, list[float]], num: str, den: str, others=None) -> dict:
-    """time(num) / time(den) per round, its median and range, the ratio of the best rounds,
-    and (given each round's share used by other processes) the median over quiet rounds."""
-    vals = [a / b for a, b in zip(by_round[num], by_round[den])]
-    out = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "per_round": vals,
-           "best_vs_best": min(by_round[num]) / min(by_round[den])}
-    if others is not None:
-        quiet = [v for v, a, b in zip(vals, others[num], others[den]) if max(a, b) < QUIET]
-        out.update(quiet_rounds=len(quiet), quiet_median=statistics.median(quiet) if quiet else None)
-    return out
-
-
-def report(variants: list[Variant], times, checks: dict[str, float]) -> dict:
-    wall = {v.name: per_round(times[v.name], v.name.startswith("attn_"), 0) for v in variants}
-    cpu = {v.name: per_round(times[v.name], v.name.startswith("attn_"), 1) for v in variants}
-    others = {v.name: per_round(times[v.name], False, 2) for v in variants}
+def report(variants: list[harness.Variant], times, checks: dict[str, float]) -> dict:
+    wall = {v.name: harness.per_round(times[v.name], v.name.startswith("attn_"), 0) for v in variants}
+    cpu = {v.name: harness.per_round(times[v.name], v.name.startswith("attn_"), 1) for v in variants}
+    others = {v.name: harness.per_round(times[v.name], False, 2) for v in variants}
     rows = {}
     print(f"\n{'variant':<17}{'ms/step':>9}{'best':>8}{'cpu ms':>8}{'others':>7}{'tokens/s':>10}{'pred/s':>9}  what")
     for v in variants:
         sec, best = statistics.median(wall[v.name]), min(wall[v.name])
-        busy = statistics.median(s[2] for steps in times[v.name] for s in steps)
+        busy = harness.median_others(times[v.name])
         rows[v.name] = {"what": v.what, "ms_per_step": 1e3 * sec, "best_ms": 1e3 * best,
                         "cpu_ms_per_step": 1e3 * statistics.median(cpu[v.name]),
                         "others_share": busy,
-                        "tokens_per_s": v.tokens / sec, "predictions_per_s": v.predictions / sec,
+                        "tokens_per_s": BATCH * T / sec, "predictions_per_s": v.rows * T / sec,
                         "per_round_ms": [1e3 * s for s in wall[v.name]],
-                        "raw_steps_wall_ms_cpu_ms_others": [[[round(1e3 * w, 1), round(1e3 * c, 1), round(o, 3)]
-                                                             for w, c, o in steps] for steps in times[v.name]]}
+                        "raw_steps_wall_ms_cpu_ms_others": harness.raw_turns(times[v.name], 1)}
         print(f"{v.name:<17}{1e3 * sec:>9.1f}{1e3 * best:>8.1f}{rows[v.name]['cpu_ms_per_step']:>8.1f}"
-              f"{busy:>7.0%}{v.tokens / sec:>10,.0f}{v.predictions / sec:>9,.0f}  {v.what}")
+              f"{busy:>7.0%}{BATCH * T / sec:>10,.0f}{v.rows * T / sec:>9,.0f}  {v.what}")
 
     out, missed = {}, []
     print(f"\n{'ratio (wall clock unless said)':<51}{'median':>7}{'range':>14}{'best/best':>10}{'cpu':>7}"
           f"{'quiet (n)':>12}  target")
-    for label, (num, den, *target) in [*TARGETS.items(), *((k, (*v, None, None)) for k, v in INFO_RATIOS.items())]:
-        r = paired(wall, num, den, others)
-        r.update(num=num, den=den, cpu_time_median=paired(cpu, num, den)["median"])
-        quiet = f"{r['quiet_median']:.3f} ({r['quiet_rounds']})" if r["quiet_rounds"] else "- (0)"
+    for label, num, den, kind, bound in harness.ratio_rows(TARGETS, INFO_RATIOS):
+        r = harness.paired(wall, num, den, others)
+        r.update(num=num, den=den, cpu_time_median=harness.paired(cpu, num, den)["median"])
+        quiet = harness.quiet_cell(r)
         line = (f"{label:<51}{r['median']:>7.3f}{r['min']:>7.3f}-{r['max']:<6.3f}{r['best_vs_best']:>10.3f}"
-                f"{r['cpu_time_median']:>7.3f}{quiet:>12}")
-        kind, bound = target
-        if kind is None:
-            r["target"] = None
-            line += "  (info)"
-        else:
-            r["target"] = f"{kind} {bound}"
-            r["met"] = r["median"] >= bound if kind == ">=" else r["median"] <= bound
-            line += f"  {kind} {bound}: {'met' if r['met'] else 'MISSED'}"
-            if not r["met"]:
-                missed.append(label)
+                f"{r['cpu_time_median']:>7.3f}{quiet:>12}") + harness.judge(r, kind, bound)
+        if kind is not None and not r["met"]:
+            missed.append(label)
         out[label] = r
         print(line)
     share = DEPTH * rows["attn_causal"]["ms_per_step"] / rows["pass_fw"]["ms_per_step"]
@@ -562,33 +378,6 @@ def report(variants: list[Variant], times, checks: dict[str, float]) -> dict:
             "checks": checks}
 
 
-def profile_table(prof, rows: int = 15) -> tuple[str, list[dict]]:
-    """Top ops by self CPU time: the printable table and a JSON-able list."""
-    avg = prof.key_averages()
-    table = avg.table(sort_by="self_cpu_time_total", row_limit=rows)
-    total = sum(e.self_cpu_time_total for e in avg) or 1.0
-    top = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    return table, [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
-                    "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1)} for e in top]
-
-
-def profile(by_name: dict[str, Variant], names: list[str]) -> dict:
-    """One step of each named variant under torch.profiler (CPU, all threads: the step runs
-    in the variant's worker thread): top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity, _ExperimentalConfig
-    from torch.profiler import profile as torch_profile
-
-    out = {}
-    for name in names:
-        with torch_profile(activities=[ProfilerActivity.CPU],
-                           experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
-            ms = 1e3 * by_name[name].turn()[0]
-        table, top = profile_table(prof)
-        print(f"\n=== profile: {name} (one step, {ms:.0f} ms under the profiler) ===\n{table}")
-        out[name] = {"step_ms_under_profiler": ms, "top_ops_by_self_cpu": top}
-    return out
-
-
 # ---------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -596,56 +385,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="round-robin repeats (default 5, quick 2)")
     p.add_argument("--steps", type=int, default=1, help="steps per variant per round (default 1)")
     p.add_argument("--micro-reps", type=int, help="attention calls per variant per round (default 7, quick 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--json", type=Path, help="write all figures, ratios and raw step times here")
-    p.add_argument("--profile", nargs="?", const="missed", default=None,
-                   help="after timing, profile one step of the variants behind each missed target "
-                        "('missed', the default) or of a comma-separated list of variants")
+    harness.add_output_args(p, "step")
     a = p.parse_args(argv)
     a.rounds = a.rounds or (2 if a.quick else 5)
     a.micro_reps = a.micro_reps or (3 if a.quick else 7)
     return a
 
 
-def quiet_lightning() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for msg in (".*does not have many workers.*", ".*validation_step.*", ".*val_dataloader.*",
-                ".*treespec.*"):
-        warnings.filterwarnings("ignore", message=msg)
-
-
 def environment(args) -> dict:
     import transformers
 
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-              if ln.startswith("model name")] if cpuinfo.exists() else []
-    return {"date": datetime.date.today().isoformat(), "cpu": models[0] if models else platform.processor(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
+    return {**harness.machine(), "lightning": L.__version__,
             "transformers": transformers.__version__,
             "shape": {"depth": DEPTH, "width": WIDTH, "heads": HEADS, "seq": T, "batch": BATCH, "vocab": VOCAB},
             "rounds": args.rounds, "steps": args.steps, "micro_reps": args.micro_reps,
-            "command": " ".join(["python", *sys.argv]), "load_avg_start": os.getloadavg(),
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_"))}}
-
-
-def profile_names(arg: str, missed: list[str], known) -> list[str]:
-    if arg == "missed":
-        names = [n for label in missed for n in TARGETS[label][:2]]
-    else:
-        names = [n.strip() for n in arg.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"--profile: unknown variant {unknown[0]!r}; allowed: missed, {', '.join(known)}")
-    return list(dict.fromkeys(names))
+            **harness.invocation()}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    quiet_lightning()
+    harness.quiet_lightning()
     start = time.perf_counter()
     env = environment(args)
     lit = [LitVariant("lit_fw", "LitGPT, lightning.Trainer fit, p_bw = 0", 0.0),
@@ -662,26 +422,19 @@ def main(argv=None) -> int:
     try:
         for v in variants:  # Lightning fits run their first (setup) step here
             v.start()
-        measure(by_name, 1, 1, 1, label="warm-up round (not measured)")
-        times, loads = measure(by_name, args.rounds, args.steps, args.micro_reps)
+        harness.measure(by_name, GROUPS, 1, 1, 1, is_attention, label="warm-up round (not measured)")
+        times, loads = harness.measure(by_name, GROUPS, args.rounds, args.steps, args.micro_reps, is_attention)
         assert torch.get_num_threads() == args.threads, "something changed the thread count"
         result = report(variants, times, {"max |dense - flip| logits, bw model": pass_diff,
                                           "max |dense - flip| attention output": attn_diff})
         result["load_avg_per_round"] = loads
         if args.profile:
-            result["profiles"] = profile(by_name, profile_names(args.profile, result["missed"], by_name))
+            missed = [n for label in result["missed"] for n in TARGETS[label][:2]]
+            result["profiles"] = harness.profile(by_name, harness.profile_names(args.profile, missed, by_name),
+                                         "one step, {ms:.0f} ms", "step_ms_under_profiler", all_threads=True)
     finally:
-        for v in variants:
-            if v.thread.is_alive():
-                v.close()
-    env["wall_s"] = time.perf_counter() - start
-    env["load_avg_end"] = os.getloadavg()
-    print(f"\ntotal {env['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, **result}, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+        harness.close_all(variants)
+    return harness.finish(args, env, result, start)
 
 
 if __name__ == "__main__":

@@ -60,10 +60,7 @@ Usage:  python benchmarks/bench_mae.py [--quick] [--sizes 64,224] [--json PATH] 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -78,6 +75,8 @@ from torch.utils import flop_counter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere in the repo
 
+import harness  # noqa: E402
+
 from lit_modules.base import lr_factor  # noqa: E402
 from lit_modules.blocks import run_blocks  # noqa: E402
 from lit_modules.config import load_run_config  # noqa: E402
@@ -90,9 +89,6 @@ PATCH, DEPTH, WIDTH, HEADS = 16, 4, 192, 3
 DEC_DEPTH, DEC_WIDTH, DEC_HEADS = 2, 128, 4
 BATCH, MASK_RATIO, DATA_SIZE = 32, 0.75, 64  # tiny-imagenet is 64x64
 MAX_STEPS = 1000  # the LR schedule's length: longer than any run here, so the rate stays sane
-# A round counts as quiet for a ratio when other processes used under this share of the
-# machine during both sides' steps (10%: a background process's occasional work).
-QUIET = 0.10
 
 # label: (numerator, denominator, kind, bound); ratio = time(numerator) / time(denominator),
 # i.e. the throughput of ours over the other side. One row per image size measured.
@@ -220,9 +216,9 @@ class Variant:
 
     def turn(self) -> tuple[float, float, float]:
         """One step: (wall s, process CPU s, share of the machine used by other processes)."""
-        start = snapshot()
+        start = harness.snapshot()
         self.step()
-        return elapsed(start)
+        return harness.elapsed(start)
 
     def first_loss(self) -> float:
         with torch.no_grad():
@@ -333,73 +329,7 @@ def variants_for(size: int, batches: list[dict]) -> list[Variant]:
     return [ours, masktok, hf_variant(size, Cycle(batches), ours.opt)]
 
 
-# ---------------------------------------------------------------- clocks
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all processes on this machine have been busy (Linux /proc/stat), or nan."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / _TICK
-
-
-def snapshot() -> tuple[float, float, float]:
-    return time.perf_counter(), time.process_time(), machine_busy_s()
-
-
-def elapsed(start: tuple[float, float, float]) -> tuple[float, float, float]:
-    """(wall s, this process's CPU s, share of the machine other processes used meanwhile)."""
-    wall, cpu, busy = (b - a for a, b in zip(start, snapshot()))
-    others = max(0.0, busy - cpu) / (wall * (os.cpu_count() or 1))
-    return wall, cpu, min(1.0, others)
-
-
 # ---------------------------------------------------------------- measurement
-def measure(by_name: dict[str, Variant], groups: list[tuple[str, ...]], rounds: int, steps: int,
-            label: str = "round"):
-    """Round-robin over the groups. Returns ({variant: [[elapsed() of each step of round 0], ...]},
-    the 1-minute load average after each round)."""
-    times = {name: [] for name in by_name}
-    loads = []
-    for r in range(rounds):
-        t0 = time.perf_counter()
-        for group in groups:
-            k = r % len(group)
-            order = group[k:] + group[:k]  # rotate who goes first
-            got = {name: [] for name in group}
-            for _ in range(steps):  # A B C A B C ...: neighbours in time
-                for name in order:
-                    got[name].append(by_name[name].turn())
-            for name in group:
-                times[name].append(got[name])
-        loads.append(os.getloadavg()[0])
-        print(f"  {label} {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s, load {loads[-1]:.2f}", flush=True)
-    return times, loads
-
-
-def per_round(steps_by_round: list[list[tuple]], clock: int) -> list[float]:
-    """One figure per round (clock 0 = wall, 1 = process CPU, 2 = others' share): the mean
-    of a round's steps."""
-    return [statistics.fmean(s[clock] for s in steps) for steps in steps_by_round]
-
-
-def paired(by_round: dict[str, list[float]], num: str, den: str, others=None) -> dict:
-    """time(num) / time(den) per round, its median and range, the ratio of the best rounds,
-    and (given each round's share used by other processes) the median over quiet rounds."""
-    vals = [a / b for a, b in zip(by_round[num], by_round[den])]
-    out = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "per_round": vals,
-           "best_vs_best": min(by_round[num]) / min(by_round[den])}
-    if others is not None:
-        quiet = [v for v, a, b in zip(vals, others[num], others[den]) if max(a, b) < QUIET]
-        out.update(quiet_rounds=len(quiet), quiet_median=statistics.median(quiet) if quiet else None)
-    return out
-
-
 def ratio_rows(sizes: list[int]) -> list[tuple[str, str, str, str | None, float | None]]:
     rows = []
     for s in sizes:
@@ -412,24 +342,23 @@ def ratio_rows(sizes: list[int]) -> list[tuple[str, str, str, str | None, float 
 
 
 def report(variants: list[Variant], sizes: list[int], times, checks: dict[str, float]) -> dict:
-    wall = {v.name: per_round(times[v.name], 0) for v in variants}
-    cpu = {v.name: per_round(times[v.name], 1) for v in variants}
-    others = {v.name: per_round(times[v.name], 2) for v in variants}
+    wall = {v.name: harness.per_round(times[v.name], False, 0) for v in variants}
+    cpu = {v.name: harness.per_round(times[v.name], False, 1) for v in variants}
+    others = {v.name: harness.per_round(times[v.name], False, 2) for v in variants}
     flops = {v.name: v.flops for v in variants}
     rows = {}
     print(f"\n{'variant':<12}{'ms/step':>9}{'best':>8}{'cpu ms':>8}{'others':>7}{'img/s':>7}{'GFLOP':>7}"
           f"{'enc':>7}{'GFLOP/s':>8}{'enc tok':>8}{'params':>8}  what")
     for v in variants:
         sec, best = statistics.median(wall[v.name]), min(wall[v.name])
-        busy = statistics.median(s[2] for steps in times[v.name] for s in steps)
+        busy = harness.median_others(times[v.name])
         rows[v.name] = {"what": v.what, "image_size": v.size, "ms_per_step": 1e3 * sec, "best_ms": 1e3 * best,
                         "cpu_ms_per_step": 1e3 * statistics.median(cpu[v.name]), "others_share": busy,
                         "images_per_s": v.images / sec, "fwd_bwd_gflop": v.flops / 1e9,
                         "encoder_fwd_bwd_gflop": v.encoder_flops / 1e9,
                         "gflop_per_s": v.flops / 1e9 / sec, "encoder_tokens_per_image": v.encoder_tokens,
                         "trainable_params": v.n_params, "per_round_ms": [1e3 * s for s in wall[v.name]],
-                        "raw_steps_wall_ms_cpu_ms_others": [[[round(1e3 * w, 1), round(1e3 * c, 1), round(o, 3)]
-                                                             for w, c, o in steps] for steps in times[v.name]]}
+                        "raw_steps_wall_ms_cpu_ms_others": harness.raw_turns(times[v.name], 1)}
         print(f"{v.name:<12}{1e3 * sec:>9.1f}{1e3 * best:>8.1f}{rows[v.name]['cpu_ms_per_step']:>8.1f}"
               f"{busy:>7.0%}{v.images / sec:>7.0f}{v.flops / 1e9:>7.2f}{v.encoder_flops / 1e9:>7.2f}"
               f"{v.flops / 1e9 / sec:>8.1f}"
@@ -439,21 +368,14 @@ def report(variants: list[Variant], sizes: list[int], times, checks: dict[str, f
     print(f"\n{'ratio (wall clock unless said)':<52}{'median':>7}{'range':>14}{'best/best':>10}{'cpu':>7}"
           f"{'quiet (n)':>11}{'FLOPs':>7}  target")
     for label, num, den, kind, bound in ratio_rows(sizes):
-        r = paired(wall, num, den, others)
-        r.update(num=num, den=den, cpu_time_median=paired(cpu, num, den)["median"],
+        r = harness.paired(wall, num, den, others)
+        r.update(num=num, den=den, cpu_time_median=harness.paired(cpu, num, den)["median"],
                  flop_ratio=flops[num] / flops[den])
-        quiet = f"{r['quiet_median']:.3f} ({r['quiet_rounds']})" if r["quiet_rounds"] else "- (0)"
+        quiet = harness.quiet_cell(r)
         line = (f"{label:<52}{r['median']:>7.3f}{r['min']:>7.3f}-{r['max']:<6.3f}{r['best_vs_best']:>10.3f}"
-                f"{r['cpu_time_median']:>7.3f}{quiet:>11}{r['flop_ratio']:>7.3f}")
-        if kind is None:
-            r["target"] = None
-            line += "  (info)"
-        else:
-            r["target"] = f"{kind} {bound}"
-            r["met"] = r["median"] >= bound if kind == ">=" else r["median"] <= bound
-            line += f"  {kind} {bound}: {'met' if r['met'] else 'MISSED'}"
-            if not r["met"]:
-                missed.append((label, num, den))
+                f"{r['cpu_time_median']:>7.3f}{quiet:>11}{r['flop_ratio']:>7.3f}") + harness.judge(r, kind, bound)
+        if kind is not None and not r["met"]:
+            missed.append((label, num, den))
         out[label] = r
         print(line)
     print("GFLOP / enc = fwd+bwd FLOPs of the step / of its encoder (patch embedding + blocks), counted by "
@@ -463,33 +385,6 @@ def report(variants: list[Variant], sizes: list[int], times, checks: dict[str, f
         print(f"check: {name} = {value:.4f}")
     return {"variants": rows, "ratios": out, "missed": [m[0] for m in missed],
             "missed_variants": sorted({n for m in missed for n in m[1:]}), "checks": checks}
-
-
-def profile_table(prof, rows: int = 15) -> tuple[str, list[dict]]:
-    """Top ops by self CPU time: the printable table and a JSON-able list."""
-    avg = prof.key_averages()
-    table = avg.table(sort_by="self_cpu_time_total", row_limit=rows)
-    total = sum(e.self_cpu_time_total for e in avg) or 1.0
-    top = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    return table, [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
-                    "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1)} for e in top]
-
-
-def profile(by_name: dict[str, Variant], names: list[str]) -> dict:
-    """One step of each named variant under torch.profiler (CPU), after one unprofiled
-    step: top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    out = {}
-    for name in names:
-        by_name[name].turn()  # warm
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            ms = 1e3 * by_name[name].turn()[0]
-        table, top = profile_table(prof)
-        print(f"\n=== profile: {name} (one step, {ms:.0f} ms under the profiler) ===\n{table}")
-        out[name] = {"step_ms_under_profiler": ms, "top_ops_by_self_cpu": top}
-    return out
 
 
 def phase_split(variants: list[Variant], reps: int) -> dict:
@@ -531,12 +426,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="round-robin repeats (default 5, quick 2)")
     p.add_argument("--steps", type=int, help="steps per variant per round (default 4, quick 1)")
     p.add_argument("--batches", type=int, default=8, help="distinct real batches cycled through (default 8)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--json", type=Path, help="write all figures, ratios and raw step times here")
-    p.add_argument("--profile", nargs="?", const="missed", default=None,
-                   help="after timing, profile one step of the variants behind each missed target "
-                        "('missed', the default) or of a comma-separated list of variants, and time "
-                        "the encoder / decoder fw+bw of ours and masktok alone")
+    harness.add_output_args(p, "step", ", and time the encoder / decoder fw+bw of ours and masktok alone")
     a = p.parse_args(argv)
     a.sizes = [int(s) for s in (a.sizes or ("64" if a.quick else "64,224")).split(",")]
     for s in a.sizes:
@@ -551,12 +441,7 @@ def environment(args, data_info: dict) -> dict:
     import lightning as L
     import transformers
 
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-              if ln.startswith("model name")] if cpuinfo.exists() else []
-    return {"date": datetime.date.today().isoformat(), "cpu": models[0] if models else platform.processor(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
+    return {**harness.machine(), "lightning": L.__version__,
             "transformers": transformers.__version__,
             "shape": {"patch": PATCH, "depth": DEPTH, "width": WIDTH, "heads": HEADS, "decoder_depth": DEC_DEPTH,
                       "decoder_width": DEC_WIDTH, "decoder_heads": DEC_HEADS, "batch": BATCH,
@@ -564,16 +449,7 @@ def environment(args, data_info: dict) -> dict:
             "data": {"source": data_info.get("data.source"), "batches": args.batches,
                      "note": f"tiny-imagenet train batches ({DATA_SIZE}px, augmented); other sizes bilinear-resized"},
             "rounds": args.rounds, "steps": args.steps,
-            "command": " ".join(["python", *sys.argv]), "load_avg_start": os.getloadavg(),
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_"))}}
-
-
-def profile_names(arg: str, missed_variants: list[str], known) -> list[str]:
-    names = missed_variants if arg == "missed" else [n.strip() for n in arg.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"--profile: unknown variant {unknown[0]!r}; allowed: missed, {', '.join(known)}")
-    return list(dict.fromkeys(names))
+            **harness.invocation()}
 
 
 def main(argv=None) -> int:
@@ -596,23 +472,16 @@ def main(argv=None) -> int:
           f"transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
     print(f"shape {env['shape']}; data {data_info.get('data.source')} ({args.batches} batches); "
           f"{args.rounds} rounds x {args.steps} step(s), {len(variants)} variants", flush=True)
-    measure(by_name, groups, 1, 1, label="warm-up round (not measured)")
-    times, loads = measure(by_name, groups, args.rounds, args.steps)
+    harness.measure(by_name, groups, 1, 1, label="warm-up round (not measured)")
+    times, loads = harness.measure(by_name, groups, args.rounds, args.steps)
     assert torch.get_num_threads() == args.threads, "something changed the thread count"
     result = report(variants, args.sizes, times, checks)
     result["load_avg_per_round"] = loads
     if args.profile:
-        names = profile_names(args.profile, result["missed_variants"], by_name)
-        result["profiles"] = profile(by_name, names)
+        names = harness.profile_names(args.profile, result["missed_variants"], by_name)
+        result["profiles"] = harness.profile(by_name, names, "one step, {ms:.0f} ms", "step_ms_under_profiler", warm=True)
         result["phases"] = phase_split(variants, reps=5)
-    env["wall_s"] = time.perf_counter() - start
-    env["load_avg_end"] = os.getloadavg()
-    print(f"\ntotal {env['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, **result}, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+    return harness.finish(args, env, result, start)
 
 
 if __name__ == "__main__":

@@ -61,10 +61,6 @@ Usage:  python benchmarks/bench_video.py [--quick] [--json PATH] [--profile [mis
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -76,6 +72,8 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere in the repo
+
+import harness  # noqa: E402
 
 from lit_modules.base import lr_factor  # noqa: E402
 from lit_modules.config import load_run_config  # noqa: E402
@@ -90,9 +88,6 @@ FRAMES, SIZE, TUBELET, PATCH = 16, 64, 2, 16
 DEPTH, WIDTH, HEADS, DEC_DEPTH, DEC_WIDTH, DEC_HEADS = 4, 128, 4, 2, 64, 4
 BATCH, RATIO = 8, 0.9
 MAX_STEPS = 1000  # the LR schedule's length: longer than any run here, so the rate stays sane
-# A round counts as quiet for a ratio when other processes used under this share of the
-# machine during both sides' steps (10%: a background process's occasional work).
-QUIET = 0.10
 
 # label: (numerator, denominator, kind, bound); ratio = time(numerator) / time(denominator),
 # i.e. the throughput of ours over the other side.
@@ -140,32 +135,6 @@ class Cycle:
         return item
 
 
-# ---------------------------------------------------------------- clocks
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all processes on this machine have been busy (Linux /proc/stat), or nan."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / _TICK
-
-
-def snapshot() -> tuple[float, float, float]:
-    return time.perf_counter(), time.process_time(), machine_busy_s()
-
-
-def elapsed(start: tuple[float, float, float]) -> tuple[float, float, float]:
-    """(wall s, this process's CPU s, share of the machine other processes used meanwhile)."""
-    wall, cpu, busy = (b - a for a, b in zip(start, snapshot()))
-    others = max(0.0, busy - cpu) / (wall * (os.cpu_count() or 1))
-    return wall, cpu, min(1.0, others)
-
-
 # ---------------------------------------------------------------- variants
 class Variant:
     """One measured configuration: ``turn()`` runs and times one call of ``fn``."""
@@ -175,9 +144,9 @@ class Variant:
         self.items, self.unit = items, unit  # items per call (clips), for the throughput column
 
     def turn(self) -> tuple[float, float, float]:
-        start = snapshot()
+        start = harness.snapshot()
         self.fn()
-        return elapsed(start)
+        return harness.elapsed(start)
 
 
 def loop_tube_mask(b: int, grid: tuple[int, int, int], ratio: float) -> Tensor:
@@ -306,116 +275,39 @@ def step_variants(batches: list[dict]) -> tuple[list[Variant], dict, dict]:
 
 
 # ---------------------------------------------------------------- measurement
-def measure(by_name: dict[str, Variant], rounds: int, steps: int, mask_reps: int, label: str = "round"):
-    """Round-robin over the groups. Returns ({variant: [[elapsed() of each call of round 0], ...]},
-    the 1-minute load average after each round)."""
-    times = {name: [] for name in by_name}
-    loads = []
-    for r in range(rounds):
-        t0 = time.perf_counter()
-        for group in GROUPS:
-            k = r % len(group)
-            order = group[k:] + group[:k]  # rotate who goes first
-            got = {name: [] for name in group}
-            reps = mask_reps if by_name[group[0]].micro else steps
-            for _ in range(reps):  # A B C A B C ...: neighbours in time
-                for name in order:
-                    got[name].append(by_name[name].turn())
-            for name in group:
-                times[name].append(got[name])
-        loads.append(os.getloadavg()[0])
-        print(f"  {label} {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s, load {loads[-1]:.2f}", flush=True)
-    return times, loads
-
-
-def per_round(steps_by_round: list[list[tuple]], micro: bool, clock: int) -> list[float]:
-    """One figure per round (clock 0 = wall, 1 = process CPU, 2 = others' share): the mean
-    of a round's training steps, the median of its mask calls (many, and short)."""
-    reduce = statistics.median if micro else statistics.fmean
-    return [reduce([s[clock] for s in steps]) for steps in steps_by_round]
-
-
-def paired(by_round: dict[str, list[float]], num: str, den: str, others=None) -> dict:
-    """time(num) / time(den) per round, its median and range, the ratio of the best rounds,
-    and (given each round's share used by other processes) the median over quiet rounds."""
-    vals = [a / b for a, b in zip(by_round[num], by_round[den])]
-    out = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "per_round": vals,
-           "best_vs_best": min(by_round[num]) / min(by_round[den])}
-    if others is not None:
-        quiet = [v for v, a, b in zip(vals, others[num], others[den]) if max(a, b) < QUIET]
-        out.update(quiet_rounds=len(quiet), quiet_median=statistics.median(quiet) if quiet else None)
-    return out
-
-
 def report(variants: list[Variant], times, checks: dict[str, float]) -> dict:
-    wall = {v.name: per_round(times[v.name], v.micro, 0) for v in variants}
-    cpu = {v.name: per_round(times[v.name], v.micro, 1) for v in variants}
-    others = {v.name: per_round(times[v.name], False, 2) for v in variants}
+    wall = {v.name: harness.per_round(times[v.name], v.micro, 0) for v in variants}
+    cpu = {v.name: harness.per_round(times[v.name], v.micro, 1) for v in variants}
+    others = {v.name: harness.per_round(times[v.name], False, 2) for v in variants}
     rows = {}
     print(f"\n{'variant':<13}{'ms/call':>9}{'best':>9}{'cpu ms':>9}{'others':>7}{'clips/s':>10}  what")
     for v in variants:
         sec, best = statistics.median(wall[v.name]), min(wall[v.name])
-        busy = statistics.median(s[2] for steps in times[v.name] for s in steps)
+        busy = harness.median_others(times[v.name])
         rows[v.name] = {"what": v.what, "ms_per_call": 1e3 * sec, "best_ms": 1e3 * best,
                         "cpu_ms_per_call": 1e3 * statistics.median(cpu[v.name]), "others_share": busy,
                         "clips_per_s": v.items / sec, "per_round_ms": [1e3 * s for s in wall[v.name]],
-                        "raw_calls_wall_ms_cpu_ms_others": [[[round(1e3 * w, 3), round(1e3 * c, 3), round(o, 3)]
-                                                             for w, c, o in steps] for steps in times[v.name]]}
+                        "raw_calls_wall_ms_cpu_ms_others": harness.raw_turns(times[v.name], 3)}
         print(f"{v.name:<13}{1e3 * sec:>9.3f}{1e3 * best:>9.3f}{rows[v.name]['cpu_ms_per_call']:>9.3f}"
               f"{busy:>7.0%}{v.items / sec:>10,.0f}  {v.what}")
 
     out, missed = {}, []
     print(f"\n{'ratio (wall clock unless said)':<57}{'median':>8}{'range':>16}{'best/best':>10}{'cpu':>8}"
           f"{'quiet (n)':>12}  target")
-    rows_r = [*((k, *v) for k, v in TARGETS.items()), *((k, *v, None, None) for k, v in INFO_RATIOS.items())]
-    for label, num, den, kind, bound in rows_r:
-        r = paired(wall, num, den, others)
-        r.update(num=num, den=den, cpu_time_median=paired(cpu, num, den)["median"])
-        quiet = f"{r['quiet_median']:.2f} ({r['quiet_rounds']})" if r["quiet_rounds"] else "- (0)"
+    for label, num, den, kind, bound in harness.ratio_rows(TARGETS, INFO_RATIOS):
+        r = harness.paired(wall, num, den, others)
+        r.update(num=num, den=den, cpu_time_median=harness.paired(cpu, num, den)["median"])
+        quiet = harness.quiet_cell(r, ".2f")
         line = (f"{label:<57}{r['median']:>8.2f}{r['min']:>8.2f}-{r['max']:<7.2f}{r['best_vs_best']:>10.2f}"
-                f"{r['cpu_time_median']:>8.2f}{quiet:>12}")
-        if kind is None:
-            r["target"] = None
-            line += "  (info)"
-        else:
-            r["target"] = f"{kind} {bound}"
-            r["met"] = r["median"] >= bound if kind == ">=" else r["median"] <= bound
-            line += f"  {kind} {bound}: {'met' if r['met'] else 'MISSED'}"
-            if not r["met"]:
-                missed.append((label, num, den))
+                f"{r['cpu_time_median']:>8.2f}{quiet:>12}") + harness.judge(r, kind, bound)
+        if kind is not None and not r["met"]:
+            missed.append((label, num, den))
         out[label] = r
         print(line)
     for name, value in checks.items():
         print(f"check: {name} = {value:.4f}")
     return {"variants": rows, "ratios": out, "missed": [m[0] for m in missed],
             "missed_variants": sorted({n for m in missed for n in m[1:]}), "checks": checks}
-
-
-def profile_table(prof, rows: int = 15) -> tuple[str, list[dict]]:
-    """Top ops by self CPU time: the printable table and a JSON-able list."""
-    avg = prof.key_averages()
-    table = avg.table(sort_by="self_cpu_time_total", row_limit=rows)
-    total = sum(e.self_cpu_time_total for e in avg) or 1.0
-    top = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    return table, [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-                    "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1)} for e in top]
-
-
-def profile(by_name: dict[str, Variant], names: list[str]) -> dict:
-    """One call of each named variant under torch.profiler (CPU), after one unprofiled
-    call: top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    out = {}
-    for name in names:
-        by_name[name].turn()  # warm
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            ms = 1e3 * by_name[name].turn()[0]
-        table, top = profile_table(prof)
-        print(f"\n=== profile: {name} (one call, {ms:.2f} ms under the profiler) ===\n{table}")
-        out[name] = {"ms_under_profiler": ms, "top_ops_by_self_cpu": top}
-    return out
 
 
 # ---------------------------------------------------------------- main
@@ -426,11 +318,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="training steps per variant per round (default 4, quick 1)")
     p.add_argument("--mask-reps", type=int, help="mask calls per variant per round (default 21, quick 5)")
     p.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled through (default 4)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--json", type=Path, help="write all figures, ratios and raw call times here")
-    p.add_argument("--profile", nargs="?", const="missed", default=None,
-                   help="after timing, profile one call of the variants behind each missed target "
-                        "('missed', the default) or of a comma-separated list of variants")
+    harness.add_output_args(p, "call")
     a = p.parse_args(argv)
     a.rounds = a.rounds or (2 if a.quick else 7)
     a.steps = a.steps or (1 if a.quick else 4)
@@ -441,12 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def environment(args, info: dict) -> dict:
     import transformers
 
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-              if ln.startswith("model name")] if cpuinfo.exists() else []
-    return {"date": datetime.date.today().isoformat(), "cpu": models[0] if models else platform.processor(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
+    return {**harness.machine(),
             "transformers": transformers.__version__,
             "mask_shape": {"batch": MASK_B, "grid": list(MASK_GRID), "ratio": MASK_RATIO},
             "step_shape": {"frames": FRAMES, "image_size": SIZE, "tubelet": [TUBELET, PATCH, PATCH],
@@ -455,16 +338,7 @@ def environment(args, info: dict) -> dict:
                            "mask_ratio": RATIO, **info},
             "data": f"synthetic standard-normal clips, {args.batches} batches cycled",
             "rounds": args.rounds, "steps": args.steps, "mask_reps": args.mask_reps,
-            "command": " ".join(["python", *sys.argv]), "load_avg_start": os.getloadavg(),
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_"))}}
-
-
-def profile_names(arg: str, missed_variants: list[str], known) -> list[str]:
-    names = missed_variants if arg == "missed" else [n.strip() for n in arg.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"--profile: unknown variant {unknown[0]!r}; allowed: missed, {', '.join(known)}")
-    return list(dict.fromkeys(names))
+            **harness.invocation()}
 
 
 def main(argv=None) -> int:
@@ -483,21 +357,16 @@ def main(argv=None) -> int:
           f"transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
     print(f"mask {env['mask_shape']}; step {env['step_shape']}; {args.rounds} rounds x {args.steps} step(s), "
           f"{args.mask_reps} mask calls, {len(variants)} variants", flush=True)
-    measure(by_name, 1, 1, 3, label="warm-up round (not measured)")
-    times, loads = measure(by_name, args.rounds, args.steps, args.mask_reps)
+    is_mask = lambda group: by_name[group[0]].micro  # noqa: E731
+    harness.measure(by_name, GROUPS, 1, 1, 3, is_mask, label="warm-up round (not measured)")
+    times, loads = harness.measure(by_name, GROUPS, args.rounds, args.steps, args.mask_reps, is_mask)
     assert torch.get_num_threads() == args.threads, "something changed the thread count"
     result = report(variants, times, checks)
     result["load_avg_per_round"] = loads
     if args.profile:
-        result["profiles"] = profile(by_name, profile_names(args.profile, result["missed_variants"], by_name))
-    env["wall_s"] = time.perf_counter() - start
-    env["load_avg_end"] = os.getloadavg()
-    print(f"\ntotal {env['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, **result}, indent=2))
-        print(f"wrote {args.json}")
-    return 0
+        result["profiles"] = harness.profile(by_name, harness.profile_names(args.profile, result["missed_variants"], by_name),
+                                     "one call, {ms:.2f} ms", "ms_under_profiler", warm=True, ms_digits=2)
+    return harness.finish(args, env, result, start)
 
 
 if __name__ == "__main__":
