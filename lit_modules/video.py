@@ -35,7 +35,8 @@ from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
 from .config_errors import ConfigError, check_at_least
 from .mae import PatchBatch, gather_rows, sincos_2d
-from .masking.attention import Attention
+from .masking.attention import Attention, frame_causal
+from .masking.video import next_frame_loss_mask
 from .registry import MODELS
 
 STAGES = ("pretrain", "autoregressive", "two-stage")
@@ -118,13 +119,6 @@ def untubelets(x: Tensor, tf: int, p: int, grid: tuple[int, int, int], c: int = 
     t, h, w = grid
     x = x.reshape(b, t, h, w, tf, p, p, c).permute(0, 1, 4, 7, 2, 5, 3, 6)  # (B, t, tf, C, h, p, w, p)
     return x.reshape(b, t * tf, c, h * p, w * p)
-
-
-def frame_causal(grid: tuple[int, int, int], device=None) -> Tensor:
-    """(N, N) bool: query at time step t may attend keys at time steps <= t."""
-    t, h, w = grid
-    step = torch.arange(t, device=device).repeat_interleave(h * w)
-    return step[:, None] >= step[None, :]
 
 
 class VideoNet(nn.Module):
@@ -272,11 +266,10 @@ class LitVideo(MaskedModelBase):
         """All tokens in; token (t, y, x) predicts (t+1, y, x); the last step is not scored."""
         clip = self._clip(batch)
         target = self._targets(clip)  # (B, N, ...)
-        t, h, w = self.cfg.grid
+        _, h, w = self.cfg.grid
         s = h * w
         shifted = torch.cat([target[:, s:], target[:, :s]], dim=1)  # position i -> target of i + s
-        scored = torch.ones(target.shape[:2], dtype=torch.bool, device=target.device)
-        scored[:, (t - 1) * s:] = False
+        scored = next_frame_loss_mask(target.shape[0], self.cfg.grid, target.device)
         return PatchBatch(inputs=clip, targets=shifted, loss_mask=scored,
                           attention=Attention(mask=frame_causal(self.cfg.grid, clip.device)))
 

@@ -158,3 +158,14 @@ def test_tubelets_roundtrip_and_frame_strips():
         img = _model(**{"model.stage": stage}).frame_strip(_pixel_batch())
         rows = 3 if stage == "pretrain" else 2
         assert img.shape == (3, rows * 64, 4 * 64) and 0 <= float(img.min()) and float(img.max()) <= 1
+
+
+def test_frame_causal_pattern_and_next_frame_loss_mask():
+    from lit_modules.masking.attention import frame_causal
+    from lit_modules.masking.video import next_frame_loss_mask
+
+    m = frame_causal((3, 1, 2))  # 3 time steps of 2 tokens
+    expected = torch.tensor([[j // 2 <= i // 2 for j in range(6)] for i in range(6)])
+    assert torch.equal(m, expected)
+    scored = next_frame_loss_mask(2, (3, 1, 2))
+    assert scored.tolist() == [[True, True, True, True, False, False]] * 2

@@ -96,6 +96,14 @@ def prefix_lm(t: int, prefix: Tensor | int, device: torch.device | str = "cpu") 
     return (k <= q) | (k < p)
 
 
+def frame_causal(grid: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
+    """(N, N) for tokens on a (T, h, w) grid flattened (t, y, x): a query at time step t
+    may attend the keys of time steps <= t (all positions of those steps)."""
+    t, h, w = grid
+    step = torch.arange(t, device=device).repeat_interleave(h * w)  # (N,)
+    return step[:, None] >= step[None, :]
+
+
 def combine(*masks: Tensor | None) -> Tensor | None:
     """Logical AND of broadcastable bool masks; ``None`` entries are ignored."""
     out = None

@@ -232,3 +232,13 @@ __all__ = [
     "masked_to_patch_mask",
     "top_k_mask",
 ]
+
+
+def next_frame_loss_mask(batch: int, grid: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
+    """(B, N) bool for next-frame prediction on a (T, h, w) grid: every token predicts the
+    token one time step later, so the tokens of the last step are not scored."""
+    t, h, w = grid
+    scored = torch.ones(batch, t * h * w, dtype=torch.bool, device=device)
+    scored[:, (t - 1) * h * w:] = False
+    return scored
+
