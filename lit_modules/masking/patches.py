@@ -55,7 +55,7 @@ changes from step to step. Any other stage uses ``eval_mask_ratio`` (None =
 
 Determinism (DESIGN.md section 3): every random number is a pure function of
 ``(seed, sample_key, mask_index, stream, counter)`` with ``sample_key`` the (B,) int64
-content key of each image (``rng.content_key(images)``). The stream is
+content key of each image (``data.images.image_keys``, a hash of its pixels). The stream is
 ``rng.seed_hash(seed, key, mask_index)`` with one more word absorbed, a constant per
 purpose: ``STREAM_PATCH_RANK`` (the ranking noise, counter = patch index) and
 ``STREAM_PATCH_BLOCK`` (4 numbers per block round r: area, aspect, top, left at
@@ -311,6 +311,17 @@ class ScheduledRatio:
         """The training mask index of ``epoch``: a new mask every epoch."""
         return epoch_mask_index(epoch)
 
+    def _prepare(self, keys, seed, mask_index, step, total_steps, stage) -> tuple[Tensor | int, float]:
+        """Check a call's keys, seed and mask index; return the mask index on the keys'
+        device and the ratio of this stage and step."""
+        _check_keys(keys)
+        _check_mask_index(mask_index, keys.shape[0])
+        if not _is_int(seed):
+            raise ValueError(f"seed = {seed!r}: must be an integer")
+        if isinstance(mask_index, Tensor):
+            mask_index = mask_index.to(device=keys.device, dtype=torch.int64)
+        return mask_index, self.ratio_at(step, total_steps, stage)
+
 
 @dataclass(frozen=True)
 class PatchMaskingStrategy(ScheduledRatio):
@@ -334,7 +345,7 @@ class PatchMaskingStrategy(ScheduledRatio):
     ) -> PatchMask:
         """Mask a batch of images given their content keys.
 
-        keys:       (B,) int64 content keys (``rng.content_key(images)``).
+        keys:       (B,) int64 content keys (``batch["keys"]``: ``data.images.image_keys``).
         grid:       (h, w) patches per image side; N = h * w.
         seed:       the run's global seed.
         mask_index: int or (B,) int64 (``epoch_mask_index`` in training,
@@ -342,14 +353,8 @@ class PatchMaskingStrategy(ScheduledRatio):
         step, total_steps: the training step, for a scheduled ratio.
         stage:      train, val, test or predict (the last three use eval_mask_ratio).
         """
-        _check_keys(keys)
         h, w = _check_grid(grid)
-        _check_mask_index(mask_index, keys.shape[0])
-        if not _is_int(seed):
-            raise ValueError(f"seed = {seed!r}: must be an integer")
-        if isinstance(mask_index, Tensor):
-            mask_index = mask_index.to(device=keys.device, dtype=torch.int64)
-        ratio = self.ratio_at(step, total_steps, stage)
+        mask_index, ratio = self._prepare(keys, seed, mask_index, step, total_steps, stage)
         n_mask = num_masked(ratio, h * w)
         return mask_from_scores(self._scores(keys, (h, w), seed, mask_index, n_mask), n_mask, ratio)
 

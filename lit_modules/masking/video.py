@@ -52,11 +52,10 @@ from torch import Tensor
 
 from ..config_errors import ConfigError
 from ..registry import MASKINGS
-from .mlm import _check_mask_index, _is_int
+from .mlm import _is_int
 from .patches import (
     PatchMask,
     ScheduledRatio,
-    _check_keys,
     mask_from_scores,
     num_masked,
     patch_stream,
@@ -125,7 +124,7 @@ class VideoMaskingStrategy(ScheduledRatio):
     ) -> PatchMask:
         """Mask a batch of clips given their content keys.
 
-        keys:       (B,) int64 content keys (``rng.content_key(clips)``).
+        keys:       (B,) int64 content keys (``batch["keys"]``: ``data.video.clip_keys``).
         grid:       (F', h, w) tubelet grid; N = F' * h * w, flattened (t, y, x).
         seed:       the run's global seed.
         mask_index: int or (B,) int64 (``epoch_mask_index`` in training,
@@ -133,14 +132,8 @@ class VideoMaskingStrategy(ScheduledRatio):
         step, total_steps: the training step, for a scheduled ratio.
         stage:      train, val, test or predict (the last three use eval_mask_ratio).
         """
-        _check_keys(keys)
         grid = _check_video_grid(grid, self._MIN_SPATIAL)
-        _check_mask_index(mask_index, keys.shape[0])
-        if not _is_int(seed):
-            raise ValueError(f"seed = {seed!r}: must be an integer")
-        if isinstance(mask_index, Tensor):
-            mask_index = mask_index.to(device=keys.device, dtype=torch.int64)
-        ratio = self.ratio_at(step, total_steps, stage)
+        mask_index, ratio = self._prepare(keys, seed, mask_index, step, total_steps, stage)
         masked = self._masked(keys, grid, seed, mask_index, ratio)
         return masked_to_patch_mask(masked, self.num_masked(grid, ratio), ratio)
 
