@@ -5,6 +5,7 @@ Tracking-agnostic: the caller passes the Lightning logger and any callbacks.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,15 +49,31 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
+class LastCheckpoint(L.Callback):
+    """Keeps ``last.ckpt`` (weights, optimizer, schedule, loop state), rewritten after
+    every validation. A run cut off resumes from it at a validation boundary
+    (``fit(ckpt_path=...)``), where the next epoch's batches are exactly those the
+    uninterrupted run would have drawn. The file is written next to the old one and
+    renamed over it, so a process killed while saving leaves the previous checkpoint."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / "last.ckpt"
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+
+
 def build_trainer(cfg: RunConfig, logger, callbacks: list, checkpoint_dir: Path | None) -> L.Trainer:
     t = cfg.trainer
     callbacks = list(callbacks)
     if t.checkpoint and checkpoint_dir is not None:
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        # Keep only last.ckpt, refreshed at every validation: enough to resume or reload.
-        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
-                                         every_n_train_steps=t.val_every))
+        callbacks.append(LastCheckpoint(Path(checkpoint_dir)))
     return L.Trainer(
         # One epoch = one validation interval (see lit_modules/data/steps.py).
         max_steps=t.max_steps,
@@ -68,7 +85,7 @@ def build_trainer(cfg: RunConfig, logger, callbacks: list, checkpoint_dir: Path 
         precision=resolve_precision(t.precision, t.accelerator),
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        enable_checkpointing=bool(t.checkpoint and checkpoint_dir is not None),
+        enable_checkpointing=False,  # LastCheckpoint (above) is the only checkpointing
         # Bars only on a terminal: in logs and CI they are thousands of redrawn lines.
         enable_progress_bar=t.progress_bar and sys.stderr.isatty(),
         enable_model_summary=False,

@@ -3,13 +3,16 @@
 Per-call MLflow logging is expensive (1000 x ``log_metric`` ~ 6.7 s against sqlite, far
 more against a server, vs ~0.3 s for one ``log_batch``), so metrics are buffered and sent
 in batches: when the buffer holds ``flush_every`` points, after ``flush_seconds``, and at
-the end of the run.
+the end of the run. The batches are sent by a background thread, so a slow or distant
+tracking server never stalls a training step; the run waits for them only at its end.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import queue
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,13 +35,15 @@ PACKAGES = ("masklab", "torch", "lightning", "optuna", "mlflow", "sentencepiece"
 class BufferedMLflowLogger(Logger):
     """Lightning logger writing to one existing MLflow run, in batches."""
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 500, flush_seconds: float = 15.0):
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 500, flush_seconds: float = 15.0,
+                 background: bool = True):
         super().__init__()
         self.client, self.run_id = client, run_id
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
         self._params: dict[str, str] = {}
+        self._sender = _BatchSender(client, run_id) if background else None
 
     @property
     def name(self) -> str:
@@ -67,7 +72,7 @@ class BufferedMLflowLogger(Logger):
                 continue
             self._buffer.append(Metric(key, float(value), ts, int(step or 0)))
         if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
-            self.flush()
+            self.flush(wait=False)
 
     @rank_zero_only
     def log_image(self, artifact_file: str, image, step: int | None = None) -> None:
@@ -82,18 +87,81 @@ class BufferedMLflowLogger(Logger):
                 arr = arr.transpose(1, 2, 0)
         self.client.log_image(self.run_id, arr, artifact_file=artifact_file)
 
-    def flush(self) -> None:
-        for i in range(0, len(self._buffer), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i : i + MAX_METRICS_PER_BATCH])
-        self._buffer = []
+    def flush(self, wait: bool = True) -> None:
+        """Send the buffered points; with ``wait`` (the default) return once every point
+        logged so far is stored, else hand them to the background sender and return."""
+        batch, self._buffer = self._buffer, []
         self._last_flush = time.monotonic()
+        if self._sender is None:
+            _send(self.client, self.run_id, batch)
+            return
+        if batch:
+            self._sender.put(batch)
+        if wait:
+            self._sender.wait()
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self.flush()
 
     def save(self) -> None:
+        # Lightning calls this at every checkpoint: hand over, do not wait.
+        self.flush(wait=False)
+
+    def close(self) -> None:
+        """Send what is left and stop the background sender."""
         self.flush()
+        if self._sender is not None:
+            self._sender.stop()
+
+
+def _send(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+
+
+class _BatchSender:
+    """One daemon thread sending metric batches in order. A batch that fails is tried
+    again (``retries`` times, with back-off) so a server hiccup loses nothing; an error
+    that persists is raised by the next :meth:`wait`."""
+
+    def __init__(self, client: MlflowClient, run_id: str, retries: int = 3):
+        self.client, self.run_id, self.retries = client, run_id, retries
+        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"mlflow-batches-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: list[Metric]) -> None:
+        self._queue.put(batch)
+
+    def wait(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"MLflow metric logging failed for run {self.run_id}: {error}") from error
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is None:
+                    return
+                for attempt in range(self.retries + 1):
+                    try:
+                        _send(self.client, self.run_id, batch)
+                        break
+                    except Exception as e:  # noqa: BLE001 - kept and raised by wait()
+                        if attempt == self.retries:
+                            self._error = e
+                        else:
+                            time.sleep(0.5 * 2**attempt)
+            finally:
+                self._queue.task_done()
 
 
 def flat_params(params: Mapping, prefix: str = "") -> dict[str, str]:

@@ -43,6 +43,17 @@ class RunResult:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """A run that continues an earlier attempt whose worker died: from the attempt's last
+    checkpoint when it saved one, in a new MLflow run linked to the attempt's run, whose
+    curves up to the checkpoint are copied over so the new run's history is whole."""
+
+    previous_run_id: str | None
+    checkpoint: Path | None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Tracking:
     """Where and under what a run is recorded."""
 
@@ -84,6 +95,7 @@ def train_run(
     ablation: AblationOptions | None = None,
     callbacks: Sequence = (),
     on_run: Callable[[str], None] | None = None,
+    resume: Resume | None = None,
 ) -> RunResult:
     """Train ``cfg``, validate, ablate; record everything in one MLflow run.
 
@@ -117,6 +129,16 @@ def train_run(
     if init_from:  # a second stage: link the run to the one whose checkpoint it starts from
         tags["masklab.init_from"] = str(Path(init_from).resolve())
         tags["masklab.init_from_run"] = Path(init_from).resolve().parent.name
+    ckpt_path, resumed_step = None, 0
+    if resume is not None:
+        tags.update(resume.tags)
+        if resume.previous_run_id:
+            tags["masklab.retry_of_run"] = resume.previous_run_id
+        if resume.checkpoint is not None and Path(resume.checkpoint).is_file():
+            ckpt_path = Path(resume.checkpoint)
+            resumed_step = checkpoint_step(ckpt_path)
+            tags["masklab.resumed_from"] = str(ckpt_path.resolve())
+            tags["masklab.resumed_at_step"] = str(resumed_step)
     run = client.create_run(exp_id, run_name=tracking.run_name, tags=tags)
     run_id = run.info.run_id
     logger = BufferedMLflowLogger(client, run_id)
@@ -130,9 +152,11 @@ def train_run(
         trainer = build_trainer(cfg, logger, [*callbacks, seen], ckpt_dir)
         set_tags(client, run_id, {"masklab.device": _device_name(trainer.strategy.root_device)})
         _log_config_artifacts(client, run_id, cfg, tracking.artifacts)
+        if ckpt_path is not None and resume.previous_run_id:
+            copy_history(client, resume.previous_run_id, run_id, resumed_step)
 
         try:
-            trainer.fit(model, datamodule=dm)
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
         except SystemExit as e:  # Lightning ends a Ctrl-C'd fit with SystemExit(1)
             raise KeyboardInterrupt("interrupted during training") from e
         if seen.step != trainer.global_step:
@@ -153,7 +177,7 @@ def train_run(
             path = Path(tmp) / "ablation.csv"
             table.to_csv(path, index=False)
             client.log_artifact(run_id, str(path))
-        logger.flush()
+        logger.close()
         checkpoint = None
         if cfg.trainer.checkpoint:
             # The weights after the last step (the callback saves only at validations).
@@ -161,13 +185,39 @@ def train_run(
             trainer.save_checkpoint(checkpoint, weights_only=False)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as e:
-        logger.flush()
+        try:
+            logger.close()
+        except Exception:  # noqa: BLE001 - the training error is the one to report
+            pass
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:5000] if str(e) else type(e).__name__
         pruned = type(e).__name__ == "TrialPruned"  # optuna's, raised by the pruning callback
         set_tags(client, run_id, {"masklab.pruned" if pruned else "masklab.failure": reason})
         client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) or pruned else "FAILED")
         raise
     return RunResult(run_id, metrics, table, checkpoint, time.monotonic() - start, params)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a Lightning checkpoint was saved at."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def copy_history(client, source_run: str, target_run: str, before_step: int) -> int:
+    """Copy the ``train/*`` and ``val/*`` points of ``source_run`` logged before global
+    step ``before_step`` (a checkpoint's step: what the resumed run does not repeat) into
+    ``target_run``, so a resumed run continues the curves of the attempt it resumes."""
+    from mlflow.entities import Metric
+
+    points = []
+    for key in client.get_run(source_run).data.metrics:
+        if key.startswith(("train/", "val/")):
+            points += [Metric(m.key, m.value, m.timestamp, m.step)
+                       for m in client.get_metric_history(source_run, key) if m.step < before_step]
+    for i in range(0, len(points), 1000):
+        client.log_batch(target_run, metrics=points[i : i + 1000])
+    return len(points)
 
 
 def _quiet_lightning() -> None:
