@@ -7,6 +7,8 @@ them, so commands that only read stores start in about a second.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -98,6 +100,94 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _worker_args(args, spec_path: str) -> list[str]:
+    """The options a launched worker needs to join the same study."""
+    out = [spec_path]
+    for value in args.set or []:
+        out += ["--set", value]
+    for flag in ("study_name", "storage", "tracking_uri"):
+        value = getattr(args, flag, None)
+        if value:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    return out
+
+
+def cmd_worker(args) -> int:
+    from .runner import run_study
+
+    spec = _load_spec(args, validate=True)
+    ws = _workspace(args)
+    storage, tracking = _stores(args, ws)
+    who = os.environ.get("MASKLAB_WORKER")
+    prefix = f"[worker {who}] " if who else ""
+    result = run_study(spec, ws, storage, tracking, progress=False, report=not args.no_report,
+                       max_trials=args.max_trials, wait=not args.no_wait, heartbeat=args.heartbeat,
+                       grace=args.grace, log=lambda m: print(prefix + m, file=sys.stderr, flush=True))
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
+    print(f"{prefix}study {spec.name}: this worker ran {result.ran} trial(s); now {counts}")
+    if result.report_html:
+        print(f"{prefix}report: {result.report_html}")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from .launch import log_tail, parse_devices, progress_line, start_workers, supervise
+    from .runner import write_study_report
+
+    spec = _load_spec(args, validate=True)  # a bad spec fails here once, not in N workers
+    ws = _workspace(args)
+    storage, tracking = _stores(args, ws)
+    devices = parse_devices(args.devices)
+    if devices is None and not args.cpu:
+        devices = _visible_gpus()
+    log_dir = ws.output_dir / "logs" / spec.name
+    worker_args = [*_worker_args(args, args.spec), "--no-report", "--output-dir", str(ws.output_dir),
+                   "--data-dir", str(ws.data_dir)]
+    workers = start_workers(worker_args, args.workers, devices, log_dir)
+    for w in workers:
+        print(f"{w.label}: log {w.log}", file=sys.stderr)
+    codes = supervise(workers, lambda: progress_line(spec.name, storage, workers))
+    failed = [w for w, code in zip(workers, codes) if code != 0]
+    for w in failed:
+        print(f"masklab: {w.label} exited with {w.proc.returncode}; last lines of {w.log}:\n{log_tail(w.log)}",
+              file=sys.stderr)
+    if not args.no_report:
+        md, html = write_study_report(spec.name, storage, tracking, ws, None)
+        print(f"report: {md}\n        {html}")
+    print(f"optuna: {storage}\nmlflow: {tracking}")
+    return 1 if failed else 0
+
+
+def _visible_gpus() -> list[str] | None:
+    """GPU indices this process can see (one worker per GPU), or None on a CPU machine."""
+    import torch
+
+    n = torch.cuda.device_count()
+    return [str(i) for i in range(n)] if n else None
+
+
+def cmd_slurm(args) -> int:
+    from .launch import SlurmOptions, sbatch_script
+
+    spec = _load_spec(args, validate=True)
+    ws = _workspace(args)
+    opts = SlurmOptions(array=args.array, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
+                        mem=args.mem, time=args.time, partition=args.partition, account=args.account,
+                        setup=args.setup or [], log_dir=str(ws.output_dir / "logs" / spec.name / "slurm"))
+    worker_args = [*_worker_args(argparse.Namespace(**{**vars(args), "storage": None, "tracking_uri": None}),
+                                 str(resolve_spec_path(args.spec).resolve())),
+                   "--output-dir", str(ws.output_dir), "--data-dir", str(ws.data_dir)]
+    command = "masklab slurm " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "masklab slurm"
+    text = sbatch_script(spec.name, worker_args, opts, Path.cwd(), args.storage, args.tracking_uri, command)
+    out = Path(args.out or ws.output_dir / f"{spec.name}.sbatch")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.log_dir).mkdir(parents=True, exist_ok=True)  # sbatch opens --output before the script runs
+    out.write_text(text)
+    out.chmod(0o755)
+    print(f"wrote {out}: {args.array} workers on study {spec.name}\nsubmit with: sbatch {out}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from .status import study_status
 
@@ -117,6 +207,61 @@ def cmd_report(args) -> int:
     md, html = write_study_report(spec.name, storage, tracking, ws, None)
     print(f"report: {md}\n        {html}")
     return 0
+
+
+def cmd_dashboard(args) -> int:
+    """Write (or, with --serve, serve and keep fresh) the dashboard of the given studies,
+    or of every study in the storage. Reads the stores only: no torch, no Lightning."""
+    from lit_modules.config_errors import ConfigError
+
+    if args.refresh <= 0:
+        raise ConfigError("--refresh", args.refresh, "must be a number of seconds > 0")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("--port", args.port, "must be in [0, 65535] (0 picks a free port)")
+    from dashboards.build import DASHBOARD_HTML, load_dashboard, write_dashboard
+
+    ws = _workspace(args)
+    storage, tracking = _stores(args, ws)
+    names = [_study_of(spec, storage) for spec in args.spec] or None
+    out = Path(args.out) if args.out else ws.output_dir / DASHBOARD_HTML
+    if args.serve:
+        from dashboards.serve import serve
+
+        try:
+            return serve(lambda: load_dashboard(storage, tracking, names), out, args.port, args.refresh)
+        except OSError as e:
+            raise ConfigError("--port", args.port, f"cannot listen on 127.0.0.1: {e.strerror}; "
+                                                   "pick another port, or 0 for a free one") from None
+    dash = load_dashboard(storage, tracking, names)
+    path, _ = write_dashboard(dash, out)
+    shown = len(dash.views) - 1  # the first view is the overview
+    print(f"dashboard: {path} ({shown} stud{'y' if shown == 1 else 'ies'}; open it in a browser, no network needed)")
+    if dash.empty:
+        print(f"dashboard: {dash.empty}")
+    return 0
+
+
+def _study_of(spec: str, storage: str) -> str:
+    """The study a dashboard SPEC names: a spec file or shipped spec (its ``name``), or
+    the name of a study in the storage."""
+    from lit_modules.config_errors import ConfigError
+    from reports.loader import StudyNotFoundError, list_studies
+
+    try:
+        path = resolve_spec_path(spec)
+    except ConfigError:
+        try:
+            present = list_studies(storage)
+        except StudyNotFoundError:
+            present = []
+        if spec in present:
+            return spec
+        shipped = ", ".join(p.stem for p in sorted(SPEC_DIR.glob("*.yaml")))
+        raise ConfigError("SPEC", spec, f"not a spec file, a shipped spec ({shipped}), nor a study in {storage} "
+                                        f"(studies there: {', '.join(present) or 'none'})") from None
+    from .spec import load_spec
+
+    return load_spec(path, validate_configs=False).name
 
 
 def cmd_list(args) -> int:
@@ -168,6 +313,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dirs(p)
     p.set_defaults(func=cmd_run)
 
+    def add_study_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", help="study spec YAML, or the name of a shipped spec")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a value of the fixed run config (the same for every worker)")
+        p.add_argument("--storage", help="Optuna storage URL shared by the workers "
+                                         "(default: sqlite file optuna.db in the output dir)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file mlflow.db in the output dir)")
+        p.add_argument("--study-name", help="name the study differently from the spec (a separate study)")
+        _add_dirs(p)
+
+    p = sub.add_parser("worker", help="join a study and run its trials until none are left (start any number)")
+    add_study_options(p)
+    p.add_argument("--max-trials", type=int, help="leave after this many trials")
+    p.add_argument("--no-wait", action="store_true",
+                   help="leave as soon as nothing is queued, even while other workers' trials run "
+                        "(default: stay, and retry those trials if their worker dies)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report when the study is done")
+    p.add_argument("--heartbeat", type=int, default=30, metavar="S",
+                   help="seconds between a running trial's heartbeats (default 30)")
+    p.add_argument("--grace", type=int, default=90, metavar="S",
+                   help="a running trial without a heartbeat for S seconds is retried elsewhere (default 90)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("launch", help="start N local workers on one study, one per GPU (or CPU share), and watch them")
+    add_study_options(p)
+    p.add_argument("--workers", type=int, required=True, help="how many worker processes")
+    p.add_argument("--devices", help="GPU indices to pin the workers to, round-robin, e.g. 0,1,2,3 "
+                                     "(default: every visible GPU; none: CPU threads split evenly)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even where GPUs are visible")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("slurm", help="write an sbatch array script: each array task is one worker")
+    add_study_options(p)
+    p.add_argument("--array", type=int, required=True, help="number of workers (array tasks)")
+    p.add_argument("--gpus-per-task", type=int, default=1, help="GPUs per worker (default 1; 0 for CPU workers)")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per worker (default 8)")
+    p.add_argument("--mem", default="64G", help="memory per worker (default 64G)")
+    p.add_argument("--time", default="24:00:00", help="wall-clock limit per task (default 24:00:00)")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--account", help="SLURM account")
+    p.add_argument("--setup", action="append", metavar="LINE",
+                   help="shell line run before the worker, e.g. 'source .venv/bin/activate' (repeatable)")
+    p.add_argument("--out", help="script path (default <output dir>/<study>.sbatch)")
+    p.set_defaults(func=cmd_slurm)
+
     for name, func, text in (("status", cmd_status, "table of a study's trials: params, state, objective, duration"),
                              ("report", cmd_report, "(re)generate a study's report from the stores, also mid-study")):
         p = sub.add_parser(name, help=text)
@@ -178,6 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file in the output dir)")
         p.add_argument("--output-dir", help="where all generated output goes (default $MASKLAB_OUTPUT_DIR or ./masklab-runs)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("dashboard", help="one self-contained HTML dashboard of all (or the given) studies; "
+                                         "--serve keeps it live while studies run")
+    p.add_argument("spec", nargs="*", metavar="SPEC",
+                   help="study spec YAML, shipped spec name, or study name (default: every study in the storage)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite file optuna.db in the output dir)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file mlflow.db in the output dir)")
+    p.add_argument("--out", help="the page to write (default: dashboard.html in the output dir)")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the page on 127.0.0.1 and rebuild it from the stores while studies run")
+    p.add_argument("--port", type=int, default=8050, help="port for --serve (default 8050; 0 picks a free one)")
+    p.add_argument("--refresh", type=float, default=10.0,
+                   help="seconds between rebuilds with --serve; the page reloads itself when results change "
+                        "(default 10)")
+    p.add_argument("--output-dir", help="where all generated output goes (default $MASKLAB_OUTPUT_DIR or ./masklab-runs)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("list", help="registered models, maskings, datasets and shipped specs")
     p.set_defaults(func=cmd_list)

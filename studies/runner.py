@@ -17,6 +17,13 @@ Stores and the links between them (the contract ``reports/loader.py`` reads):
 Grid studies enqueue exactly one trial per (grid point, replicate) that has no COMPLETE
 trial and no trial waiting or running; running the command again resumes the study.
 Optuna's GridSampler is not used: it hands the same point to parallel workers.
+
+Any number of workers (``masklab run`` / ``worker`` processes, here or on other
+machines) may share one study: enqueueing, the parent run and claiming a trial happen
+under the study lock (``coordination.py``). A trial whose worker died is marked FAIL
+and retried by :class:`~studies.coordination.RetryTrial`; the retry resumes from the
+dead attempt's last checkpoint (``masklab.resume_checkpoint``) in a new MLflow run
+linked to the attempt's (``masklab.retry_of_run``). COMPLETE trials are never re-run.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import math
 import os
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,12 +46,12 @@ from optuna.trial import TrialState
 from lit_modules.config_errors import ConfigError
 from lit_modules.paths import Workspace
 
+from .coordination import GRACE_SECONDS, HEARTBEAT_SECONDS, make_storage, retry_callback, study_lock
 from .spec import StudySpec, grid_key
 
-# Heartbeats let a later run (or another worker) find trials whose process died:
-# a RUNNING trial without a heartbeat for GRACE_SECONDS is marked FAIL.
-HEARTBEAT_SECONDS = 30
-GRACE_SECONDS = 90
+# How often a worker with nothing to claim looks again while other workers' trials run
+# (one of them may die, and its trial come back to the queue).
+POLL_SECONDS = 5.0
 
 
 @dataclass
@@ -62,17 +70,6 @@ class StudyResult:
 
 def default_storage(workspace: Workspace) -> str:
     return f"sqlite:///{workspace.output_dir / 'optuna.db'}"
-
-
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats (sqlite file or PostgreSQL URL)."""
-    kwargs = {}
-    if url.startswith("sqlite"):
-        # Several processes on one file: wait for the lock instead of failing at once.
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS, **kwargs
-    )
 
 
 def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -95,15 +92,18 @@ def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.Study:
+def open_study(spec: StudySpec, storage_url: str, tracking_uri: str, heartbeat: int = HEARTBEAT_SECONDS,
+               grace: int = GRACE_SECONDS) -> optuna.Study:
     """Create the study, or load it and check it was made from the same spec."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study = optuna.create_study(
-        study_name=spec.name, storage=make_storage(storage_url), direction=spec.objective.direction,
-        sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True,
-    )
+    storage = make_storage(storage_url, heartbeat, grace)
+    with study_lock(storage, spec.name):
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, direction=spec.objective.direction,
+            sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True,
+        )
     attrs = study.user_attrs
     if "masklab.fixed_hash" in attrs and attrs["masklab.fixed_hash"] != spec.fixed_hash():
         raise ConfigError(
@@ -126,14 +126,21 @@ def open_study(spec: StudySpec, storage_url: str, tracking_uri: str) -> optuna.S
 
 
 def parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, workspace: Workspace) -> str:
-    """The study's MLflow parent run: found through the study, or created once."""
+    """The study's MLflow parent run: found through the study, or created once (under
+    the study lock, so workers starting together share one)."""
+    with study_lock(study._storage, spec.name):
+        return _parent_run(study, spec, tracking_uri, workspace)
+
+
+def _parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, workspace: Workspace) -> str:
     from mlflow.tracking import MlflowClient
 
     from .tracking import get_or_create_experiment, provenance_tags
     from .train import _artifact_root
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    run_id = study.user_attrs.get("masklab.mlflow_parent_run_id")
+    run_id = optuna.load_study(study_name=spec.name, storage=study._storage).user_attrs.get(
+        "masklab.mlflow_parent_run_id")  # fresh: another worker may have just made it
     if run_id:
         try:
             client.get_run(run_id)
@@ -167,28 +174,46 @@ def parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, workspac
 
 
 def reap_dead_trials(study: optuna.Study, tracking_uri: str | None = None) -> list[int]:
-    """Mark FAIL the RUNNING trials whose process is gone: on this host, a pid that no
-    longer runs; anywhere, a heartbeat older than the grace period."""
+    """Mark FAIL the RUNNING trials whose worker is gone, and queue their retries.
+
+    On this host a trial whose worker pid no longer runs is caught at once; on any host,
+    a trial without a heartbeat for the grace period (RDB storages). Each reaped trial is
+    re-enqueued by :class:`~studies.coordination.RetryTrial` (at most ``MAX_RETRIES``
+    times), to resume from its last checkpoint.
+    """
     storage = study._storage
     reaped = []
     host = socket.gethostname()
+    retry = retry_callback(storage)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         a = t.user_attrs
         if a.get("masklab.host") == host and a.get("masklab.pid") and not _alive(a["masklab.pid"]):
             reason = f"worker process {a['masklab.pid']} on {host} died while the trial ran"
-            storage.set_trial_user_attr(t._trial_id, "masklab.failure", reason)
-            if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+            if _fail(storage, t._trial_id, reason):
+                retry(study, storage.get_trial(t._trial_id))
                 reaped.append(t.number)
-    if isinstance(storage, optuna.storages.RDBStorage) or hasattr(storage, "get_heartbeat_interval"):
+    if hasattr(storage, "is_heartbeat_enabled") and storage.is_heartbeat_enabled():
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-        optuna.storages.fail_stale_trials(study)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if t.number not in before:
-                storage.set_trial_user_attr(t._trial_id, "masklab.failure", "no heartbeat: the worker was lost")
-                reaped.append(t.number)
+        for trial_id in storage._get_stale_trial_ids(study._study_id):  # the reason, while still RUNNING
+            try:
+                storage.set_trial_user_attr(trial_id, "masklab.failure", "no heartbeat: the worker was lost")
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+        optuna.storages.fail_stale_trials(study)  # calls RetryTrial for each trial it fails
+        reaped += [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                   if t.number not in before]
     if reaped and tracking_uri:
         _fail_runs(study, reaped, tracking_uri)
     return reaped
+
+
+def _fail(storage, trial_id: int, reason: str) -> bool:
+    """FAIL a RUNNING trial; False when another worker got there first."""
+    try:
+        storage.set_trial_user_attr(trial_id, "masklab.failure", reason)
+        return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -208,12 +233,16 @@ def _fail_runs(study: optuna.Study, numbers: list[int], tracking_uri: str) -> No
     for t in study.get_trials(deepcopy=False):
         run_id = t.user_attrs.get("masklab.mlflow_run_id")
         if t.number in numbers and run_id:
-            client.set_tag(run_id, "masklab.failure", t.user_attrs.get("masklab.failure", "worker lost"))
-            client.set_terminated(run_id, "FAILED")
+            try:
+                client.set_tag(run_id, "masklab.failure", t.user_attrs.get("masklab.failure", "worker lost"))
+                client.set_terminated(run_id, "FAILED")
+            except Exception:  # noqa: BLE001 - the run may not have reached the store
+                pass
 
 
 def enqueue_grid(study: optuna.Study, spec: StudySpec) -> int:
-    """Enqueue every (grid point, replicate) with no COMPLETE, WAITING or RUNNING trial."""
+    """Enqueue every (grid point, replicate) with no COMPLETE, WAITING or RUNNING trial.
+    Call it under :func:`~studies.coordination.study_lock` when workers share the study."""
     have = set()
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)):
         if "masklab.grid_key" in t.user_attrs:
@@ -232,6 +261,45 @@ def enqueue_grid(study: optuna.Study, spec: StudySpec) -> int:
 
 def _waiting(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def _retried(trials: list) -> set[int]:
+    """Numbers of the failed attempts that have a retry."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def search_budget_used(study: optuna.Study) -> int:
+    """Trials that count against a search's ``n_trials``: every trial but the failed
+    attempts that were retried (their retry counts instead)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    return sum(1 for t in trials if t.number not in retried)
+
+
+def claim_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
+    """The next trial for this worker, or None when there is none to claim now.
+
+    Under the study lock: a grid claims a WAITING trial (never samples a new one); a
+    search claims a WAITING retry first, else samples a new trial while the budget lasts.
+    """
+    with study_lock(study._storage, spec.name):
+        if spec.kind == "grid":
+            if not _waiting(study):
+                return None
+        elif not _waiting(study) and search_budget_used(study) >= spec.n_trials:
+            return None
+        return study.ask()
+
+
+def _busy(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+
+
+def remaining(study: optuna.Study, spec: StudySpec) -> int:
+    """Trials still to run: WAITING ones (grid, retries), plus the search budget left."""
+    if spec.kind == "grid":
+        return _waiting(study)
+    return _waiting(study) + max(0, spec.n_trials - search_budget_used(study))
 
 
 # ---------------------------------------------------------------- one trial
@@ -261,10 +329,11 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, workspace: Workspace, tracki
     from lit_modules.ablation import AblationOptions
     from lit_modules.config import run_config_from_dict
 
-    from .train import Tracking, train_run
+    from .train import Resume, Tracking, train_run
 
     trial.set_user_attr("masklab.host", socket.gethostname())
     trial.set_user_attr("masklab.pid", os.getpid())
+    trial.set_user_attr("masklab.failure", "")  # a retry does not inherit its attempt's
     params, seed = suggest(trial, spec)
     cfg = run_config_from_dict(spec.run_config_dict(params, seed))
     trial.set_user_attr("masklab.config_hash", cfg.hash())
@@ -281,9 +350,20 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, workspace: Workspace, tracki
 
         callbacks.append(TQDMProgressBar(process_position=1, leave=False))
     ablation = AblationOptions(**asdict(spec.ablation))
+    attrs = trial.user_attrs
+    resume = None
+    if "masklab.retry_of_trial" in attrs:  # a retry: resume the dead attempt's run
+        ckpt = attrs.get("masklab.resume_checkpoint")
+        resume = Resume(attrs.get("masklab.retry_of_run"), Path(ckpt) if ckpt else None,
+                        tags={"masklab.retry_of_trial": str(attrs["masklab.retry_of_trial"])})
+
+    def on_run(run_id: str) -> None:
+        trial.set_user_attr("masklab.mlflow_run_id", run_id)
+        if cfg.trainer.checkpoint:
+            trial.set_user_attr("masklab.checkpoint", str(workspace.checkpoint_dir / run_id / "last.ckpt"))
+
     try:
-        result = train_run(cfg, workspace, tracking, ablation, callbacks,
-                           on_run=lambda run_id: trial.set_user_attr("masklab.mlflow_run_id", run_id))
+        result = train_run(cfg, workspace, tracking, ablation, callbacks, on_run=on_run, resume=resume)
     except optuna.TrialPruned as e:
         trial.set_user_attr("masklab.failure", f"pruned: {e}")
         return TrialState.PRUNED, None, "pruned"
@@ -320,37 +400,45 @@ def run_study(
     report: bool = True,
     max_trials: int | None = None,
     log: Callable[[str], None] | None = None,
+    wait: bool = False,
+    heartbeat: int = HEARTBEAT_SECONDS,
+    grace: int = GRACE_SECONDS,
 ) -> StudyResult:
-    """Run every trial the study still needs, then write its report."""
+    """Claim and run trials until the study needs none, then write its report.
+
+    Any number of processes may run this on one study at once (``masklab worker``). With
+    ``wait``, a worker that finds nothing to claim while other workers' trials run keeps
+    looking (every ``POLL_SECONDS``): if one of those workers dies its trial is retried
+    here. ``report`` writes the report when the study has nothing left to run.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     storage_url = storage_url or default_storage(workspace)
     tracking_uri = tracking_uri or workspace.tracking_uri
-    study = open_study(spec, storage_url, tracking_uri)
+    study = open_study(spec, storage_url, tracking_uri, heartbeat, grace)
     parent_id = parent_run(study, spec, tracking_uri, workspace)
-    reaped = reap_dead_trials(study, tracking_uri)
+    with study_lock(study._storage, spec.name):
+        reaped = reap_dead_trials(study, tracking_uri)
+        if spec.kind == "grid":
+            enqueue_grid(study, spec)
     if reaped:
-        log(f"marked FAIL: trials {reaped} (their worker died); their grid points run again")
-    if spec.kind == "grid":
-        enqueue_grid(study, spec)
-        todo = _waiting(study)
-    else:
-        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
-        todo = max(0, spec.n_trials - finished)
+        log(f"marked FAIL: trials {reaped} (their worker died); retries are queued")
+    todo = remaining(study, spec)
     if max_trials is not None:
         todo = min(todo, max_trials)
     bar = _bar(todo, spec.name, progress)
     ran, failures = 0, []
     status = "FINISHED"
     try:
-        while ran < todo:
-            if spec.kind == "grid" and not _waiting(study):
-                break  # another worker took the rest
-            trial = study.ask()
-            if spec.kind == "grid" and "masklab.grid_key" not in trial.user_attrs:
-                # Another worker emptied the queue between the check and ask().
-                trial.set_user_attr("masklab.failure", "no grid point left for this worker")
-                study.tell(trial, state=TrialState.FAIL)
-                break
+        while max_trials is None or ran < max_trials:
+            trial = claim_trial(study, spec)
+            if trial is None:
+                if not (wait and _busy(study)):
+                    break
+                time.sleep(POLL_SECONDS)
+                with study_lock(study._storage, spec.name):
+                    if reap_dead_trials(study, tracking_uri):
+                        log("a worker died: its trial is queued again")
+                continue
             try:
                 # Optuna records heartbeats only inside Study.optimize; ask/tell runs them here.
                 with get_heartbeat_thread(trial._trial_id, study._storage):
@@ -364,14 +452,16 @@ def run_study(
             if state == TrialState.FAIL:
                 failures.append(f"trial {trial.number}: {note}")
             ran += 1
-            _bar_step(bar, f"trial {trial.number} {state.name.lower()} {note}"[:120], log)
+            retry = f" (retry of trial {trial.user_attrs['masklab.retry_of_trial']})" \
+                if "masklab.retry_of_trial" in trial.user_attrs else ""
+            _bar_step(bar, f"trial {trial.number}{retry} {state.name.lower()} {note}"[:140], log)
     finally:
         if bar is not None:
             bar.close()
-        _close_parent(tracking_uri, parent_id, study, spec, status)
+        _close_parent(tracking_uri, parent_id, study, status)
     counts = _counts(study)
     result = StudyResult(spec.name, counts, ran, parent_run_id=parent_id, failures=failures)
-    if report:
+    if report and not _busy(study):
         result.report_md, result.report_html = write_study_report(spec.name, storage_url, tracking_uri, workspace,
                                                                   parent_id)
     return result
@@ -384,13 +474,15 @@ def _counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def _close_parent(tracking_uri: str, parent_id: str, study: optuna.Study, spec: StudySpec, status: str) -> None:
+def _close_parent(tracking_uri: str, parent_id: str, study: optuna.Study, status: str) -> None:
     from mlflow.tracking import MlflowClient
 
+    from .tracking import log_metric_series
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    for state, n in _counts(study).items():
-        client.log_metric(parent_id, f"study/{state.lower()}_trials", n)
-    if status == "FINISHED" and spec.kind == "grid" and _waiting(study):
+    log_metric_series(client, parent_id, [(f"study/{state.lower()}_trials", n, 0)
+                                          for state, n in _counts(study).items()])
+    if status == "FINISHED" and _busy(study):
         status = "RUNNING"  # other workers are still on it
     if status != "RUNNING":
         client.set_terminated(parent_id, status)
