@@ -269,6 +269,8 @@ def _study_plots(view_id: str, data: StudyData, keys: list[str]) -> list[Plot]:
 
 
 def _metric_vs_params(data: StudyData, key: str) -> go.Figure | None:
+    """Final ``key`` against each swept parameter: the report's mean ± std lines for a
+    grid (given only that metric's column), a scatter of the trials for a search."""
     column = _final_column(data, key)
     if column is None:
         return None
@@ -333,6 +335,7 @@ def _study_header(data: StudyData) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------ small helpers
 def _variants(keys: Sequence[str], make: Callable[[str], go.Figure | None]) -> dict[str, go.Figure]:
+    """One figure per metric key, leaving out the keys with nothing to draw."""
     out = {}
     for k in keys:
         fig = make(k)
@@ -342,10 +345,12 @@ def _variants(keys: Sequence[str], make: Callable[[str], go.Figure | None]) -> d
 
 
 def _single(fig: go.Figure | None) -> dict[str, go.Figure]:
+    """The variants of a figure that is the same for every metric (none if it is None)."""
     return {ALL: fig} if fig is not None else {}
 
 
 def _best(data: StudyData) -> str:
+    """``6.0768 (trial 0, lr=0.003)``: the best complete trial by the study's direction."""
     done = data.complete[data.complete["value"].notna()]
     if done.empty:
         return "—"

@@ -47,7 +47,8 @@ def render_page(dash: Dashboard, refresh: float | None = None) -> tuple[str, str
         f"<label>view <select id='view-select'>{options}</select></label>",
         "<label>metric <select id='metric-select'></select></label>",
         f"<span class='stamp'>generated {e(dash.generated.isoformat(timespec='seconds'))} from "
-        f"{e(dash.storage)} <span id='live'></span></span></header>",
+        f"{e(dash.storage)}{e(f' and {dash.tracking}' if dash.tracking else '')} <span id='live'></span></span>"
+        "</header>",
         f"<main>\n{sections}\n</main>",
         f"<script type='application/json' id='masklab-data'>{_script_safe(data)}</script>",
     ]

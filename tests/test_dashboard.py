@@ -439,7 +439,7 @@ def test_serve_refreshes_while_a_study_runs(out, browser, tmp_path):
     with sqlite3.connect(out / "optuna.db") as src, sqlite3.connect(tmp_path / "optuna.db") as dst:
         src.backup(dst)
     storage = storage_of(tmp_path)
-    cmd = [sys.executable, "-m", "studies.cli", "dashboard", SEARCH, "--serve", "--port", "0", "--refresh", "1",
+    cmd = [sys.executable, "-m", "studies.cli", "dashboard", SEARCH, "--serve", "--port", "0", "--refresh", "0.5",
            "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'absent.db'}", "--output-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -452,7 +452,7 @@ def test_serve_refreshes_while_a_study_runs(out, browser, tmp_path):
         browser.open(url + f"#study={SEARCH}")
         _check_drawn(browser, "served page")
         browser.evaluate("window.notReloaded = true")
-        time.sleep(2.5)  # two rebuilds of unchanged stores: same version, no reload
+        time.sleep(1.5)  # rebuilds of unchanged stores: the same version, no reload
         assert json.loads(_get(url + "version.json"))["version"] == version
         assert browser.evaluate("window.notReloaded") is True
         assert not (tmp_path / "absent.db").exists()  # reading never creates a store
