@@ -121,7 +121,7 @@ def cmd_worker(args) -> int:
     who = os.environ.get("MASKLAB_WORKER")
     prefix = f"[worker {who}] " if who else ""
     result = run_study(spec, ws, storage, tracking, progress=False, report=not args.no_report,
-                       max_trials=args.max_trials, wait=not args.no_wait, heartbeat=args.heartbeat,
+                       max_trials=args.max_trials, wait=not args.no_wait, report_once=True, heartbeat=args.heartbeat,
                        grace=args.grace, log=lambda m: print(prefix + m, file=sys.stderr, flush=True))
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     print(f"{prefix}study {spec.name}: this worker ran {result.ran} trial(s); now {counts}")

@@ -104,8 +104,22 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
     elif url.startswith("postgresql"):
         # Long trials leave pooled connections idle; the server may have dropped them.
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                                      heartbeat_stale_trial_callback=RetryTrial(), **kwargs)
+    # Workers starting together on a new database race to create Optuna's tables (the
+    # loser sees "already exists"); on a second try the tables are there.
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                              heartbeat_stale_trial_callback=RetryTrial(), **kwargs)
+        except Exception as e:  # noqa: BLE001 - sqlalchemy's errors differ by database
+            if attempt == 4 or not _schema_race(e):
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
+
+
+def _schema_race(error: BaseException) -> bool:
+    text = " ".join(str(e) for e in (error, error.__cause__) if e is not None).lower()
+    return any(s in text for s in ("already exists", "duplicate key", "unique constraint", "database is locked"))
 
 
 def _sqlite_wal(path: Path) -> None:

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import optuna
-from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from lit_modules.config_errors import ConfigError
@@ -51,7 +51,7 @@ from .spec import StudySpec, grid_key
 
 # How often a worker with nothing to claim looks again while other workers' trials run
 # (one of them may die, and its trial come back to the queue).
-POLL_SECONDS = 5.0
+POLL_SECONDS = 2.0
 
 
 @dataclass
@@ -192,7 +192,7 @@ def reap_dead_trials(study: optuna.Study, tracking_uri: str | None = None) -> li
             if _fail(storage, t._trial_id, reason):
                 retry(study, storage.get_trial(t._trial_id))
                 reaped.append(t.number)
-    if hasattr(storage, "is_heartbeat_enabled") and storage.is_heartbeat_enabled():
+    if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
         for trial_id in storage._get_stale_trial_ids(study._study_id):  # the reason, while still RUNNING
             try:
@@ -401,6 +401,7 @@ def run_study(
     max_trials: int | None = None,
     log: Callable[[str], None] | None = None,
     wait: bool = False,
+    report_once: bool = False,
     heartbeat: int = HEARTBEAT_SECONDS,
     grace: int = GRACE_SECONDS,
 ) -> StudyResult:
@@ -409,7 +410,9 @@ def run_study(
     Any number of processes may run this on one study at once (``masklab worker``). With
     ``wait``, a worker that finds nothing to claim while other workers' trials run keeps
     looking (every ``POLL_SECONDS``): if one of those workers dies its trial is retried
-    here. ``report`` writes the report when the study has nothing left to run.
+    here. ``report`` writes the report when the study has nothing left to run; with
+    ``report_once`` only if no report covers the study's current trials (so of several
+    workers finishing together, one writes it).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     storage_url = storage_url or default_storage(workspace)
@@ -461,10 +464,24 @@ def run_study(
         _close_parent(tracking_uri, parent_id, study, status)
     counts = _counts(study)
     result = StudyResult(spec.name, counts, ran, parent_run_id=parent_id, failures=failures)
-    if report and not _busy(study):
+    if report and (_claim_report(study, spec) if report_once else not _busy(study)):
         result.report_md, result.report_html = write_study_report(spec.name, storage_url, tracking_uri, workspace,
                                                                   parent_id)
     return result
+
+
+def _claim_report(study: optuna.Study, spec: StudySpec) -> bool:
+    """True for the one worker that should write the report now: the study has nothing
+    left to run and no report covers its current trials yet."""
+    with study_lock(study._storage, spec.name):
+        if _busy(study):
+            return False
+        done = len(study.get_trials(deepcopy=False))
+        fresh = optuna.load_study(study_name=spec.name, storage=study._storage)
+        if fresh.user_attrs.get("masklab.reported_trials") == done:
+            return False
+        study.set_user_attr("masklab.reported_trials", done)
+        return True
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:

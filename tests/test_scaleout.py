@@ -65,3 +65,314 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_config, workspace):
         want = sorted((m.step, round(m.value, 5)) for m in client.get_metric_history(straight.run_id, key))
         got = sorted((m.step, round(m.value, 5)) for m in client.get_metric_history(resumed.run_id, key))
         assert got == want, key
+
+
+# ---------------------------------------------------------------- shared helpers
+
+import copy  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import optuna  # noqa: E402
+import yaml  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from lit_modules.paths import Workspace  # noqa: E402
+
+from .conftest import REPO, TINY  # noqa: E402
+from .servers import create_database, mlflow_server, postgres_server  # noqa: E402
+
+
+def _spec_file(tmp_path: Path, name: str, grid: dict, replicates: int = 1, **trainer) -> Path:
+    fixed = copy.deepcopy(TINY["gpt"])
+    fixed["trainer"].update({"max_steps": 4, "val_every": 2, **trainer})
+    spec = {"name": name, "model": "gpt", "data": "wikitext-2", "fixed": fixed, "grid": grid,
+            "replicates": replicates, "objective": {"metric": "val/fw_loss", "direction": "minimize"},
+            "ablation": {"drop_one": False}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture
+def out_ws(tmp_path, data_dir, session_cache) -> Workspace:
+    """An output dir sharing the session's tokenizer cache (trained once per session)."""
+    ws = Workspace.resolve(tmp_path / "out", data_dir)
+    ws.output_dir.mkdir(parents=True)
+    (session_cache / "cache").mkdir(exist_ok=True)
+    (ws.output_dir / "cache").symlink_to(session_cache / "cache", target_is_directory=True)
+    return ws
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _masklab(*args: str, ws: Workspace, log: Path | None = None, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "studies.cli", *args, "--output-dir", str(ws.output_dir),
+           "--data-dir", str(ws.data_dir)]
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _load(name: str, storage: str) -> optuna.Study:
+    from studies.coordination import make_storage
+
+    return optuna.load_study(study_name=name, storage=make_storage(storage))
+
+
+def _grid_keys(trials) -> list[tuple[str, int]]:
+    return sorted((t.user_attrs["masklab.grid_key"], t.user_attrs["masklab.replicate"]) for t in trials)
+
+
+# ---------------------------------------------------------------- real servers
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mlflow_http(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts") as url:
+        yield url
+
+
+def test_three_workers_on_postgres_run_every_grid_trial_exactly_once(tmp_path, out_ws, postgres, mlflow_http):
+    """Three workers started at the same moment on one grid study (PostgreSQL + an MLflow
+    server): every (point, replicate) is COMPLETE exactly once, with exactly one child
+    run each, and one parent run."""
+    from mlflow.tracking import MlflowClient
+
+    storage = create_database(postgres, "three_workers")
+    spec = _spec_file(tmp_path, "three_workers", {"masking.p_bw": [0.0, 0.25, 0.5]}, replicates=2)
+    procs = [_masklab("worker", str(spec), "--storage", storage, "--tracking-uri", mlflow_http, ws=out_ws,
+                      log=tmp_path / f"worker-{i}.log") for i in range(3)]
+    codes = [p.wait(timeout=600) for p in procs]
+    logs = "\n".join((tmp_path / f"worker-{i}.log").read_text() for i in range(3))
+    assert codes == [0, 0, 0], logs
+
+    trials = _load("three_workers", storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6, logs
+    assert len(set(_grid_keys(trials))) == 6
+    assert sorted((t.params["masking.p_bw"], t.params["seed"]) for t in trials) == \
+        [(p, s) for p in (0.0, 0.25, 0.5) for s in (0, 1)]
+    ran = [int(line.split("ran ")[1].split(" ")[0]) for line in logs.splitlines() if "this worker ran" in line]
+    assert sum(ran) == 6
+    assert logs.count("report: ") == 1  # one worker writes it, not all three
+
+    client = MlflowClient(mlflow_http)
+    exp = client.get_experiment_by_name("three_workers")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("masklab.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("masklab.role") == "trial"]
+    assert len(parents) == 1
+    assert sorted(int(r.data.tags["masklab.trial"]) for r in children) == sorted(t.number for t in trials)
+    assert {r.info.run_id for r in children} == {t.user_attrs["masklab.mlflow_run_id"] for t in trials}
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, out_ws, postgres, mlflow_http):
+    """SIGKILL a worker mid-trial, after the trial's first checkpoint: a second worker
+    retries the trial, resuming from that checkpoint in a run linked to the dead one;
+    the trial that had finished is untouched and the final counts are exact."""
+    from mlflow.tracking import MlflowClient
+
+    storage = create_database(postgres, "killed_worker")
+    spec = _spec_file(tmp_path, "killed_worker", {"trainer.max_steps": [50, 400]}, val_every=25)
+    first = _masklab("worker", str(spec), "--storage", storage, "--tracking-uri", mlflow_http, "--no-report",
+                     ws=out_ws, log=tmp_path / "first.log")
+    try:
+        victim = _wait_for_checkpoint(storage, "killed_worker", first, tmp_path / "first.log", max_steps=400)
+        finished = {t.number: (t.state, t.value, t.datetime_complete, t.user_attrs)
+                    for t in _load("killed_worker", storage).get_trials() if t.state.is_finished()}
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+    assert len(finished) == 1 and next(iter(finished.values()))[0] == TrialState.COMPLETE
+
+    second = _masklab("worker", str(spec), "--storage", storage, "--tracking-uri", mlflow_http, "--no-report",
+                      ws=out_ws, log=tmp_path / "second.log")
+    assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()
+
+    trials = _load("killed_worker", storage).get_trials()
+    by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
+    assert len(trials) == 3 and len(by_state[TrialState.COMPLETE]) == 2 and len(by_state[TrialState.FAIL]) == 1
+    dead = by_state[TrialState.FAIL][0]
+    assert dead.number == victim.number and "died" in dead.user_attrs["masklab.failure"]
+    assert sorted(t.params["trainer.max_steps"] for t in by_state[TrialState.COMPLETE]) == [50, 400]
+    for number, before in finished.items():  # untouched
+        t = trials[number]
+        assert (t.state, t.value, t.datetime_complete, t.user_attrs) == before
+    retry = next(t for t in by_state[TrialState.COMPLETE] if t.number not in finished)
+    assert retry.user_attrs["masklab.retry_of_trial"] == victim.number
+    assert retry.user_attrs["masklab.retry_of_run"] == victim.user_attrs["masklab.mlflow_run_id"]
+    assert retry.user_attrs["masklab.failure"] == ""
+    assert set(dead.intermediate_values) <= set(retry.intermediate_values)
+
+    client = MlflowClient(mlflow_http)
+    dead_run = client.get_run(dead.user_attrs["masklab.mlflow_run_id"])
+    assert dead_run.info.status == "FAILED"
+    run = client.get_run(retry.user_attrs["masklab.mlflow_run_id"])
+    resumed_at = int(run.data.tags["masklab.resumed_at_step"])
+    assert resumed_at >= 25 and resumed_at % 25 == 0
+    assert run.data.tags["masklab.retry_of_run"] == dead_run.info.run_id
+    assert run.data.tags["masklab.retry_of_trial"] == str(victim.number)
+    val_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/fw_loss"))
+    assert val_steps == [25 * k - 1 for k in range(1, 17)]  # the whole curve: copied, then trained
+    exp = client.get_experiment_by_name("killed_worker")
+    children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("masklab.role") == "trial"]
+    assert len(children) == 3  # one per trial: the finished one, the dead attempt, its retry
+
+
+def _wait_for_checkpoint(storage: str, name: str, proc: subprocess.Popen, log: Path, max_steps: int,
+                         timeout: float = 300):
+    """The RUNNING trial of ``max_steps`` steps, once its first checkpoint is on disk."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited early:\n{log.read_text()}")
+        try:
+            for t in _load(name, storage).get_trials(states=(TrialState.RUNNING,)):
+                ckpt = t.user_attrs.get("masklab.checkpoint")
+                if t.params.get("trainer.max_steps") == max_steps and ckpt and Path(ckpt).is_file():
+                    return t
+        except KeyError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"no checkpoint within {timeout} s:\n{log.read_text()}")
+
+
+# ---------------------------------------------------------------- local workers, default storage
+
+
+def test_launch_two_workers_on_the_default_sqlite_store(tmp_path, out_ws):
+    """``masklab launch --workers 2`` on the default single-file stores (sqlite in WAL
+    mode): no 'database is locked', every trial COMPLETE once, logs per worker."""
+    spec = _spec_file(tmp_path, "two_local", {"masking.p_bw": [0.0, 0.5]}, replicates=2)
+    proc = _masklab("launch", str(spec), "--workers", "2", "--cpu", ws=out_ws)
+    out, _ = proc.communicate(timeout=600)
+    logs = out + "".join(p.read_text() for p in (out_ws.output_dir / "logs" / "two_local").glob("worker-*.log"))
+    assert proc.returncode == 0, logs
+    assert "locked" not in logs.lower()
+    assert len(list((out_ws.output_dir / "logs" / "two_local").glob("worker-*.log"))) == 2
+    assert "2/2 workers running" in out and "4 complete" in out
+    trials = _load("two_local", f"sqlite:///{out_ws.output_dir / 'optuna.db'}").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert len(set(_grid_keys(trials))) == 4
+    assert (out_ws.output_dir / "reports" / "two_local" / "report.html").is_file()
+
+
+# ---------------------------------------------------------------- retries without servers
+
+
+def test_stale_trial_is_failed_and_retried_with_its_checkpoint(tmp_path):
+    """A RUNNING trial whose heartbeat stopped (a worker on another machine) is FAILed
+    and re-enqueued with the links a retry needs; a COMPLETE trial is never touched;
+    retries stop after MAX_RETRIES."""
+    from studies.coordination import MAX_RETRIES, make_storage
+    from studies.runner import reap_dead_trials
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat=1, grace=1)
+    study = optuna.create_study(study_name="stale", storage=storage)
+    done = study.ask()
+    study.tell(done, 1.0)
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"checkpoint")
+    study.enqueue_trial({"x": 0.5}, user_attrs={"masklab.grid_key": "x=0.5", "masklab.replicate": 0})
+    numbers = []
+    for attempt in range(MAX_RETRIES + 1):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        numbers.append(trial.number)
+        for key, value in {"masklab.host": "elsewhere", "masklab.pid": 1, "masklab.checkpoint": str(ckpt),
+                           "masklab.mlflow_run_id": f"run{attempt}"}.items():
+            trial.set_user_attr(key, value)
+        trial.report(0.9 - attempt / 10, step=attempt)
+        storage.record_heartbeat(trial._trial_id)
+        time.sleep(2.5)  # > grace, also at the store clock's one-second resolution
+        assert reap_dead_trials(study) == [trial.number]
+        t = study.trials[trial.number]
+        assert t.state == TrialState.FAIL and "heartbeat" in t.user_attrs["masklab.failure"]
+        waiting = study.get_trials(states=(TrialState.WAITING,))
+        if attempt == MAX_RETRIES:
+            assert waiting == []  # retried often enough
+            break
+        [retry] = waiting
+        assert retry.params == {"x": 0.5}
+        a = retry.user_attrs
+        assert a["masklab.retry_of_trial"] == numbers[0] and a["masklab.retry_of_run"] == f"run{attempt}"
+        assert a["masklab.resume_checkpoint"] == str(ckpt) and a["masklab.grid_key"] == "x=0.5"
+        assert not {"masklab.host", "masklab.pid", "masklab.failure", "masklab.mlflow_run_id"} & set(a)
+        assert retry.intermediate_values == t.intermediate_values
+    assert study.trials[done.number].state == TrialState.COMPLETE
+
+
+def test_study_lock_excludes_and_stale_locks_are_broken(tmp_path):
+    import threading
+
+    from studies import coordination
+    from studies.coordination import LOCK_SUFFIX, make_storage, study_lock
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'o.db'}")
+    inside, order = threading.Event(), []
+
+    def holder():
+        with study_lock(storage, "s"):
+            inside.set()
+            time.sleep(0.5)
+            order.append("holder out")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    inside.wait(10)
+    with study_lock(storage, "s"):
+        order.append("second in")
+    t.join()
+    assert order == ["holder out", "second in"]
+    assert "s" + LOCK_SUFFIX not in optuna.get_all_study_names(storage)
+
+    # A lock left by a dead worker is broken once it is older than LOCK_STALE_SECONDS.
+    from optuna.study import StudyDirection
+
+    dead = storage.create_new_study([StudyDirection.MINIMIZE], "s" + LOCK_SUFFIX)
+    storage.set_study_user_attr(dead, "since", time.time() - coordination.LOCK_STALE_SECONDS - 1)
+    with study_lock(storage, "s", timeout=10):
+        pass
+
+
+# ---------------------------------------------------------------- SLURM
+
+
+def test_slurm_script_is_valid_bash_and_runs_the_worker(tmp_path, out_ws):
+    script = tmp_path / "study.sbatch"
+    proc = _masklab("slurm", "gpt_pbw", "--array", "16", "--gpus-per-task", "1", "--partition", "gpu",
+                    "--storage", "postgresql://masklab:secret@db.cluster/masklab",
+                    "--tracking-uri", "http://mlflow.cluster:5000", "--setup", "source .venv/bin/activate",
+                    "--out", str(script), ws=out_ws)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert "#SBATCH --array=0-15" in text and "#SBATCH --gpus-per-task=1" in text
+    assert "#SBATCH --partition=gpu" in text
+    worker = [line for line in text.splitlines() if line.startswith("exec ")]
+    assert len(worker) == 1 and " worker " in worker[0] and "gpt_pbw.yaml" in worker[0]
+    assert '--storage "$MASKLAB_STORAGE"' in worker[0] and '--tracking-uri "$MASKLAB_TRACKING_URI"' in worker[0]
+    assert "postgresql://masklab:secret@db.cluster/masklab" in text
+    assert text.index("source .venv/bin/activate") < text.index("exec ")
+
+    bad = _masklab("slurm", "gpt_pbw", "--array", "4", "--storage", "sqlite:///optuna.db", "--out",
+                   str(tmp_path / "bad.sbatch"), ws=out_ws)
+    out, _ = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and "--storage" in out and "postgresql" in out
+    assert not (tmp_path / "bad.sbatch").exists()
