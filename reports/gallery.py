@@ -34,6 +34,8 @@ def reconstruction_gallery(data: StudyData) -> list[GalleryImage]:
     done = data.complete
     if done.empty or not data.tracking_uri or "run_id" not in done.columns:
         return []
+    if not done["run_id"].map(lambda r: isinstance(r, str) and bool(r)).any():
+        return []  # no runs were found: opening the client would create an empty store
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a report

@@ -94,8 +94,11 @@ class StudyData:
 
 # ------------------------------------------------------------------ public entry points
 def list_studies(storage_url: str | optuna.storages.BaseStorage) -> list[str]:
-    """Names of the studies in an Optuna storage (sorted)."""
-    return sorted(optuna.get_all_study_names(open_storage(storage_url)))
+    """Names of the studies in an Optuna storage (sorted), without the short-lived
+    lock studies that workers sharing a study hold for a moment."""
+    from studies.coordination import is_lock_study
+
+    return sorted(n for n in optuna.get_all_study_names(open_storage(storage_url)) if not is_lock_study(n))
 
 
 def load_study(name: str, storage_url: str | optuna.storages.BaseStorage,
