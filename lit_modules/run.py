@@ -54,7 +54,9 @@ class LastCheckpoint(L.Callback):
     every validation. A run cut off resumes from it at a validation boundary
     (``fit(ckpt_path=...)``), where the next epoch's batches are exactly those the
     uninterrupted run would have drawn. The file is written next to the old one and
-    renamed over it, so a process killed while saving leaves the previous checkpoint."""
+    renamed over it, so a process killed while saving leaves the previous checkpoint;
+    loggers are told (``after_save_checkpoint``) before the rename, so they can store
+    what was logged up to the checkpoint first."""
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / "last.ckpt"
@@ -65,6 +67,8 @@ class LastCheckpoint(L.Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         trainer.save_checkpoint(partial, weights_only=False)
+        for logger in trainer.loggers:  # what was logged up to here is stored before
+            logger.after_save_checkpoint(self)  # the checkpoint can be resumed from
         if trainer.is_global_zero:
             os.replace(partial, self.path)
 

@@ -105,8 +105,15 @@ class BufferedMLflowLogger(Logger):
         self.flush()
 
     def save(self) -> None:
-        # Lightning calls this at every checkpoint: hand over, do not wait.
-        self.flush(wait=False)
+        """Nothing: Lightning calls this after every ``log_metrics``; sending there would
+        make every logged step a request. The buffer is sent by size and age (above), at
+        each checkpoint and at the end."""
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        """Store every point logged so far before the checkpoint becomes visible, so a
+        run resumed from it finds its curves complete up to it (one round trip per
+        checkpoint, i.e. per validation)."""
+        self.flush()
 
     def close(self) -> None:
         """Send what is left and stop the background sender."""
