@@ -376,3 +376,42 @@ def test_slurm_script_is_valid_bash_and_runs_the_worker(tmp_path, out_ws):
     out, _ = bad.communicate(timeout=120)
     assert bad.returncode == 2 and "--storage" in out and "postgresql" in out
     assert not (tmp_path / "bad.sbatch").exists()
+
+
+def test_concurrent_claims_respect_the_search_budget_and_the_grid_queue(tmp_path):
+    """Threads claiming at once (no training: claim, then tell) take exactly n_trials
+    search trials, and exactly the enqueued grid trials, each once."""
+    import threading
+
+    from studies.runner import claim_trial, enqueue_grid, open_study
+    from studies.spec import load_spec
+
+    fixed = copy.deepcopy(TINY["gpt"])
+    common = {"model": "gpt", "data": "wikitext-2", "fixed": fixed, "objective": "val/fw_loss"}
+    search = load_spec({**common, "name": "budget", "n_trials": 7, "sampler": "random",
+                        "search": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})
+    grid = load_spec({**common, "name": "queue", "grid": {"masking.p_bw": [0.0, 0.1, 0.2]}, "replicates": 3})
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    for spec in (search, grid):
+        study = open_study(spec, storage, "unused")
+        claimed: list[int] = []
+
+        def work(spec=spec, study=study, claimed=claimed):
+            from studies.runner import suggest
+
+            while (trial := claim_trial(study, spec)) is not None:
+                suggest(trial, spec)
+                claimed.append(trial.number)
+                study.tell(trial, 1.0)
+
+        if spec.kind == "grid":
+            enqueue_grid(study, spec)
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        trials = study.get_trials()
+        want = 7 if spec.kind == "search" else 9
+        assert sorted(claimed) == list(range(want)), spec.name
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * want
+        if spec.kind == "grid":
+            assert len(set(_grid_keys(trials))) == 9
