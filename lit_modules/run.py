@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -53,10 +54,15 @@ class LastCheckpoint(L.Callback):
     """Keeps ``last.ckpt`` (weights, optimizer, schedule, loop state), rewritten after
     every validation. A run cut off resumes from it at a validation boundary
     (``fit(ckpt_path=...)``), where the next epoch's batches are exactly those the
-    uninterrupted run would have drawn. The file is written next to the old one and
-    renamed over it, so a process killed while saving leaves the previous checkpoint;
-    loggers are told (``after_save_checkpoint``) before the rename, so they can store
-    what was logged up to the checkpoint first."""
+    uninterrupted run would have drawn.
+
+    Each checkpoint is written to a partial file and renamed over ``last.ckpt``, so a
+    process killed while saving leaves the previous one. A logger that sends in the
+    background may offer ``when_stored(fn)`` (run ``fn`` once everything logged so far
+    is stored): the rename then waits for it, off the training thread, so a resumed run
+    always finds its curves complete up to its checkpoint and training never waits on
+    the tracking server.
+    """
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / "last.ckpt"
@@ -65,12 +71,25 @@ class LastCheckpoint(L.Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.{trainer.global_step}.partial")
         trainer.save_checkpoint(partial, weights_only=False)
-        for logger in trainer.loggers:  # what was logged up to here is stored before
-            logger.after_save_checkpoint(self)  # the checkpoint can be resumed from
-        if trainer.is_global_zero:
+        if not trainer.is_global_zero:
+            return
+        waiting = [lg for lg in trainer.loggers if hasattr(lg, "when_stored")]
+        if not waiting:
             os.replace(partial, self.path)
+            return
+        left, lock = [len(waiting)], threading.Lock()
+
+        def stored() -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            os.replace(partial, self.path)
+
+        for logger in waiting:
+            logger.when_stored(stored)
 
 
 def build_trainer(cfg: RunConfig, logger, callbacks: list, checkpoint_dir: Path | None) -> L.Trainer:

@@ -14,7 +14,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +109,19 @@ class BufferedMLflowLogger(Logger):
         make every logged step a request. The buffer is sent by size and age (above), at
         each checkpoint and at the end."""
 
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        """Store every point logged so far before the checkpoint becomes visible, so a
-        run resumed from it finds its curves complete up to it (one round trip per
-        checkpoint, i.e. per validation)."""
-        self.flush()
+    def when_stored(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once every point logged so far is stored (at once when sending is
+        synchronous; else on the sender thread, after the batches before it). The
+        checkpoint callback publishes a checkpoint this way: never before its curves."""
+        batch, self._buffer = self._buffer, []
+        self._last_flush = time.monotonic()
+        if self._sender is None:
+            _send(self.client, self.run_id, batch)
+            fn()
+            return
+        if batch:
+            self._sender.put(batch)
+        self._sender.put(fn)
 
     def close(self) -> None:
         """Send what is left and stop the background sender."""
@@ -128,19 +136,21 @@ def _send(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
 
 
 class _BatchSender:
-    """One daemon thread sending metric batches in order. A batch that fails is tried
+    """One daemon thread sending metric batches in order, and running the callables put
+    between them once the batches before them are sent. A batch that fails is tried
     again (``retries`` times, with back-off) so a server hiccup loses nothing; an error
-    that persists is raised by the next :meth:`wait`."""
+    that persists is raised by the next :meth:`wait` (a callable still runs: a
+    checkpoint is worth more than the curve points that could not be stored)."""
 
     def __init__(self, client: MlflowClient, run_id: str, retries: int = 3):
         self.client, self.run_id, self.retries = client, run_id, retries
-        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        self._queue: queue.Queue[list[Metric] | Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-batches-{run_id[:8]}", daemon=True)
         self._thread.start()
 
-    def put(self, batch: list[Metric]) -> None:
-        self._queue.put(batch)
+    def put(self, item: list[Metric] | Callable[[], None]) -> None:
+        self._queue.put(item)
 
     def wait(self) -> None:
         self._queue.join()
@@ -154,19 +164,24 @@ class _BatchSender:
 
     def _loop(self) -> None:
         while True:
-            batch = self._queue.get()
+            item = self._queue.get()
             try:
-                if batch is None:
+                if item is None:
                     return
+                if callable(item):
+                    item()
+                    continue
                 for attempt in range(self.retries + 1):
                     try:
-                        _send(self.client, self.run_id, batch)
+                        _send(self.client, self.run_id, item)
                         break
                     except Exception as e:  # noqa: BLE001 - kept and raised by wait()
                         if attempt == self.retries:
                             self._error = e
                         else:
                             time.sleep(0.5 * 2**attempt)
+            except Exception as e:  # noqa: BLE001 - a callable failed: kept and raised by wait()
+                self._error = e
             finally:
                 self._queue.task_done()
 

@@ -137,6 +137,8 @@ def train_run(
         if resume.checkpoint is not None and Path(resume.checkpoint).is_file():
             ckpt_path = Path(resume.checkpoint)
             resumed_step = checkpoint_step(ckpt_path)
+            for partial in ckpt_path.parent.glob(".*.partial"):  # the attempt died mid-save
+                partial.unlink(missing_ok=True)
             tags["masklab.resumed_from"] = str(ckpt_path.resolve())
             tags["masklab.resumed_at_step"] = str(resumed_step)
     run = client.create_run(exp_id, run_name=tracking.run_name, tags=tags)

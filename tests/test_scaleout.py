@@ -415,3 +415,28 @@ def test_concurrent_claims_respect_the_search_budget_and_the_grid_queue(tmp_path
         assert [t.state for t in trials] == [TrialState.COMPLETE] * want
         if spec.kind == "grid":
             assert len(set(_grid_keys(trials))) == 9
+
+
+def test_checkpoint_is_published_only_after_its_metrics_are_stored(tmp_path):
+    """The logger hands batches to its sender and returns: the training thread never
+    waits on the tracking server (here: a server that answers only when told to). The
+    checkpoint callback's publish step runs after the points logged before it are stored."""
+    import threading
+
+    from studies.tracking import BufferedMLflowLogger
+
+    release, events = threading.Event(), []
+
+    class SlowServer:
+        def log_batch(self, run_id, metrics=(), params=(), tags=()):
+            assert release.wait(30), "the test never released the server"
+            events.append(("stored", sorted({m.step for m in metrics})))
+
+    logger = BufferedMLflowLogger(SlowServer(), "run", flush_every=2)
+    for step in range(5):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)  # sends at 2 and 4 points
+    logger.when_stored(lambda: events.append(("published", None)))
+    assert events == []  # nothing stored yet, and the training thread was not held up
+    release.set()
+    logger.close()
+    assert events == [("stored", [0, 1]), ("stored", [2, 3]), ("stored", [4]), ("published", None)]
