@@ -440,3 +440,18 @@ def test_checkpoint_is_published_only_after_its_metrics_are_stored(tmp_path):
     release.set()
     logger.close()
     assert events == [("stored", [0, 1]), ("stored", [2, 3]), ("stored", [4]), ("published", None)]
+
+
+def test_launch_pins_each_worker_to_a_gpu_or_a_share_of_the_cpu():
+    from lit_modules.config_errors import ConfigError
+    from studies.launch import parse_devices, worker_env
+
+    devices = parse_devices("0, 1,3")
+    assert devices == ["0", "1", "3"]
+    assert [worker_env(i, 4, devices, 16)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "1", "3", "0"]
+    cpu = [worker_env(i, 3, None, 16) for i in range(3)]
+    assert all(e == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"} for e in cpu)
+    assert worker_env(0, 4, None, 2)["OMP_NUM_THREADS"] == "1"
+    for bad in ("", "0,gpu1", "-1"):
+        with pytest.raises(ConfigError, match="--devices"):
+            parse_devices(bad)
