@@ -51,7 +51,7 @@ from .spec import StudySpec, grid_key
 
 # How often a worker with nothing to claim looks again while other workers' trials run
 # (one of them may die, and its trial come back to the queue).
-POLL_SECONDS = 2.0
+POLL_SECONDS = 5.0
 
 
 @dataclass
@@ -333,7 +333,6 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, workspace: Workspace, tracki
 
     trial.set_user_attr("masklab.host", socket.gethostname())
     trial.set_user_attr("masklab.pid", os.getpid())
-    trial.set_user_attr("masklab.failure", "")  # a retry does not inherit its attempt's
     params, seed = suggest(trial, spec)
     cfg = run_config_from_dict(spec.run_config_dict(params, seed))
     trial.set_user_attr("masklab.config_hash", cfg.hash())
@@ -438,6 +437,7 @@ def run_study(
                 if not (wait and _busy(study)):
                     break
                 time.sleep(POLL_SECONDS)
+                # Under the lock: a retry must be queued before anyone enqueues the grid.
                 with study_lock(study._storage, spec.name):
                     if reap_dead_trials(study, tracking_uri):
                         log("a worker died: its trial is queued again")
