@@ -85,10 +85,9 @@ def progress_line(name: str, storage_url: str, workers: list[WorkerProcess]) -> 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     counts: dict[str, int] = {}
     try:
-        from .coordination import is_journal, make_storage
+        from reports.loader import open_storage
 
-        storage = make_storage(storage_url) if is_journal(storage_url) else optuna.storages.RDBStorage(storage_url)
-        study = optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
         for t in study.get_trials(deepcopy=False):
             counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
     except Exception:  # noqa: BLE001 - not created yet, or a store busy for a moment

@@ -13,13 +13,17 @@ from lit_modules.config_errors import ConfigError
 
 
 def load_trials(name: str, storage_url: str) -> tuple[optuna.Study, pd.DataFrame]:
+    from reports.loader import StudyNotFoundError, list_studies, open_storage
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if not _exists(storage_url):
-        raise ConfigError("--storage", storage_url, "no such store; run the study first (masklab run SPEC)")
     try:
-        study = optuna.load_study(study_name=name, storage=storage_url)
+        storage = open_storage(storage_url)  # sqlite, PostgreSQL or journal file
+    except StudyNotFoundError:
+        raise ConfigError("--storage", storage_url, "no such store; run the study first (masklab run SPEC)") from None
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        known = optuna.get_all_study_names(storage_url) if _exists(storage_url) else []
+        known = list_studies(storage)
         raise ConfigError("study", name, f"not in {storage_url} (studies there: {', '.join(known) or 'none'})") from None
     swept = study.user_attrs.get("masklab.swept", [])
     rows = []
@@ -30,7 +34,10 @@ def load_trials(name: str, storage_url: str) -> tuple[optuna.Study, pd.DataFrame
         if "seed" in params:
             row["seed"] = params["seed"]
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        row.update(state=t.state.name, value=t.value, seconds=duration, note=t.user_attrs.get("masklab.failure", ""))
+        note = t.user_attrs.get("masklab.failure", "")
+        if "masklab.retry_of_trial" in t.user_attrs:  # a trial whose worker died, run again
+            note = f"retry of trial {t.user_attrs['masklab.retry_of_trial']}" + (f"; {note}" if note else "")
+        row.update(state=t.state.name, value=t.value, seconds=duration, note=note)
         rows.append(row)
     return study, pd.DataFrame(rows)
 
@@ -46,11 +53,3 @@ def study_status(name: str, storage_url: str) -> str:
     df = df.rename(columns={"value": objective})
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
         return head + "\n" + df.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
-
-
-def _exists(url: str) -> bool:
-    if url.startswith("sqlite:///"):
-        from pathlib import Path
-
-        return Path(url.removeprefix("sqlite:///")).exists()
-    return True

@@ -218,6 +218,9 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, out_ws, po
     assert retry.user_attrs["masklab.retry_of_run"] == victim.user_attrs["masklab.mlflow_run_id"]
     assert "masklab.failure" not in retry.user_attrs  # the attempt's failure is not inherited
     assert set(dead.intermediate_values) <= set(retry.intermediate_values)
+    from studies.status import study_status
+
+    assert f"retry of trial {victim.number}" in study_status("killed_worker", storage)
 
     client = MlflowClient(mlflow_http)
     dead_run = client.get_run(dead.user_attrs["masklab.mlflow_run_id"])
