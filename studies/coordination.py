@@ -4,10 +4,11 @@
   file, or PostgreSQL for a cluster) with heartbeats and :class:`RetryTrial` as the
   stale-trial callback, or a journal file (``journal:PATH``).
 - :func:`study_lock` is a mutex across processes and machines built on the storage
-  itself: creating a study is atomic in every Optuna storage, so the worker that creates
-  the lock study holds the lock. Enqueueing a grid, creating the MLflow parent run and
-  claiming the next trial happen under it, so any number of workers may start at once
-  and every (grid point, replicate) is enqueued, and run, exactly once.
+  itself: a PostgreSQL advisory lock, or elsewhere a lock study (creating a study is
+  atomic in every Optuna storage, so the worker that creates it holds the lock).
+  Enqueueing a grid, creating the MLflow parent run and claiming the next trial happen
+  under it, so any number of workers may start at once and every (grid point,
+  replicate) is enqueued, and run, exactly once.
 - :class:`RetryTrial` re-enqueues a trial whose worker died (found by heartbeat, or by
   its pid on this host) as a WAITING copy that knows the attempt's MLflow run and
   checkpoint, so the next worker resumes it from that checkpoint.
@@ -15,11 +16,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,8 +111,10 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
     # loser sees "already exists"); on a second try the tables are there.
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                                              heartbeat_stale_trial_callback=RetryTrial(), **kwargs)
+            with warnings.catch_warnings():  # heartbeats and retries are "experimental" in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                                  heartbeat_stale_trial_callback=RetryTrial(), **kwargs)
         except Exception as e:  # noqa: BLE001 - sqlalchemy's errors differ by database
             if attempt == 4 or not _schema_race(e):
                 raise
@@ -140,12 +145,26 @@ def retry_callback(storage: optuna.storages.BaseStorage) -> RetryTrial:
     """The storage's stale-trial callback (journal storages have none: a default one)."""
     get = getattr(storage, "get_heartbeat_stale_trial_callback", None)
     callback = get() if get is not None else None
-    return callback if isinstance(callback, RetryTrial) else RetryTrial()
+    if isinstance(callback, RetryTrial):
+        return callback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryTrial()
 
 
 @contextmanager
 def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout: float = 600.0) -> Iterator[None]:
-    """Hold the lock of study ``name`` across every process using ``storage``."""
+    """Hold the lock of study ``name`` across every process using ``storage``.
+
+    On PostgreSQL this is a session advisory lock (the server queues the waiters, and
+    releases the lock by itself if the holder's connection dies); on other storages, a
+    lock study (created atomically; broken after ``LOCK_STALE_SECONDS``).
+    """
+    engine = _postgres_engine(storage)
+    if engine is not None:
+        with _advisory_lock(engine, name + LOCK_SUFFIX, timeout):
+            yield
+        return
     lock = name + LOCK_SUFFIX
     owner = f"{socket.gethostname()}:{os.getpid()}"
     deadline = time.monotonic() + timeout
@@ -168,6 +187,30 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout: float =
             storage.delete_study(lock_id)
         except KeyError:  # broken as stale by another worker
             pass
+
+
+def _postgres_engine(storage: optuna.storages.BaseStorage):
+    rdb = getattr(storage, "_backend", storage)  # optuna wraps RDB storages in a cache
+    engine = getattr(rdb, "engine", None)
+    return engine if engine is not None and engine.dialect.name == "postgresql" else None
+
+
+@contextmanager
+def _advisory_lock(engine, name: str, timeout: float) -> Iterator[None]:
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        # LOCAL: the timeout ends with this transaction; the (session) lock does not, and
+        # the pooled connection goes back to Optuna with its usual settings.
+        conn.execute(text(f"SET LOCAL lock_timeout = {int(timeout * 1000)}"))
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            conn.commit()
 
 
 def _break_if_stale(storage: optuna.storages.BaseStorage, lock: str, first_seen: dict[int, float]) -> None:

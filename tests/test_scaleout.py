@@ -458,3 +458,31 @@ def test_launch_pins_each_worker_to_a_gpu_or_a_share_of_the_cpu():
     for bad in ("", "0,gpu1", "-1"):
         with pytest.raises(ConfigError, match="--devices"):
             parse_devices(bad)
+
+
+def test_postgres_study_lock_is_released_when_its_holder_dies(postgres):
+    """On PostgreSQL the study lock is an advisory lock: a worker killed while holding it
+    does not block the others (the server drops it with the connection)."""
+    from studies.coordination import make_storage, study_lock
+
+    url = create_database(postgres, "lock_holder")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from studies.coordination import make_storage, study_lock\n"
+         f"with study_lock(make_storage({url!r}), 's'):\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(600)\n"],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        storage = make_storage(url)
+        with pytest.raises(Exception, match="lock timeout"):
+            with study_lock(storage, "s", timeout=1):
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        with study_lock(storage, "s", timeout=30):  # the dead holder's lock is gone
+            pass
+    finally:
+        holder.kill()
