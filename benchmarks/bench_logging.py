@@ -138,7 +138,6 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -250,7 +249,7 @@ class Servers:
 @contextlib.contextmanager
 def slow_proxy(upstream: str, latency_s: float, servers: Servers):
     """This script, in its own process, as a proxy that delays every request by ``latency_s``."""
-    from tests.servers import free_port
+    from tests.servers import free_port, stop_group, wait_healthy
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-proxy", upstream, str(port),
@@ -258,31 +257,11 @@ def slow_proxy(upstream: str, latency_s: float, servers: Servers):
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the slow proxy exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the slow proxy did not answer within 30 s")
-            time.sleep(0.2)
+        wait_healthy(proc, f"{url}/health", 30, "the slow proxy")
         servers.sids.append(proc.pid)
         yield url
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_group(proc, timeout=10)
 
 
 def round_trip_ms(uri: str, run_id: str, n: int = 5) -> float:

@@ -41,7 +41,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, what: str, log=None) -> None:
+    """Poll ``url`` until it answers 200; fail if ``proc`` exits or ``timeout`` passes
+    (with the tail of ``log``, an open file, in the message)."""
+    def tail() -> str:
+        if log is None:
+            return ""
+        log.seek(0)
+        return ":\n" + log.read()[-3000:]
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}{tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not healthy after {timeout} s{tail()}")
+        time.sleep(0.2)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the process group, then SIGKILL what is left."""
     if proc.poll() is not None:
         return
@@ -138,24 +162,10 @@ def mlflow_server(backend_uri: str, artifact_root: Path, timeout: float = 90.0) 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"mlflow server not healthy after {timeout} s:\n{log.read()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(proc, f"{url}/health", timeout, "mlflow server", log)
         yield url
     finally:
-        _stop_group(proc)
+        stop_group(proc)
         log.close()
 
 
