@@ -23,6 +23,8 @@ import plotly.io as pio
 from plotly.io.json import to_json_plotly
 from plotly.offline import get_plotlyjs
 
+from reports.study_report import TABLE_CSS
+
 from .content import OVERVIEW, Dashboard, Gallery, Header, Note, Plot, Table, View, Warnings
 
 VERSION_FILE = "version.json"
@@ -149,16 +151,9 @@ header.bar { position: sticky; top: 0; z-index: 10; display: flex; gap: 1.2em; a
   flex-wrap: wrap; padding: 0.5em 1em; background: #f3f5f8; border-bottom: 1px solid #ccd; }
 header.bar select { font-size: 1em; margin-left: 0.3em; }
 .stamp { color: #555; font-size: 0.85em; margin-left: auto; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-dl.header { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
-dl.header dt { font-weight: 600; } dl.header dd { margin: 0; font-family: monospace; }
-.warnings li { margin: 0.2em 0; } .kind { font-weight: 600; color: #a33; }
-.note { color: #555; font-style: italic; }
 .plot { min-height: 200px; }
 .gallery { display: flex; flex-wrap: wrap; gap: 1em; } .gallery img { width: min(100%, 480px); image-rendering: pixelated; }
-"""
+""" + TABLE_CSS
 
 # The page's behaviour: the two controls, drawing the visible figures, the URL fragment
 # (#study=NAME&metric=KEY) and, when served, polling for a new version.

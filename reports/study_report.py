@@ -230,16 +230,20 @@ def render_markdown(report: Report) -> str:
 
 
 # ------------------------------------------------------------------ HTML
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
+# Tables, headers and warnings: shared with the dashboard's page.
+TABLE_CSS = """
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 dl.header { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
 dl.header dt { font-weight: 600; } dl.header dd { margin: 0; font-family: monospace; }
 .warnings li { margin: 0.2em 0; } .kind { font-weight: 600; color: #a33; }
-.note { color: #555; font-style: italic; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+.note { color: #555; font-style: italic; }
 """
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+""" + TABLE_CSS
 
 
 def render_html(report: Report) -> str:

@@ -28,7 +28,7 @@ import pytest
 from reports.loader import StudyData
 
 from .conftest import REPO, TINY
-from .servers import chromium_path, free_port, mlflow_server, unavailable
+from .servers import chromium_path, free_port, mlflow_server, stop_group, unavailable
 
 GRID, SEARCH, MAE = "dash_grid", "dash_search", "dash_mae"
 GPT = copy.deepcopy(TINY["gpt"])
@@ -313,13 +313,7 @@ class Browser:
     def close(self) -> None:
         if getattr(self, "ws", None) is not None:
             self.ws.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc, timeout=10)
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
