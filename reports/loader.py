@@ -148,10 +148,12 @@ def open_storage(url: str | optuna.storages.BaseStorage) -> optuna.storages.Base
     """
     if not isinstance(url, str):
         return url
-    if url.startswith("journal:") or url.endswith((".log", ".journal", ".jsonl")):
+    from studies.coordination import is_journal, journal_path
+
+    if is_journal(url):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url.removeprefix("journal:").removeprefix("//"))
+        path = journal_path(url)
         _require_file(path, url)
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):

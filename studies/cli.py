@@ -100,12 +100,13 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _worker_args(args, spec_path: str) -> list[str]:
-    """The options a launched worker needs to join the same study."""
+def _worker_args(args, spec_path: str, stores: bool = True) -> list[str]:
+    """The options a launched worker needs to join the same study (``stores``: with the
+    storage and tracking URLs given on this command line)."""
     out = [spec_path]
     for value in args.set or []:
         out += ["--set", value]
-    for flag in ("study_name", "storage", "tracking_uri"):
+    for flag in ("study_name", *(("storage", "tracking_uri") if stores else ())):
         value = getattr(args, flag, None)
         if value:
             out += [f"--{flag.replace('_', '-')}", str(value)]
@@ -120,9 +121,10 @@ def cmd_worker(args) -> int:
     storage, tracking = _stores(args, ws)
     who = os.environ.get("MASKLAB_WORKER")
     prefix = f"[worker {who}] " if who else ""
+    liveness = {k: v for k, v in (("heartbeat", args.heartbeat), ("grace", args.grace)) if v is not None}
     result = run_study(spec, ws, storage, tracking, progress=False, report=not args.no_report,
-                       max_trials=args.max_trials, wait=not args.no_wait, report_once=True, heartbeat=args.heartbeat,
-                       grace=args.grace, log=lambda m: print(prefix + m, file=sys.stderr, flush=True))
+                       max_trials=args.max_trials, wait=not args.no_wait, report_once=True,
+                       log=lambda m: print(prefix + m, file=sys.stderr, flush=True), **liveness)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     print(f"{prefix}study {spec.name}: this worker ran {result.ran} trial(s); now {counts}")
     if result.report_html:
@@ -131,7 +133,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from .launch import log_tail, parse_devices, progress_line, start_workers, supervise
+    from .launch import ProgressLine, log_tail, parse_devices, start_workers, supervise
     from .runner import write_study_report
 
     spec = _load_spec(args, validate=True)  # a bad spec fails here once, not in N workers
@@ -146,7 +148,7 @@ def cmd_launch(args) -> int:
     workers = start_workers(worker_args, args.workers, devices, log_dir)
     for w in workers:
         print(f"{w.label}: log {w.log}", file=sys.stderr)
-    codes = supervise(workers, lambda: progress_line(spec.name, storage, workers))
+    codes = supervise(workers, ProgressLine(spec.name, storage, workers))
     failed = [w for w, code in zip(workers, codes) if code != 0]
     for w in failed:
         print(f"masklab: {w.label} exited with {w.proc.returncode}; last lines of {w.log}:\n{log_tail(w.log)}",
@@ -174,8 +176,8 @@ def cmd_slurm(args) -> int:
     opts = SlurmOptions(array=args.array, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
                         mem=args.mem, time=args.time, partition=args.partition, account=args.account,
                         setup=args.setup or [], log_dir=str(ws.output_dir / "logs" / spec.name / "slurm"))
-    worker_args = [*_worker_args(argparse.Namespace(**{**vars(args), "storage": None, "tracking_uri": None}),
-                                 str(resolve_spec_path(args.spec).resolve())),
+    # The stores come from the script's environment (see sbatch_script), not the command line.
+    worker_args = [*_worker_args(args, str(resolve_spec_path(args.spec).resolve()), stores=False),
                    "--output-dir", str(ws.output_dir), "--data-dir", str(ws.data_dir)]
     command = "masklab slurm " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "masklab slurm"
     text = sbatch_script(spec.name, worker_args, opts, Path.cwd(), args.storage, args.tracking_uri, command)
@@ -330,9 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave as soon as nothing is queued, even while other workers' trials run "
                         "(default: stay, and retry those trials if their worker dies)")
     p.add_argument("--no-report", action="store_true", help="do not write the report when the study is done")
-    p.add_argument("--heartbeat", type=int, default=30, metavar="S",
+    p.add_argument("--heartbeat", type=int, metavar="S",
                    help="seconds between a running trial's heartbeats (default 30)")
-    p.add_argument("--grace", type=int, default=90, metavar="S",
+    p.add_argument("--grace", type=int, metavar="S",
                    help="a running trial without a heartbeat for S seconds is retried elsewhere (default 90)")
     p.set_defaults(func=cmd_worker)
 

@@ -78,23 +78,31 @@ def start_workers(worker_args: list[str], workers: int, devices: list[str] | Non
     return started
 
 
-def progress_line(name: str, storage_url: str, workers: list[WorkerProcess]) -> str:
-    """``study: 5 complete, 2 running, 1 waiting, 0 failed | 2/2 workers running``."""
-    import optuna
+class ProgressLine:
+    """``study: 5 complete, 2 running, 1 waiting, 0 pruned, 0 fail | 2/2 workers running``,
+    read from the storage (opened once it exists: the first worker creates it)."""
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    counts: dict[str, int] = {}
-    try:
-        from reports.loader import open_storage
+    def __init__(self, name: str, storage_url: str, workers: list[WorkerProcess]):
+        self.name, self.storage_url, self.workers = name, storage_url, workers
+        self._study = None
 
-        study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
-        for t in study.get_trials(deepcopy=False):
-            counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    except Exception:  # noqa: BLE001 - not created yet, or a store busy for a moment
-        pass
-    alive = sum(w.proc.poll() is None for w in workers)
-    states = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "running", "waiting", "pruned", "fail"))
-    return f"{name}: {states} | {alive}/{len(workers)} workers running"
+    def __call__(self) -> str:
+        import optuna
+
+        counts: dict[str, int] = {}
+        try:
+            if self._study is None:
+                from reports.loader import open_storage
+
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+                self._study = optuna.load_study(study_name=self.name, storage=open_storage(self.storage_url))
+            for t in self._study.get_trials(deepcopy=False):
+                counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+        except Exception:  # noqa: BLE001 - not created yet, or a store busy for a moment
+            pass
+        alive = sum(w.proc.poll() is None for w in self.workers)
+        states = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("complete", "running", "waiting", "pruned", "fail"))
+        return f"{self.name}: {states} | {alive}/{len(self.workers)} workers running"
 
 
 def supervise(workers: list[WorkerProcess], line, out=sys.stderr) -> list[int]:

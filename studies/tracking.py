@@ -93,7 +93,7 @@ class BufferedMLflowLogger(Logger):
         batch, self._buffer = self._buffer, []
         self._last_flush = time.monotonic()
         if self._sender is None:
-            _send(self.client, self.run_id, batch)
+            send_metrics(self.client, self.run_id, batch)
             return
         if batch:
             self._sender.put(batch)
@@ -113,15 +113,11 @@ class BufferedMLflowLogger(Logger):
         """Run ``fn`` once every point logged so far is stored (at once when sending is
         synchronous; else on the sender thread, after the batches before it). The
         checkpoint callback publishes a checkpoint this way: never before its curves."""
-        batch, self._buffer = self._buffer, []
-        self._last_flush = time.monotonic()
+        self.flush(wait=False)
         if self._sender is None:
-            _send(self.client, self.run_id, batch)
             fn()
-            return
-        if batch:
-            self._sender.put(batch)
-        self._sender.put(fn)
+        else:
+            self._sender.put(fn)
 
     def close(self) -> None:
         """Send what is left and stop the background sender."""
@@ -130,7 +126,8 @@ class BufferedMLflowLogger(Logger):
             self._sender.stop()
 
 
-def _send(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+def send_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """Metric points in as few ``log_batch`` calls as MLflow allows."""
     for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
 
@@ -173,7 +170,7 @@ class _BatchSender:
                     continue
                 for attempt in range(self.retries + 1):
                     try:
-                        _send(self.client, self.run_id, item)
+                        send_metrics(self.client, self.run_id, item)
                         break
                     except Exception as e:  # noqa: BLE001 - kept and raised by wait()
                         if attempt == self.retries:
@@ -209,9 +206,7 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str], log
 def log_metric_series(client: MlflowClient, run_id: str, points: list[tuple[str, float, int]]) -> None:
     """Many (key, value, step) points in as few calls as MLflow allows."""
     ts = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), ts, int(s)) for k, v, s in points]
-    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+    send_metrics(client, run_id, [Metric(k, float(v), ts, int(s)) for k, v, s in points])
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:

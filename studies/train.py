@@ -28,6 +28,7 @@ from .tracking import (
     log_metric_series,
     log_params,
     provenance_tags,
+    send_metrics,
     set_tags,
 )
 
@@ -200,25 +201,22 @@ def train_run(
 
 
 def checkpoint_step(path: Path) -> int:
-    """The global step a Lightning checkpoint was saved at."""
+    """The global step a Lightning checkpoint was saved at (memory-mapped: the tensors
+    are not read, ``fit`` loads them once)."""
     import torch
 
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
 
 
 def copy_history(client, source_run: str, target_run: str, before_step: int) -> int:
     """Copy the ``train/*`` and ``val/*`` points of ``source_run`` logged before global
     step ``before_step`` (a checkpoint's step: what the resumed run does not repeat) into
     ``target_run``, so a resumed run continues the curves of the attempt it resumes."""
-    from mlflow.entities import Metric
-
     points = []
     for key in client.get_run(source_run).data.metrics:
         if key.startswith(("train/", "val/")):
-            points += [Metric(m.key, m.value, m.timestamp, m.step)
-                       for m in client.get_metric_history(source_run, key) if m.step < before_step]
-    for i in range(0, len(points), 1000):
-        client.log_batch(target_run, metrics=points[i : i + 1000])
+            points += [m for m in client.get_metric_history(source_run, key) if m.step < before_step]
+    send_metrics(client, target_run, points)
     return len(points)
 
 
