@@ -53,6 +53,22 @@ class MaskedModelBase(L.LightningModule):
     def ablation_score(self, h: Tensor, masked: MaskedBatch) -> dict[str, tuple[Tensor, Tensor]]:
         raise NotImplementedError
 
+    # ------------------------------------------------------------ mask-ratio schedules
+    def masked_steps(self) -> tuple[int, int]:
+        """The first and last training step that trains on masks (default: every step).
+        A model with a phase after masked training narrows it."""
+        return 0, self.run_config.trainer.max_steps - 1
+
+    def schedule_clock(self) -> tuple[int, int]:
+        """(step, total_steps) for a training mask-ratio schedule at the current step.
+
+        The schedule spans the masked-training steps: it is at ``mask_ratio`` on the first
+        of them and reaches ``final_mask_ratio`` exactly on the last (schedules reach
+        ``final`` at ``step >= total``, so total = last - first).
+        """
+        first, last = self.masked_steps()
+        return self.global_step - first, max(1, last - first)
+
     # ------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss, metrics = self._shared_step(batch, "train")

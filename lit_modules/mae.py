@@ -63,6 +63,7 @@ class PatchBatch(MaskedBatch):
     patch pixels, loss_mask (B, N) True = masked; keep_idx (B, N_keep) visible patches."""
 
     keep_idx: Tensor | None = None
+    ratio: float | None = None  # the mask ratio the masks were drawn at
 
 
 def sincos_2d(width: int, grid: tuple[int, int]) -> Tensor:
@@ -183,14 +184,14 @@ class LitMAE(MaskedModelBase):
         from .masking.mlm import eval_mask_indices
 
         if stage == "train":
-            index, step = self.global_step, self.global_step
+            index, (step, total) = self.global_step, self.schedule_clock()
         else:
-            index, step = eval_mask_indices(self.run_config.model.eval_masks)[k], None
+            index, step, total = eval_mask_indices(self.run_config.model.eval_masks)[k], None, None
         pm = self.masking(batch["keys"], self.run_config.model.grid, seed=self.run_config.seed, mask_index=index,
-                          step=step, total_steps=self.run_config.trainer.max_steps, stage=stage)
+                          step=step, total_steps=total, stage=stage)
         images = batch["images"]
         return PatchBatch(inputs=images, targets=self.model.target(images), loss_mask=pm.masked,
-                          attention=Attention(), keep_idx=pm.keep_idx)
+                          attention=Attention(), keep_idx=pm.keep_idx, ratio=pm.ratio)
 
     def _shared_step(self, batch: dict, stage: str):
         views = [self.mask(batch, "train")] if stage == "train" else [
@@ -203,7 +204,7 @@ class LitMAE(MaskedModelBase):
         loss = total / max(float(count), 1.0)
         metrics = {"recon_loss": (loss.detach(), int(count))}
         if stage == "train":
-            metrics["mask_ratio"] = (torch.tensor(self.masking.ratio_at(self.global_step, self.run_config.trainer.max_steps, "train")), 1)
+            metrics["mask_ratio"] = (torch.tensor(views[0].ratio), 1)  # the ratio this step trained on
         return loss, metrics
 
     # ------------------------------------------------------------ layer removal

@@ -228,14 +228,21 @@ class LitVideo(MaskedModelBase):
         from .masking.mlm import eval_mask_indices
 
         if stage == "train":
-            index, step = self.global_step, self.global_step
+            index, (step, total) = self.global_step, self.schedule_clock()
         else:
-            index, step = eval_mask_indices(self.cfg.eval_masks)[k], None
+            index, step, total = eval_mask_indices(self.cfg.eval_masks)[k], None, None
         pm = self.masking(batch["keys"], self.cfg.grid, seed=self.run_config.seed, mask_index=index, step=step,
-                          total_steps=self.run_config.trainer.max_steps, stage=stage)
+                          total_steps=total, stage=stage)
         clip = self._clip(batch)
         return PatchBatch(inputs=clip, targets=self._targets(clip), loss_mask=pm.masked, attention=Attention(),
-                          keep_idx=pm.keep_idx)
+                          keep_idx=pm.keep_idx, ratio=pm.ratio)
+
+    def masked_steps(self) -> tuple[int, int]:
+        """Two-stage runs train on masks for the first ``pretrain_steps`` steps only."""
+        last = self.run_config.trainer.max_steps - 1
+        if self.cfg.stage == "two-stage":
+            last = min(last, self.cfg.pretrain_steps - 1)
+        return 0, last
 
     def _targets(self, clip: Tensor) -> Tensor:
         if self.cfg.clip_kind == "tokens":
@@ -292,7 +299,12 @@ class LitVideo(MaskedModelBase):
                 metrics.update(self._pretrain_step(batch, stage)[1])
             return loss, metrics
         if self.phase() == "autoregressive":
-            return self._ar_step(batch)
+            loss, metrics = self._ar_step(batch)
+            if stage == "train" and self.cfg.stage == "two-stage":
+                # Nothing is masked after pretraining; without this the curve would repeat
+                # the last pretraining ratio (Lightning keeps a step metric until the epoch ends).
+                metrics["mask_ratio"] = (torch.tensor(0.0), 1)
+            return loss, metrics
         return self._pretrain_step(batch, stage)
 
     def _ar_step(self, batch: dict):
@@ -309,7 +321,10 @@ class LitVideo(MaskedModelBase):
             s, n = self._loss_sums(self._pretrain_out(v), v.targets, v.loss_mask)
             total, count = total + s, count + n
         loss = total / max(float(count), 1.0)
-        return loss, {"recon_loss": (loss.detach(), int(count))}
+        metrics = {"recon_loss": (loss.detach(), int(count))}
+        if stage == "train":
+            metrics["mask_ratio"] = (torch.tensor(views[0].ratio), 1)  # the ratio this step trained on
+        return loss, metrics
 
     @torch.no_grad()
     def predict_next(self, batch: dict) -> Tensor:
