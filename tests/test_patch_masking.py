@@ -198,6 +198,7 @@ def test_streams_are_apart_from_the_text_masking_streams():
     assert (rank == block).float().mean() < 0.01
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cls", STRATEGIES)
 def test_same_masks_on_cuda(cls):

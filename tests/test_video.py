@@ -83,12 +83,75 @@ def test_autoregressive_stage_has_no_leakage(kind):
         assert not torch.allclose(model.predict_next(now)[:, rows], base_out[:, rows])
 
 
-def test_pixel_pretraining_encoder_sees_visible_tubelets_only():
-    model = _model()
-    batch = _pixel_batch()
+def _encoder_output(model, v):
+    """What the pretraining path hands to its decoder (pixel clips) or head (token
+    clips): the normed encoder output, caught on its way in; and the predictions."""
+    net = model.model
+    into = net.decoder_embed if model.cfg.clip_kind == "pixels" else net.head
+    caught = []
+    handle = into.register_forward_pre_hook(lambda module, args: caught.append(args[0]))
+    try:
+        with torch.no_grad():
+            pred = model._pretrain_out(v)
+    finally:
+        handle.remove()
+    assert len(caught) == 1
+    return caught[0], pred
+
+
+def _tubelet(model, b: int, i: int) -> tuple:
+    """Index of tubelet ``i`` (in (t, y, x) order) of clip ``b``, in a (B, F, [C,] H, W) clip."""
+    _, h, w = model.cfg.grid
+    tf, p = model.cfg.tubelet_frames, model.cfg.patch_size
+    t, rest = divmod(i, h * w)
+    y, x = divmod(rest, w)
+    return b, slice(t * tf, (t + 1) * tf), Ellipsis, slice(y * p, (y + 1) * p), slice(x * p, (x + 1) * p)
+
+
+def _scribble(clip: torch.Tensor, index: tuple) -> None:
+    """New content at ``index``: fresh noise (pixels) or every token id moved (tokens)."""
+    if clip.is_floating_point():
+        clip[index] = torch.rand_like(clip[index]) * 2 - 1
+    else:
+        clip[index] = (clip[index] + torch.randint(1, 16, clip[index].shape)) % 16
+
+
+@pytest.mark.parametrize("kind", ["pixels", "tokens"])
+def test_pretraining_encoder_sees_visible_tubelets_only(kind):
+    """Scribbling over every masked tubelet leaves the encoder output (and the
+    predictions) unchanged; changing one visible tubelet of a clip changes that clip's
+    encoder output. Pixel clips: the encoder is given the visible tubelets only; token
+    clips: masked ids are replaced by [MASK]."""
+    from dataclasses import replace
+
+    base_cfg = TINY["video"] if kind == "pixels" else TOKENS
+    model = _model(base_cfg)
+    batch = _pixel_batch(3) if kind == "pixels" else _token_batch(3)
     v = model.mask(batch, "val", 0)
     n = model.cfg.grid[0] * model.cfg.grid[1] * model.cfg.grid[2]
-    assert v.keep_idx.shape[1] == n - int(v.loss_mask[0].sum())
+    masked = v.loss_mask
+    assert (masked.sum(1) > 0).all() and (masked.sum(1) < n).all()
+    if kind == "pixels":
+        assert v.keep_idx.shape[1] == n - int(masked[0].sum())
+    latent, pred = _encoder_output(model, v)
+
+    hidden = v.inputs.clone()
+    for b in range(hidden.shape[0]):
+        for i in masked[b].nonzero().flatten().tolist():
+            _scribble(hidden, _tubelet(model, b, i))
+    assert not torch.equal(hidden, v.inputs)
+    latent_hidden, pred_hidden = _encoder_output(model, replace(v, inputs=hidden))
+    assert torch.allclose(latent_hidden, latent, atol=1e-6), "the encoder sees a masked tubelet"
+    assert torch.allclose(pred_hidden, pred, atol=1e-6), "a prediction depends on a masked tubelet"
+
+    for b in range(hidden.shape[0]):  # every clip of the batch, each through one visible tubelet
+        seen = v.inputs.clone()
+        first_visible = int((~masked[b]).nonzero()[0])
+        _scribble(seen, _tubelet(model, b, first_visible))
+        latent_seen, _ = _encoder_output(model, replace(v, inputs=seen))
+        assert not torch.allclose(latent_seen[b], latent[b], atol=1e-4), f"clip {b} ignores a visible tubelet"
+        others = [r for r in range(hidden.shape[0]) if r != b]
+        assert torch.allclose(latent_seen[others], latent[others], atol=1e-6)
 
 
 def test_stage_two_loads_stage_one_and_names_mismatches(tmp_path):
@@ -112,10 +175,24 @@ def test_stage_two_loads_stage_one_and_names_mismatches(tmp_path):
         wider.load_pretrained(str(tmp_path / "missing.ckpt"))
 
 
+def _off_init(model) -> None:
+    """Weights well off their init. At init every residual branch is small and the
+    decoder's output near zero, so removing a block barely moves the loss and an
+    off-by-one in the fast path would hide below any tolerance."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / p[0].numel() ** 0.5))
+            else:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
 def test_layer_removal_equals_deleting_blocks():
     from lit_modules.ablation import AblationOptions, layer_removal
 
     model = _model(**{"model.depth": 3})
+    _off_init(model)
     batch = _pixel_batch()
     table = layer_removal(model, [batch], AblationOptions(drop_one=False))
     fast = table[(table.variant == "truncate") & (table.metric == "recon_loss")].set_index("removed")["value"]
@@ -124,7 +201,10 @@ def test_layer_removal_equals_deleting_blocks():
         model.model.blocks = torch.nn.ModuleList(full[: 3 - k])
         with torch.no_grad():
             loss, _ = model._shared_step(batch, "val")
-        assert float(loss) == pytest.approx(float(fast[k]), abs=1e-5)
+        assert float(loss) == pytest.approx(float(fast[k]), rel=1e-5, abs=1e-6), k
+    # The test has teeth: every truncation depth gives a clearly different loss.
+    values = sorted(float(fast[k]) for k in range(4))
+    assert min(b - a for a, b in zip(values, values[1:])) > 1e-3, values
 
 
 def test_bad_shapes_are_config_errors():
