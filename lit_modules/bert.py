@@ -7,16 +7,18 @@ hidden states are gathered first, so the (B, T, V) logits of the common implemen
 are never formed -- at 15% masking that is ~7x less head compute and memory.
 
 Masks come from the text masking strategies in ``masking/mlm.py``. Training masks use
-mask index = epoch (dynamic, RoBERTa) or epoch % K (static, BERT); validation scores a
-fixed set of K masks per validation sequence at a common evaluation ratio (15% by
-default), the same for every trial, so models trained at different ratios are compared
-on the same task.
+mask index = epoch (dynamic, RoBERTa) or epoch % K (static, BERT). Validation scores
+every trial on one common task, whatever strategy and ratio it trained with: K fixed
+masks per validation sequence drawn by ``model.eval_masking`` (default ``mlm-random``,
+80/10/10) at ``model.eval_mask_ratio`` (default 15%), logged as ``val/mlm_loss`` and
+``val/mlm_acc``; so span-, word- and token-masked models, or models trained at 15% and
+40%, are ranked on the same questions. A model trained on another task is also scored
+on its own strategy at the evaluation ratio (``val/own_mlm_loss``, ``val/own_mlm_acc``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,34 +26,12 @@ from torch import Tensor, nn
 
 from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
-from .config_errors import ConfigError, check_at_least, check_dropout, check_width
+from .config_errors import ConfigError
 from .data.mlm import FIRST_PIECE, MASK
 from .masking import MaskedBatch
 from .masking.attention import Attention, padding
-from .registry import MODELS
-
-
-@dataclass(frozen=True)
-class BERTConfig:
-    name: str = "bert"
-    depth: int = 2
-    width: int = 64
-    heads: int = 2
-    block_size: int = 64  # longest sequence, [CLS] and [SEP] included
-    dropout: float = 0.0
-    # Validation: K fixed masks per sequence at this ratio (the common evaluation task).
-    eval_masks: int = 4
-    eval_mask_ratio: float = 0.15
-
-    def __post_init__(self):
-        check_at_least(self, ("depth", "heads"))
-        check_width(self)
-        check_at_least(self, ("block_size",), 4)
-        check_dropout(self.dropout)
-        if self.eval_masks < 1:
-            raise ConfigError("eval_masks", self.eval_masks, "must be an integer >= 1")
-        if not 0.0 < self.eval_mask_ratio < 1.0:
-            raise ConfigError("eval_mask_ratio", self.eval_mask_ratio, "must be in (0, 1)")
+from .model_configs import BERTConfig
+from .registry import MASKINGS, MODELS
 
 
 class BERT(nn.Module):
@@ -97,31 +77,34 @@ class LitBERT(MaskedModelBase):
     """Bidirectional encoder trained on masked-LM (BERT)."""
 
     Config = BERTConfig
-    maskings = ("mlm-random", "mlm-whole-word", "mlm-span")
-    data_kinds = ("text",)
     data_layout = "mlm"  # padded sequences with [CLS]/[SEP], word starts, mask token
 
     def __init__(self, config: dict):
         super().__init__(config)
         self.model = BERT(self.run_config.model, self.run_config.data.vocab_size)
-        m = self.masking
-        # The common evaluation task: the same strategy at the evaluation ratio, 80/10/10.
-        self.eval_masking = dataclasses.replace(m, mask_ratio=self.run_config.model.eval_mask_ratio)
+        cfg = self.run_config.model
+        # The common evaluation task (the same for every trial) and, when it differs, the
+        # model's own training task at the evaluation ratio.
+        self.eval_masking = MASKINGS.get(cfg.eval_masking, "model.eval_masking")(mask_ratio=cfg.eval_mask_ratio)
+        own = dataclasses.replace(self.masking, mask_ratio=cfg.eval_mask_ratio, static_masks=0)
+        self.own_masking = None if own == self.eval_masking else own
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.blocks
 
     # ------------------------------------------------------------ masking
-    def mask(self, batch: dict, stage: str, k: int | None = None) -> MaskedBatch:
-        """Mask a batch: training uses the epoch's mask index; evaluation mask k."""
+    def mask(self, batch: dict, stage: str, k: int | None = None, strategy=None) -> MaskedBatch:
+        """Mask a batch: training uses the epoch's mask index; evaluation mask k of the
+        common evaluation task (or of ``strategy``)."""
         from .masking.mlm import epoch_mask_index, eval_mask_indices
 
         tokens = batch["tokens"]
         if stage == "train":
             index, strategy = epoch_mask_index(self.current_epoch, self.masking.static_masks), self.masking
         else:
-            index, strategy = eval_mask_indices(self.run_config.model.eval_masks)[k or 0], self.eval_masking
+            index = eval_mask_indices(self.run_config.model.eval_masks)[k or 0]
+            strategy = strategy or self.eval_masking
         return strategy(
             tokens, seed=self.run_config.seed, mask_index=index, eligible=batch["eligible"],
             word_start=batch.get("word_start"), valid=batch["valid"], vocab_size=self.run_config.data.vocab_size,
@@ -141,12 +124,19 @@ class LitBERT(MaskedModelBase):
             ce, correct, n = self._loss(self.mask(batch, "train"), batch["valid"])
             loss = ce / n.clamp(min=1)
             return loss, {"mlm_loss": (loss.detach(), int(n)), "mlm_acc": ((correct / n.clamp(min=1)), int(n))}
+        loss, metrics = self._eval_task(batch, stage, self.eval_masking, "mlm")
+        if self.own_masking is not None:
+            metrics.update(self._eval_task(batch, stage, self.own_masking, "own_mlm")[1])
+        return loss, metrics
+
+    def _eval_task(self, batch: dict, stage: str, strategy, prefix: str):
+        """Loss and {prefix_loss, prefix_acc} over the K evaluation masks of ``strategy``."""
         ce = correct = n = 0.0
         for k in range(self.run_config.model.eval_masks):
-            c, a, m = self._loss(self.mask(batch, stage, k), batch["valid"])
+            c, a, m = self._loss(self.mask(batch, stage, k, strategy), batch["valid"])
             ce, correct, n = ce + c, correct + a, n + m
         n_ = max(float(n), 1.0)
-        return ce / n_, {"mlm_loss": (ce / n_, int(n)), "mlm_acc": (correct / n_, int(n))}
+        return ce / n_, {f"{prefix}_loss": (ce / n_, int(n)), f"{prefix}_acc": (correct / n_, int(n))}
 
     # ------------------------------------------------------------ layer removal
     def ablation_batch(self, batch: dict) -> MaskedBatch:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -113,12 +114,30 @@ class RunConfig:
 # ---------------------------------------------------------------- loading
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (plain data only: no tags that build objects) with
+    YAML 1.2's rule for floats, so ``1e-3`` is a number as researchers write it. PyYAML
+    follows YAML 1.1, where a float needs a dot (``1.0e-3``) and ``1e-3`` is a string."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def safe_load(text: str) -> Any:
+    """Parse YAML text as plain data (the safe loader, YAML 1.2 floats)."""
+    return yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass: no object construction
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("config", str(path), "file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -136,7 +155,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError("--set", text, "must look like dotted.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = safe_load(raw)
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -172,9 +191,8 @@ def run_config_from_dict(data: Mapping, source: str | None = None) -> RunConfig:
             section = data.get(name)
             if not isinstance(section, Mapping) or "name" not in section:
                 raise ConfigError(f"{name}.name", None, f"required; allowed: {', '.join(registry.names())}")
-            entry = registry.get(section["name"], f"{name}.name")
-            sections[name] = from_dict(getattr(entry, "Config", entry), section, name)
-        model_entry = MODELS.get(sections["model"].name)
+            sections[name] = from_dict(registry.config(section["name"], f"{name}.name"), section, name)
+        model_entry = type(sections["model"])  # its config says what the family trains on
         if sections["masking"].name not in model_entry.maskings:
             raise ConfigError(
                 "masking.name", sections["masking"].name,

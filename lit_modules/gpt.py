@@ -14,37 +14,19 @@ forward pass; their mean token losses are summed before one backward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from .base import MaskedModelBase, token_stats
 from .blocks import Block, init_weights, run_blocks
-from .config_errors import ConfigError, check_at_least, check_dropout, check_width
+from .config_errors import ConfigError
 from .masking import MaskedBatch
 from .masking.attention import Attention
 from .masking.causal_lm import DIRECTIONS, reading_order
+from .model_configs import GPTConfig
 from .registry import MODELS
 
 N_DIRECTIONS = len(DIRECTIONS)
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    name: str = "gpt"
-    depth: int = 2
-    width: int = 64
-    heads: int = 2
-    block_size: int = 64
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-
-    def __post_init__(self):
-        check_at_least(self, ("depth", "heads"))
-        check_width(self)
-        check_at_least(self, ("block_size",), 2)
-        check_dropout(self.dropout)
 
 
 class GPT(nn.Module):
@@ -84,8 +66,6 @@ class GPT(nn.Module):
 @MODELS.register("gpt")
 class LitGPT(MaskedModelBase):
     Config = GPTConfig
-    maskings = ("causal-lm",)
-    data_kinds = ("text",)
 
     def __init__(self, config: dict):
         super().__init__(config)

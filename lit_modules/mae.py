@@ -23,38 +23,11 @@ from torch import Tensor, nn
 
 from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
-from .config_errors import ConfigError, check_at_least, check_width
+from .config_errors import ConfigError
 from .masking import MaskedBatch
 from .masking.attention import Attention
+from .model_configs import MAEConfig
 from .registry import MODELS
-
-
-@dataclass(frozen=True)
-class MAEConfig:
-    name: str = "mae"
-    image_size: int = 32
-    patch_size: int = 16
-    depth: int = 2  # encoder blocks
-    width: int = 64
-    heads: int = 2
-    decoder_depth: int = 1
-    decoder_width: int = 32
-    decoder_heads: int = 2
-    norm_pix_loss: bool = True
-    eval_masks: int = 2  # fixed validation masks per image
-
-    def __post_init__(self):
-        check_at_least(self, ("depth", "heads", "decoder_depth", "decoder_heads", "patch_size", "eval_masks"))
-        if self.image_size < 1 or self.image_size % self.patch_size:
-            raise ConfigError("image_size", self.image_size,
-                              f"must be a positive multiple of patch_size ({self.patch_size})")
-        check_width(self)
-        check_width(self, "decoder_width", "decoder_heads")
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        g = self.image_size // self.patch_size
-        return g, g
 
 
 @dataclass(frozen=True)
@@ -168,8 +141,6 @@ class LitMAE(MaskedModelBase):
     """Masked autoencoder on image patches; the encoder sees visible patches only."""
 
     Config = MAEConfig
-    maskings = ("mae-random", "mae-block")
-    data_kinds = ("image",)
 
     def __init__(self, config: dict):
         super().__init__(config)

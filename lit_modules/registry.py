@@ -2,6 +2,14 @@
 
 Tests, ``masklab list`` and config validation enumerate them; adding a model or a masking
 strategy is one class with a ``@MODELS.register(...)`` / ``@MASKINGS.register(...)`` line.
+
+Each name has a config (a frozen dataclass, torch-free) and an implementation:
+- maskings: the strategy class is both (its fields are the config section);
+- models and datasets: the config is registered with ``register_config`` in the
+  torch-free ``model_configs.py`` / ``data/configs.py``, the implementation (a
+  LightningModule or LightningDataModule) with ``register`` in its own module.
+``config(name)`` imports only the torch-free modules, so specs are validated without
+torch or Lightning; ``get(name)`` imports the implementations.
 """
 
 from __future__ import annotations
@@ -16,28 +24,50 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, Any] = {}
+        self._configs: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
-        def decorator(obj: Any) -> Any:
-            if name in self._items and self._items[name] is not obj:
-                raise KeyError(f"{self.kind} {name!r} is registered twice")
-            self._items[name] = obj
-            return obj
+        """Decorator: ``obj`` implements ``name``."""
+        return _adder(self._items, f"{self.kind} {name!r}", (name,))
 
-        return decorator
+    def register_config(self, *names: str) -> Callable[[Any], Any]:
+        """Decorator: the config dataclass of each of ``names`` (torch-free modules only)."""
+        return _adder(self._configs, f"{self.kind} config", names)
 
     def get(self, name: str, field: str | None = None) -> Any:
+        """The implementation registered as ``name`` (imports every implementation)."""
         ensure_registered()
         if name not in self._items:
             raise ConfigError(field or f"{self.kind}.name", name, f"allowed: {', '.join(self.names())}")
         return self._items[name]
 
+    def config(self, name: str, field: str | None = None) -> Any:
+        """The config dataclass of ``name``; imports no torch."""
+        ensure_configs()
+        found = self._configs.get(name, self._items.get(name))
+        if found is None:
+            raise ConfigError(field or f"{self.kind}.name", name, f"allowed: {', '.join(self.names())}")
+        return getattr(found, "Config", found)
+
     def names(self) -> list[str]:
-        ensure_registered()
-        return sorted(self._items)
+        ensure_configs()
+        return sorted(set(self._configs) | set(self._items))
 
     def items(self) -> list[tuple[str, Any]]:
-        return [(n, self._items[n]) for n in self.names()]
+        """(name, implementation) pairs, every implementation imported."""
+        ensure_registered()
+        return [(n, self._items[n]) for n in sorted(self._items)]
+
+
+def _adder(table: dict[str, Any], what: str, names: tuple[str, ...]) -> Callable[[Any], Any]:
+    def decorator(obj: Any) -> Any:
+        for name in names:
+            if name in table and table[name] is not obj:
+                raise KeyError(f"{what} {name!r} is registered twice")
+            table[name] = obj
+        return obj
+
+    return decorator
 
 
 MODELS = Registry("model")
@@ -45,10 +75,17 @@ MASKINGS = Registry("masking")
 DATASETS = Registry("dataset")
 
 
+def ensure_configs() -> None:
+    """Import the torch-free modules that register every config (idempotent)."""
+    from . import model_configs  # noqa: F401
+    from .data import configs  # noqa: F401
+    from .masking import causal_lm, mlm, patches  # noqa: F401
+    from .masking import video as masking_video  # noqa: F401  (aliased: data.video shares the name)
+
+
 def ensure_registered() -> None:
     """Import the modules whose decorators fill the registries (idempotent)."""
+    ensure_configs()
     from . import bert, gpt, mae  # noqa: F401
     from . import video as video_model  # noqa: F401  (aliased: data.video and masking.video share the name)
     from .data import images, text, video  # noqa: F401
-    from .masking import causal_lm, mlm, patches  # noqa: F401
-    from .masking import video as masking_video  # noqa: F401  (aliased: data.video shares the name)

@@ -25,74 +25,18 @@ listing the mismatched shapes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
-from .config_errors import ConfigError, check_at_least
+from .config_errors import ConfigError
 from .mae import PatchBatch, gather_rows, sincos_2d
 from .masking.attention import Attention, frame_causal
 from .masking.video import next_frame_loss_mask
+from .model_configs import VideoConfig
 from .registry import MODELS
-
-STAGES = ("pretrain", "autoregressive", "two-stage")
-CLIP_KINDS = ("pixels", "tokens")
-
-
-@dataclass(frozen=True)
-class VideoConfig:
-    name: str = "video"
-    clip_kind: str = "pixels"
-    stage: str = "pretrain"
-    init_from: str = ""  # stage-1 checkpoint for the autoregressive stage ("" = from scratch)
-    # "two-stage": masked pretraining for the first pretrain_steps steps, then
-    # autoregressive fine-tuning for the rest, in one run (0 = autoregressive from scratch).
-    pretrain_steps: int = 0
-    frames: int = 4
-    image_size: int = 32  # pixels: H = W; tokens: the token grid side h = w
-    tubelet_frames: int = 2
-    patch_size: int = 16  # tokens: 1
-    vocab_size: int = 0  # tokens only
-    depth: int = 2
-    width: int = 64
-    heads: int = 2
-    decoder_depth: int = 1
-    decoder_width: int = 32
-    decoder_heads: int = 2
-    norm_pix_loss: bool = False
-    eval_masks: int = 2
-
-    def __post_init__(self):
-        if self.clip_kind not in CLIP_KINDS:
-            raise ConfigError("clip_kind", self.clip_kind, f"allowed: {', '.join(CLIP_KINDS)}")
-        if self.stage not in STAGES:
-            raise ConfigError("stage", self.stage, f"allowed: {', '.join(STAGES)}")
-        check_at_least(self, ("frames", "tubelet_frames", "patch_size", "depth", "heads", "decoder_depth",
-                              "decoder_heads", "eval_masks"))
-        if self.frames % self.tubelet_frames:
-            raise ConfigError("frames", self.frames, f"must be a multiple of tubelet_frames ({self.tubelet_frames})")
-        if self.image_size % self.patch_size:
-            raise ConfigError("image_size", self.image_size, f"must be a multiple of patch_size ({self.patch_size})")
-        if self.clip_kind == "tokens" and (self.patch_size != 1 or self.tubelet_frames != 1 or self.vocab_size < 2):
-            raise ConfigError("vocab_size" if self.vocab_size < 2 else "patch_size",
-                              self.vocab_size if self.vocab_size < 2 else self.patch_size,
-                              "token clips need vocab_size >= 2, patch_size 1 and tubelet_frames 1")
-        if self.pretrain_steps < 0:
-            raise ConfigError("pretrain_steps", self.pretrain_steps, "must be >= 0")
-        if self.stage != "pretrain" and self.frames // self.tubelet_frames < 2:
-            raise ConfigError("frames", self.frames, "the autoregressive stage needs at least 2 time steps")
-        for w, h in (("width", "heads"), ("decoder_width", "decoder_heads")):
-            if getattr(self, w) < 4 or getattr(self, w) % getattr(self, h) or getattr(self, w) % 4:
-                raise ConfigError(w, getattr(self, w), f"must be a multiple of 4 and of {h} ({getattr(self, h)})")
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        g = self.image_size // self.patch_size
-        return self.frames // self.tubelet_frames, g, g
 
 
 def sincos_3d(width: int, grid: tuple[int, int, int]) -> Tensor:
@@ -180,8 +124,6 @@ class LitVideo(MaskedModelBase):
     """Video masked model (pixels or token clips), or its autoregressive fine-tuning."""
 
     Config = VideoConfig
-    maskings = ("video-tube", "video-random", "video-frame")
-    data_kinds = ("video",)
 
     def __init__(self, config: dict):
         super().__init__(config)

@@ -27,13 +27,14 @@ def _add_dirs(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from lit_modules.ablation import truncation_curves
     from lit_modules.config import load_run_config
+
+    cfg = load_run_config(args.config, args.set or [])  # checked before torch is imported
+    ws = _workspace(args)
+    from lit_modules.ablation import truncation_curves
 
     from .train import Tracking, train_run
 
-    cfg = load_run_config(args.config, args.set or [])
-    ws = _workspace(args)
     tracking = Tracking(
         tracking_uri=args.tracking_uri or ws.tracking_uri,
         experiment=args.experiment or Path(args.config).stem,
@@ -83,10 +84,10 @@ def _stores(args, ws) -> tuple[str, str]:
 
 
 def cmd_run(args) -> int:
+    spec = _load_spec(args, validate=True)  # every error in the spec or --set before anything heavy
+    ws = _workspace(args)
     from .runner import run_study
 
-    spec = _load_spec(args, validate=True)
-    ws = _workspace(args)
     storage, tracking = _stores(args, ws)
     result = run_study(spec, ws, storage, tracking, progress=not args.no_progress, report=not args.no_report,
                        max_trials=args.max_trials)
@@ -114,10 +115,10 @@ def _worker_args(args, spec_path: str, stores: bool = True) -> list[str]:
 
 
 def cmd_worker(args) -> int:
-    from .runner import run_study
-
     spec = _load_spec(args, validate=True)
     ws = _workspace(args)
+    from .runner import run_study
+
     storage, tracking = _stores(args, ws)
     who = os.environ.get("MASKLAB_WORKER")
     prefix = f"[worker {who}] " if who else ""
@@ -133,11 +134,11 @@ def cmd_worker(args) -> int:
 
 
 def cmd_launch(args) -> int:
+    spec = _load_spec(args, validate=True)  # a bad spec fails here once, not in N workers
+    ws = _workspace(args)
     from .launch import ProgressLine, log_tail, parse_devices, start_workers, supervise
     from .runner import write_study_report
 
-    spec = _load_spec(args, validate=True)  # a bad spec fails here once, not in N workers
-    ws = _workspace(args)
     storage, tracking = _stores(args, ws)
     devices = parse_devices(args.devices)
     if devices is None and not args.cpu:
@@ -169,10 +170,10 @@ def _visible_gpus() -> list[str] | None:
 
 
 def cmd_slurm(args) -> int:
-    from .launch import SlurmOptions, sbatch_script
-
     spec = _load_spec(args, validate=True)
     ws = _workspace(args)
+    from .launch import SlurmOptions, sbatch_script
+
     opts = SlurmOptions(array=args.array, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
                         mem=args.mem, time=args.time, partition=args.partition, account=args.account,
                         setup=args.setup or [], log_dir=str(ws.output_dir / "logs" / spec.name / "slurm"))
@@ -191,9 +192,9 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_status(args) -> int:
+    spec = _load_spec(args, validate=False)
     from .status import study_status
 
-    spec = _load_spec(args, validate=False)
     ws = _workspace(args)
     storage = args.storage or f"sqlite:///{ws.output_dir / 'optuna.db'}"
     print(study_status(spec.name, storage))
@@ -201,9 +202,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
+    spec = _load_spec(args, validate=False)
     from .runner import write_study_report
 
-    spec = _load_spec(args, validate=False)
     ws = _workspace(args)
     storage, tracking = _stores(args, ws)
     md, html = write_study_report(spec.name, storage, tracking, ws, None)

@@ -106,10 +106,11 @@ def open_study(spec: StudySpec, storage_url: str, tracking_uri: str, heartbeat: 
         )
     attrs = study.user_attrs
     if "masklab.fixed_hash" in attrs and attrs["masklab.fixed_hash"] != spec.fixed_hash():
+        before = (attrs.get("masklab.spec") or {}).get("fixed") or {}
         raise ConfigError(
-            "fixed", f"hash {spec.fixed_hash()}",
+            "fixed", fixed_changes(before, spec.fixed),
             f"study {spec.name!r} in {storage_url} was started with a different fixed config "
-            f"(hash {attrs['masklab.fixed_hash']}, --set {' '.join(attrs.get('masklab.overrides', [])) or 'none'}); "
+            f"(then --set {' '.join(attrs.get('masklab.overrides', [])) or 'none'}); "
             "use the same spec and --set values to resume, or --study-name / --output-dir for a new study",
         )
     if "masklab.kind" in attrs and attrs["masklab.kind"] != spec.kind:
@@ -123,6 +124,18 @@ def open_study(spec: StudySpec, storage_url: str, tracking_uri: str, heartbeat: 
         }.items():
             study.set_user_attr(key, value)
     return study
+
+
+def fixed_changes(before: dict, after: dict) -> str:
+    """What changed between two fixed configs, key by key: ``model.width 128 -> 64``."""
+    from lit_modules.config import flatten
+
+    old, new = flatten(before), flatten(after)
+    unset = object()
+    changed = [(k, old.get(k, unset), new.get(k, unset)) for k in sorted(set(old) | set(new))
+               if old.get(k, unset) != new.get(k, unset)]
+    show = lambda v: "(unset)" if v is unset else json.dumps(v)  # noqa: E731
+    return ", ".join(f"{k} {show(a)} -> {show(b)}" for k, a, b in changed) or "(same values, other hash)"
 
 
 def parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, workspace: Workspace) -> str:

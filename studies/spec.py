@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lit_modules.config import apply_overrides, config_hash, load_yaml
+from lit_modules.config import apply_overrides, config_hash, load_yaml, parse_override
 from lit_modules.config_errors import ConfigError
 
 KEYS = ("name", "description", "model", "data", "fixed", "grid", "replicates", "search", "n_trials",
@@ -183,17 +183,44 @@ def _parse(raw: Mapping, where: str | None, overrides: tuple[str, ...]) -> Study
         replicates = 1 if replicates is None else replicates
         if replicates < 1:
             raise ConfigError("replicates", replicates, "must be an integer >= 1")
-        return StudySpec(grid=_grid(raw["grid"]), replicates=replicates, **common)
-    if "replicates" in raw:
-        raise ConfigError("replicates", raw["replicates"], "only for grid: studies (a search sets fixed.seed)")
-    n_trials = _typed(raw, "n_trials", int, required=True)
-    if n_trials < 1:
-        raise ConfigError("n_trials", n_trials, "must be an integer >= 1")
-    sampler = _typed(raw, "sampler", str) or "tpe"
-    if sampler not in SAMPLERS:
-        raise ConfigError("sampler", sampler, f"allowed: {', '.join(SAMPLERS)}")
-    return StudySpec(search=_search(raw["search"]), n_trials=n_trials, sampler=sampler,
-                     pruner=_pruner(raw.get("pruner")), **common)
+        spec = StudySpec(grid=_grid(raw["grid"]), replicates=replicates, **common)
+    else:
+        if "replicates" in raw:
+            raise ConfigError("replicates", raw["replicates"], "only for grid: studies (a search sets fixed.seed)")
+        n_trials = _typed(raw, "n_trials", int, required=True)
+        if n_trials < 1:
+            raise ConfigError("n_trials", n_trials, "must be an integer >= 1")
+        sampler = _typed(raw, "sampler", str) or "tpe"
+        if sampler not in SAMPLERS:
+            raise ConfigError("sampler", sampler, f"allowed: {', '.join(SAMPLERS)}")
+        spec = StudySpec(search=_search(raw["search"]), n_trials=n_trials, sampler=sampler,
+                         pruner=_pruner(raw.get("pruner")), **common)
+    _check_overrides_not_swept(spec)
+    return spec
+
+
+def _check_overrides_not_swept(spec: StudySpec) -> None:
+    """A ``--set`` key the grid or search sets would be overwritten in every trial, so
+    its value would be silently ignored: an error naming the key and who sets it."""
+    for item in spec.overrides:
+        key, value = parse_override(item)
+        if key == "seed" and spec.grid is not None:
+            raise ConfigError(f"--set {key}", value, f"the spec's replicates: {spec.replicates} sets the seed "
+                                                     "of every trial (0..N-1); change replicates instead")
+        for path in spec.swept:
+            if path == key or path.startswith(key + "."):
+                if spec.grid is not None:
+                    where = f"grid: {path}: [{', '.join(map(str, spec.grid[path]))}]"
+                else:
+                    where = f"search: {path} ({_describe_search(next(p for p in spec.search if p.path == path))})"
+                raise ConfigError(f"--set {key}", value, f"the spec's {where} sets this key in every trial; "
+                                                         "change it there, or --set a key the spec does not sweep")
+
+
+def _describe_search(p: SearchParam) -> str:
+    if p.type == "categorical":
+        return f"one of {', '.join(map(str, p.choices))}"
+    return f"{p.type} in [{p.low:g}, {p.high:g}]{', log' if p.log else ''}"
 
 
 def _typed(raw: Mapping, key: str, tp: type, required: bool = False, prefix: str = "") -> Any:
@@ -384,8 +411,7 @@ def _known_paths(spec: StudySpec) -> set[str]:
         name = (fixed.get(section) or {}).get("name")
         if name is None:
             raise ConfigError(f"fixed.{section}.name", None, f"required; allowed: {', '.join(registry.names())}")
-        entry = registry.get(name, "fixed.masking.name" if section == "masking" else section)
-        cls = getattr(entry, "Config", entry)
+        cls = registry.config(name, f"fixed.{section}.name")
         paths |= {f"{section}.{f.name}" for f in dc_fields(cls) if f.init}
     paths |= {f"optim.{f.name}" for f in dc_fields(OptimConfig)}
     paths |= {f"trainer.{f.name}" for f in dc_fields(TrainerConfig)}

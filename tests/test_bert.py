@@ -67,16 +67,50 @@ def test_padding_is_invisible_and_attention_is_bidirectional():
 
 
 def test_evaluation_masks_are_common_to_every_trial(batch):
-    """Models trained at different ratios and with different strategies' seeds-of-epoch
-    are scored on the same masks (same strategy, evaluation ratio 15%)."""
+    """Models trained at different ratios and with different strategies are scored on
+    the same masks (mlm-random at the evaluation ratio, 15%)."""
     a, b = _model(**{"masking.mask_ratio": 0.15}), _model(**{"masking.mask_ratio": 0.4})
+    c = _model(**{"masking.name": "mlm-span", "masking.mask_ratio": 0.3})
     for k in range(2):
-        ma, mb = a.mask(batch, "val", k), b.mask(batch, "val", k)
+        ma, mb, mc = a.mask(batch, "val", k), b.mask(batch, "val", k), c.mask(batch, "val", k)
+        assert torch.equal(ma.loss_mask, mc.loss_mask) and torch.equal(ma.inputs, mc.inputs)
         assert torch.equal(ma.loss_mask, mb.loss_mask) and torch.equal(ma.inputs, mb.inputs)
     m0, m1 = a.mask(batch, "val", 0), a.mask(batch, "val", 1)
     assert not torch.equal(m0.loss_mask, m1.loss_mask)
     n = batch["eligible"].sum(1).double()
     assert torch.equal(m0.loss_mask.sum(1).double(), torch.round(0.15 * n))
+
+
+def test_strategies_are_scored_on_one_common_task(workspace):
+    """Runs that differ only in their training strategy, with weights that cannot move
+    (lr 1e-12), get the same val/mlm_loss: the evaluation task does not depend on what a
+    model trained on. Each is also scored on its own task, which differs."""
+    from lit_modules.run import build_datamodule, build_model, build_trainer
+
+    logged = {}
+    for strategy in ("mlm-random", "mlm-whole-word", "mlm-span"):
+        cfg = _cfg(**{"masking.name": strategy, "optim.lr": 1e-12, "trainer.max_steps": 2,
+                      "trainer.val_every": 2})
+        trainer = build_trainer(cfg, None, [], None)
+        trainer.fit(build_model(cfg), datamodule=build_datamodule(cfg, workspace))
+        logged[strategy] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    common = {s: m["val/mlm_loss"] for s, m in logged.items()}
+    assert len(set(common.values())) == 1, common  # identical, not merely close
+    assert "val/own_mlm_loss" not in logged["mlm-random"]  # its own task is the common one
+    for strategy in ("mlm-whole-word", "mlm-span"):
+        assert abs(logged[strategy]["val/own_mlm_loss"] - common[strategy]) > 1e-4
+
+
+def test_evaluation_task_is_configurable(batch):
+    model = _model(**{"model.eval_masking": "mlm-span", "model.eval_mask_ratio": 0.3})
+    assert model.eval_masking.name == "mlm-span" and model.eval_masking.mask_ratio == 0.3
+    span = model.mask(batch, "val", 0)
+    default = _model().mask(batch, "val", 0)
+    assert not torch.equal(span.loss_mask, default.loss_mask)
+    from lit_modules.config_errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.eval_masking = 'causal-lm': allowed: mlm-random"):
+        _cfg(**{"model.eval_masking": "causal-lm"})
 
 
 def test_training_masks_follow_the_epoch(batch):

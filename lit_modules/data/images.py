@@ -28,7 +28,6 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -40,6 +39,7 @@ from ..config_errors import ConfigError
 from ..masking.rng import uniform
 from ..paths import Workspace
 from ..registry import DATASETS
+from .configs import ImageDataConfig
 from .steps import StepSampler, step_draw
 
 # Stream ids of the training image sampler and of its augmentation (distinct from the
@@ -55,40 +55,6 @@ CROP_ATTEMPTS = 10
 # Bump when the cache layout or the decoding changes, so old caches are not reused.
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-@dataclass(frozen=True)
-class ImageDataConfig:
-    kind: ClassVar[str] = "image"
-    name: str = "tiny-imagenet"
-    # For "image-folder": a folder of PNG/JPEG files (one subfolder per class, or none).
-    path: str = ""
-    # 0 = the dataset's native size; otherwise shorter side resized to it, center-cropped.
-    image_size: int = 0
-    batch_size: int = 32
-    val_batch_size: int = 64
-    # Fraction of images held out for validation (chosen by a hash of each image).
-    val_fraction: float = 0.1
-    # At most this many validation images, evenly spread over the split (0 = all).
-    val_images: int = 0
-    # MAE's training augmentation: RandomResizedCrop(scale=(crop_scale_min, 1)) + flip.
-    augment: bool = True
-    crop_scale_min: float = 0.2
-    # Subtract the ImageNet mean and divide by its std, per channel.
-    normalize: bool = True
-
-    def __post_init__(self):
-        if self.image_size < 0:
-            raise ConfigError("image_size", self.image_size, "must be >= 0 (0 = the dataset's native size)")
-        for name in ("batch_size", "val_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError("val_fraction", self.val_fraction, "must be in (0, 1)")
-        if self.val_images < 0:
-            raise ConfigError("val_images", self.val_images, "must be >= 0 (0 = all)")
-        if not 0.0 < self.crop_scale_min <= 1.0:
-            raise ConfigError("crop_scale_min", self.crop_scale_min, "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

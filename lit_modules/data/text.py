@@ -15,7 +15,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -26,40 +25,11 @@ from ..config_errors import ConfigError
 from ..masking.rng import random_bits
 from ..paths import Workspace
 from ..registry import DATASETS
+from .configs import TextDataConfig
 from .steps import StepSampler
 
 # Stream id of the training-window sampler (distinct from the masking streams).
 STREAM_BATCH = 0xDA7A
-
-
-@dataclass(frozen=True)
-class TextDataConfig:
-    kind: ClassVar[str] = "text"
-    name: str = "wikitext-2"
-    # For "text": a file or a folder of *.txt files, relative to the data dir or absolute.
-    path: str = ""
-    # For corpora without a separate validation file: the fraction held out (the tail).
-    val_fraction: float = 0.1
-    tokenizer: str = "bpe"
-    vocab_size: int = 512
-    batch_size: int = 16
-    val_batch_size: int = 32
-    # At most this many validation windows (0 = every non-overlapping window).
-    val_windows: int = 64
-
-    def __post_init__(self):
-        if self.tokenizer not in ("bpe", "unigram"):
-            raise ConfigError("tokenizer", self.tokenizer, "allowed: bpe, unigram")
-        # SentencePiece needs room for its specials plus the alphabet.
-        if not 64 <= self.vocab_size <= 65536:
-            raise ConfigError("vocab_size", self.vocab_size, "must be in [64, 65536]")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError("val_fraction", self.val_fraction, "must be in (0, 1)")
-        for name in ("batch_size", "val_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
-        if self.val_windows < 0:
-            raise ConfigError("val_windows", self.val_windows, "must be >= 0 (0 = all)")
 
 
 @dataclass(frozen=True)

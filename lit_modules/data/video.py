@@ -56,6 +56,7 @@ from ..config_errors import ConfigError
 from ..masking.rng import uniform
 from ..paths import Workspace
 from ..registry import DATASETS
+from .configs import VideoDataConfig
 from .images import _hash64, spread
 from .steps import StepSampler, step_draw
 
@@ -67,7 +68,6 @@ STREAM_FLIP = 0x71DF
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
 NATIVE_SIZE = 64  # frame size of bbb and moving-mnist
-CLIP_KINDS = ("pixels", "tokens")
 VAL_FRACTION = 0.1  # moving-mnist and video-tokens: the last 10% of clips are validation
 # Moving-MNIST: the generator's fixed seed and the motion of Srivastava et al.'s script
 # (positions in [0, 1] of the free range 64 - 28 = 36 px, step 0.1 per frame = 3.6 px).
@@ -78,44 +78,6 @@ DIGIT_SIZE = 28
 STEP_LENGTH = 0.1
 # Bump when the cache layout or the generation changes, so old caches are not reused.
 CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class VideoDataConfig:
-    kind: ClassVar[str] = "video"
-    name: str = "bbb"
-    # For "video-tokens": a .npy of integer ids shaped (n_clips, frames, h, w).
-    path: str = ""
-    # Clip length: the first `frames` frames of each clip (bbb has 16).
-    frames: int = 16
-    # Pixel clips: 64 or a divisor of 64 (average-pooled from 64x64).
-    image_size: int = 64
-    batch_size: int = 8
-    val_batch_size: int = 16
-    # At most this many validation clips, evenly spread over the split (0 = all).
-    val_clips: int = 0
-    # "pixels" (bbb, moving-mnist) or "tokens" (video-tokens); must match the dataset.
-    kind_of_clip: str = "pixels"
-    # Tokens only: ids lie in [0, vocab_size).
-    vocab_size: int = 0
-    # Pixel clips: mirror each training clip horizontally with probability 1/2.
-    flip: bool = True
-    # moving-mnist only: number of clips and digits per clip.
-    n_clips: int = 2000
-    digits: int = 2
-
-    def __post_init__(self):
-        for name in ("frames", "image_size", "batch_size", "val_batch_size", "n_clips", "digits"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
-        if self.val_clips < 0:
-            raise ConfigError("val_clips", self.val_clips, "must be >= 0 (0 = all)")
-        if self.kind_of_clip not in CLIP_KINDS:
-            raise ConfigError("kind_of_clip", self.kind_of_clip, f"allowed: {', '.join(CLIP_KINDS)}")
-        if self.vocab_size < 0:
-            raise ConfigError("vocab_size", self.vocab_size, "must be >= 0")
-        if self.kind_of_clip == "tokens" and self.vocab_size < 1:
-            raise ConfigError("vocab_size", self.vocab_size, "required (>= 1) when kind_of_clip is 'tokens'")
 
 
 # ---------------------------------------------------------------- helpers

@@ -16,10 +16,13 @@ Conventions (stated once, here):
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from .attention import Attention
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,15 @@ patterns that must be combined with others.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from ..lazy import LazyModule
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
+
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,19 @@ context precede it in the direction being read), the mirror image of the forward
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..config_errors import ConfigError
+from ..lazy import LazyModule
 from ..registry import MASKINGS
 from . import MaskedBatch
 from .attention import Attention
 from .rng import step_uniform
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
 
 FORWARD, BACKWARD = 0, 1
 DIRECTIONS = {"fw": FORWARD, "bw": BACKWARD}

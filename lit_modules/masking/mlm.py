@@ -48,12 +48,10 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..config_errors import ConfigError
+from ..lazy import LazyModule
 from ..registry import MASKINGS
 from . import MaskedBatch
 from .attention import Attention, padding
@@ -68,6 +66,12 @@ from .selection import (
     select_exact,
     stream_index,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
+F = LazyModule("torch.nn.functional")
 
 # The sub-stream of a mask index that draws span lengths; selection.py owns 0..2.
 STREAM_SPAN_LENGTH = 3
@@ -323,13 +327,13 @@ def _check_float(name: str, value: object, lo: float, hi: float, lo_open: bool, 
 def _same_shape(name: str, x: Tensor | None, shape: torch.Size) -> None:
     if x is None:
         return
-    if not isinstance(x, Tensor) or x.dtype != torch.bool or x.shape != shape:
-        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bool or x.shape != shape:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name}: must be a bool tensor of shape {tuple(shape)} like tokens, got {got}")
 
 
 def _check_mask_index(mask_index: Tensor | int, b: int) -> None:
-    if isinstance(mask_index, Tensor):
+    if isinstance(mask_index, torch.Tensor):
         if mask_index.shape not in ((b,), ()) or mask_index.dtype.is_floating_point or mask_index.dtype == torch.bool:
             raise ValueError(f"mask_index: must be an int or an integer tensor of shape ({b},), got {mask_index.dtype} {tuple(mask_index.shape)}")
         bad = bool(((mask_index < 0) | (mask_index >= MAX_MASK_INDEX)).any()) if mask_index.numel() else False
@@ -442,7 +446,7 @@ class MaskedLMStrategy:
         return MaskedBatch(inputs=inputs, targets=tokens, loss_mask=selected, attention=attention)
 
     def _check(self, tokens, mask_index, eligible, word_start, valid) -> None:
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(f"tokens: must be a (B, T) integer tensor, got {getattr(tokens, 'shape', type(tokens))}")
         if eligible is None:
             raise ValueError("eligible: required, a (B, T) bool tensor (False at special and padding tokens)")

@@ -80,11 +80,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..config_errors import ConfigError
+from ..lazy import LazyModule
 from ..registry import MASKINGS
 from .mlm import (
     EVAL_MASK_BASE,
@@ -97,6 +96,11 @@ from .mlm import (
 )
 from .rng import _absorb, mix32, seed_hash
 from .schedules import get_schedule
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
 
 # Purpose words absorbed after (seed, key, mask_index); any two distinct constants work.
 # They sit in a different slot of the hash than selection.py's STREAM_SELECT /
@@ -256,8 +260,8 @@ def _check_grid(grid: object) -> tuple[int, int]:
 
 
 def _check_keys(keys: object) -> None:
-    if not isinstance(keys, Tensor) or keys.dim() != 1 or keys.dtype != torch.int64:
-        got = f"{keys.dtype} {tuple(keys.shape)}" if isinstance(keys, Tensor) else type(keys).__name__
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 1 or keys.dtype != torch.int64:
+        got = f"{keys.dtype} {tuple(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
         raise ValueError(f"keys: must be a (B,) int64 tensor of sample content keys, got {got}")
 
 
@@ -318,7 +322,7 @@ class ScheduledRatio:
         _check_mask_index(mask_index, keys.shape[0])
         if not _is_int(seed):
             raise ValueError(f"seed = {seed!r}: must be an integer")
-        if isinstance(mask_index, Tensor):
+        if isinstance(mask_index, torch.Tensor):
             mask_index = mask_index.to(device=keys.device, dtype=torch.int64)
         return mask_index, self.ratio_at(step, total_steps, stage)
 

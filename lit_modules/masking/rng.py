@@ -14,8 +14,15 @@ wrap around int64, but the low 32 bits of a two's-complement product are exact, 
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+from ..lazy import LazyModule
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
+
 
 MASK32 = 0xFFFFFFFF
 # Constants of the "lowbias32" integer finalizer (C. Wellons' hash-prospector), a

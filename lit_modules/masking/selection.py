@@ -8,12 +8,16 @@ positions, where ``n_b`` counts its eligible positions (not special, not padding
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..config_errors import ConfigError
+from ..lazy import LazyModule
 from .rng import uniform
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
 
 # Independent sub-streams of one mask index: selection noise and replacement noise must
 # not be the same numbers, or the replacement choice would correlate with the rank.

@@ -46,11 +46,10 @@ Mask indices as for the other maskings (``epoch_mask_index``, ``eval_mask_indice
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..config_errors import ConfigError
+from ..lazy import LazyModule
 from ..registry import MASKINGS
 from .mlm import _is_int
 from .patches import (
@@ -61,6 +60,11 @@ from .patches import (
     patch_stream,
     stream_bits,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
 
 STREAM_VIDEO_TUBE = 0xF1D0
 STREAM_VIDEO_RANDOM = 0xF1D1
