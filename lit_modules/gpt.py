@@ -65,6 +65,8 @@ class GPT(nn.Module):
 
 @MODELS.register("gpt")
 class LitGPT(MaskedModelBase):
+    """Causal LM trained forward and, with probability p_bw per step, backward."""
+
     Config = GPTConfig
 
     def __init__(self, config: dict):

@@ -3,7 +3,9 @@
 All generated output (MLflow store, Optuna DB, tokenizer cache, checkpoints, reports)
 lives under one output directory: ``--output-dir``, else ``$MASKLAB_OUTPUT_DIR``, else
 ``./masklab-runs``. Data files are looked up under ``--data-dir``, else
-``$MASKLAB_DATA_DIR``, else ``./data``.
+``$MASKLAB_DATA_DIR``, else ``./data`` if that folder exists, else the ``shared/data``
+folder beside the checkout (``../shared/data`` from the repository root), where the
+project's real data sits.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from .config_errors import ConfigError
 
 DEFAULT_OUTPUT_DIR = "masklab-runs"
 DEFAULT_DATA_DIR = "data"
+# The checkout's sibling data folder: <repo>/../shared/data.
+SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def default_data_dir() -> Path:
+    """``./data`` where it exists, else the shared data folder beside the checkout."""
+    local = Path(DEFAULT_DATA_DIR)
+    return local if local.is_dir() or not SHARED_DATA_DIR.is_dir() else SHARED_DATA_DIR
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,7 @@ class Workspace:
     @classmethod
     def resolve(cls, output_dir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None) -> Workspace:
         out = output_dir or os.environ.get("MASKLAB_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR
-        data = data_dir or os.environ.get("MASKLAB_DATA_DIR") or DEFAULT_DATA_DIR
+        data = data_dir or os.environ.get("MASKLAB_DATA_DIR") or default_data_dir()
         return cls(Path(out).expanduser().resolve(), Path(data).expanduser().resolve())
 
     @property

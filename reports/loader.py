@@ -69,6 +69,7 @@ class StudyData:
     curves: pd.DataFrame
     intermediate: pd.DataFrame
     notes: list[str] = field(default_factory=list)  # problems met while reading the stores
+    data_summary: list[str] = field(default_factory=list)  # what the runs trained and were scored on
     loaded_at: datetime = field(default_factory=lambda: datetime.now().astimezone())
     study: optuna.Study | None = field(default=None, repr=False)  # for optuna.importance
 
@@ -135,8 +136,16 @@ def load_study(name: str, storage_url: str | optuna.storages.BaseStorage,
         name=name, kind=attrs.get(ATTR + "kind") or "unknown", objective=objective, direction=direction,
         spec=spec, swept=swept, storage_url=_describe(storage_url), tracking_uri=tracking_uri,
         parent_run_id=parent, trials=trials, ablation=ablation, curves=curves,
-        intermediate=intermediate, notes=notes, study=study,
+        intermediate=intermediate, notes=notes, study=study, data_summary=_data_summaries(runs),
     )
+
+
+def _data_summaries(runs: _Runs | None) -> list[str]:
+    """The distinct ``data.summary`` params of the study's runs: what was trained on and
+    what was scored (one line per data config the study used)."""
+    if runs is None:
+        return []
+    return sorted({r["params"]["data.summary"] for r in runs.records if r["params"].get("data.summary")})
 
 
 def open_storage(url: str | optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:

@@ -116,6 +116,8 @@ def _header(data: StudyData) -> list[tuple[str, str]]:
     ]
     if what:
         rows.append(("runs", what))
+    for line in data.data_summary:
+        rows.append(("data", line))
     if data.expected_replicates:
         rows.append(("replicates per setting", str(data.expected_replicates)))
     rows += [

@@ -23,7 +23,7 @@ def _workspace(args):
 
 def _add_dirs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="where all generated output goes (default $MASKLAB_OUTPUT_DIR or ./masklab-runs)")
-    p.add_argument("--data-dir", help="where data files are found (default $MASKLAB_DATA_DIR or ./data)")
+    p.add_argument("--data-dir", help="where data files are found (default $MASKLAB_DATA_DIR, else ./data if it exists, else ../shared/data beside the checkout)")
 
 
 def cmd_train(args) -> int:
@@ -267,17 +267,31 @@ def _study_of(spec: str, storage: str) -> str:
     return load_spec(path, validate_configs=False).name
 
 
+def one_line(doc: str | None) -> str:
+    """The first sentence of a docstring as one plain line (RST ``literals`` unquoted)."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    para = para.replace("``", "")
+    end = para.find(". ")
+    return para if end < 0 else para[: end + 1]
+
+
 def cmd_list(args) -> int:
+    from lit_modules.config import load_yaml
     from lit_modules.registry import DATASETS, MASKINGS, MODELS
 
     for title, reg in (("models", MODELS), ("maskings", MASKINGS), ("datasets", DATASETS)):
         print(f"{title}:")
         for name, obj in reg.items():
-            doc = (obj.__doc__ or "").strip().splitlines()
-            print(f"  {name:<18} {doc[0] if doc else ''}")
-    print("specs:")
+            print(f"  {name:<18} {one_line(obj.__doc__)}")
+    print("specs (masklab run NAME) and run configs (masklab train studies/specs/NAME.yaml):")
     for path in sorted(SPEC_DIR.glob("*.yaml")):
-        print(f"  {path.name}")
+        raw = load_yaml(path)
+        if "grid" in raw or "search" in raw:
+            what = f"study: {raw.get('description') or raw.get('name')}"
+        else:  # a run config: its first comment line says what it is
+            first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "# ")
+            what = "run config: " + first.lstrip("# ").rstrip(":")
+        print(f"  {path.stem:<24} {what}")
     return 0
 
 

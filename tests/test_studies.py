@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,9 @@ def test_grid_study_end_to_end_and_resume(ws):
     md = result.report_md.read_text()
     rows = [ln for ln in md.splitlines() if ln.startswith("| p_bw=")]
     assert len(rows) == 2 and all("(n=2)" in r for r in rows), rows
+    # the header says what was trained on and what every trial was scored on
+    assert re.search(r"\*\*data\*\*: trained on wiki.valid.raw \([\d,]+ tokens\); validated on wiki.test.raw "
+                     r"\(8 windows x 32 tokens = 256 tokens\); WikiText-2's train split is not available", md), md[:2000]
     html = result.report_html.read_text()
     assert html.count("<script") >= 2 and "src=\"http" not in html
     assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/report.md", "report/report.html"}
@@ -118,7 +122,8 @@ def test_changed_fixed_config_is_refused(ws):
     other = load_spec(spec_dict(grid={"masking.p_bw": [0.0]}, replicates=1), ["trainer.max_steps=6"])
     with pytest.raises(ConfigError) as info:
         run(other, ws)
-    assert "fixed" in str(info.value) and "\n" not in str(info.value)
+    msg = str(info.value)
+    assert "\n" not in msg and "trainer.max_steps 4 -> 6" in msg and "hash" not in msg, msg
     assert [t.state for t in trials(ws, "tiny_grid")] == [TrialState.COMPLETE]
 
 

@@ -383,6 +383,9 @@ class ImageDataModule(L.LightningDataModule):
             "data.resolution": self.image_size,
             "data.split_note": f"val = images whose blake2b-64 of the encoded bytes < {frac} * 2**64 "
                                "(same in every trial and seed)",
+            "data.summary": f"trained on {len(self.train_index):,} images of {Path(raw.source).name}; validated on "
+                            f"{len(self.val_index):,} held-out images ({self.num_classes} classes, "
+                            f"{self.image_size}x{self.image_size})",
         }
 
     def train_dataloader(self) -> DataLoader:

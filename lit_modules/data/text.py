@@ -157,6 +157,7 @@ class ValWindows(Dataset):
 
 
 class TextDataModule(L.LightningDataModule):
+    NOTE = ""  # said in every report's header (e.g. which split stands in for which)
     """Base of every text dataset: subclasses say where the train/val text comes from."""
 
     Config = TextDataConfig
@@ -206,7 +207,19 @@ class TextDataModule(L.LightningDataModule):
             "data.train_tokens": len(self.train_tokens),
             "data.val_tokens": len(self.val_tokens),
             "data.tokenizer_file": tokenizer.name,
+            "data.summary": self._summary(splits),
         }
+
+    def _summary(self, splits: Splits) -> str:
+        """One line for reports: what was trained on and what every trial is scored on."""
+        val = self.val_dataloader().dataset
+        if self.layout == "mlm":
+            scored = f"{len(val)} sequences, {sum(len(r) for r in val.rows):,} tokens"
+        else:
+            scored = f"{len(val)} windows x {self.block_size} tokens = {len(val) * self.block_size:,} tokens"
+        text = (f"trained on {Path(splits.train_source).name} ({len(self.train_tokens):,} tokens); "
+                f"validated on {Path(splits.val_source).name} ({scored})")
+        return f"{text}; {self.NOTE}" if self.NOTE else text
 
     def train_dataloader(self) -> DataLoader:
         sampler = StepSampler(self.max_steps, self.steps_per_epoch)
@@ -247,8 +260,10 @@ class TextDataModule(L.LightningDataModule):
 
 @DATASETS.register("wikitext-2")
 class WikiText2(TextDataModule):
-    """WikiText-2 raw. Its train split is not available offline, so by default the model
-    trains on wiki.valid.raw and validates on wiki.test.raw (recorded in the run)."""
+    """WikiText-2 raw: trains on wiki.valid.raw, validates on wiki.test.raw (the train
+    split is not available offline; recorded in the run)."""
+
+    NOTE = "WikiText-2's train split is not available offline, so its valid split trains"
 
     def read_splits(self) -> Splits:
         train, tp = self._read("wikitext-2/raw/wiki.valid.raw")
@@ -258,6 +273,8 @@ class WikiText2(TextDataModule):
 
 @DATASETS.register("tinyshakespeare")
 class TinyShakespeare(TextDataModule):
+    """Tiny Shakespeare (1.1 MB of plays); validation is the last 10% (val_fraction)."""
+
     def read_splits(self) -> Splits:
         text, path = self._read("tinyshakespeare/input.txt")
         return self._split_tail(text, str(path))

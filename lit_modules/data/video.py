@@ -304,11 +304,17 @@ class VideoDataModule(L.LightningDataModule):
             "data.frames": self.frames,
             "data.resolution": self.image_size,
             "data.split_note": loaded.split_note,
+            "data.summary": f"trained on {len(self.train_index):,} {self.clip_kind} clips ({self.info_shape(shape)}) of "
+                            f"{Path(loaded.source).name}; validated on {len(self.val_index):,} held-out clips",
         }
         if self.clip_kind == "pixels":
             self.info["data.normalization"] = f"(x - {PIXEL_MEAN}) / {PIXEL_STD}, x in [0, 1]"
         else:
             self.info["data.vocab_size"] = self.vocab_size
+
+    @staticmethod
+    def info_shape(shape: tuple[int, ...]) -> str:
+        return f"{shape[0]} frames of {shape[1]}x{shape[2]}"
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainBatches(self.data, self.train_index, self.cfg, self.seed, self.max_steps)
