@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
+from .checkpoints import load_checkpoint
 from .config_errors import ConfigError
 from .mae import PatchBatch, gather_rows, sincos_2d
 from .masking.attention import Attention, frame_causal
@@ -142,10 +143,9 @@ class LitVideo(MaskedModelBase):
     def load_pretrained(self, path: str) -> list[str]:
         """Load the embeddings and encoder blocks of a stage-1 checkpoint; returns the
         names loaded. Mismatched shapes are a ConfigError listing them."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        except FileNotFoundError:
-            raise ConfigError("model.init_from", path, "no such checkpoint") from None
+        state = load_checkpoint(path, "model.init_from").get("state_dict")
+        if not isinstance(state, dict):
+            raise ConfigError("model.init_from", path, "has no state_dict: not a Lightning checkpoint")
         own = self.state_dict()
         shared = [k for k in state if k.startswith(("model.embed_in", "model.blocks", "model.norm"))]
         bad = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shared

@@ -112,6 +112,9 @@ def train_run(
     _quiet_lightning()
     dm = build_datamodule(cfg, workspace)
     model = build_model(cfg)
+    init_from = getattr(cfg.model, "init_from", "")
+    if init_from:  # a bad or unsafe stage-1 checkpoint is refused before the run exists
+        model.load_pretrained(init_from)
 
     client = MlflowClient(tracking_uri=tracking.tracking_uri)
     exp_id = get_or_create_experiment(client, tracking.experiment, _artifact_root(tracking.tracking_uri, workspace))
@@ -126,7 +129,6 @@ def train_run(
     }
     if tracking.parent_run_id:
         tags["mlflow.parentRunId"] = tracking.parent_run_id
-    init_from = getattr(cfg.model, "init_from", "")
     if init_from:  # a second stage: link the run to the one whose checkpoint it starts from
         tags["masklab.init_from"] = str(Path(init_from).resolve())
         tags["masklab.init_from_run"] = Path(init_from).resolve().parent.name
@@ -159,7 +161,8 @@ def train_run(
             copy_history(client, resume.previous_run_id, run_id, resumed_step)
 
         try:
-            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+            # weights_only: checkpoint_step has already checked the file holds plain data only.
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
         except SystemExit as e:  # Lightning ends a Ctrl-C'd fit with SystemExit(1)
             raise KeyboardInterrupt("interrupted during training") from e
         if seen.step != trainer.global_step:
@@ -202,10 +205,10 @@ def train_run(
 
 def checkpoint_step(path: Path) -> int:
     """The global step a Lightning checkpoint was saved at (memory-mapped: the tensors
-    are not read, ``fit`` loads them once)."""
-    import torch
+    are not read, ``fit`` loads them once). An unsafe file is a ConfigError."""
+    from lit_modules.checkpoints import load_checkpoint
 
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+    return int(load_checkpoint(path, "resume checkpoint", mmap=True).get("global_step", 0))
 
 
 def copy_history(client, source_run: str, target_run: str, before_step: int) -> int:

@@ -115,4 +115,4 @@ def test_bad_input_creates_no_run(tmp_path, data_dir, capsys):
 def test_list_command(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "gpt" in out and "causal-lm" in out and "wikitext-2" in out and "gpt_tiny.yaml" in out
+    assert "gpt" in out and "causal-lm" in out and "wikitext-2" in out and "gpt_tiny " in out and "gpt_pbw_demo " in out

@@ -57,7 +57,7 @@ def test_both_kinds_both_stages_train(kind, stage):
     assert torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert set(metrics) == ({"recon_loss"} if stage == "pretrain" else {"next_frame_loss"})
+    assert set(metrics) == ({"recon_loss", "mask_ratio"} if stage == "pretrain" else {"next_frame_loss"})
 
 
 @pytest.mark.parametrize("kind", ["pixels", "tokens"])
@@ -222,10 +222,11 @@ def test_two_stage_switches_task_at_pretrain_steps(monkeypatch):
     model = _model(**{"model.stage": "two-stage", "model.pretrain_steps": 3}).train()
     batch = _pixel_batch()
     assert model.phase() == "pretrain"
-    assert set(model._shared_step(batch, "train")[1]) == {"recon_loss"}
+    assert set(model._shared_step(batch, "train")[1]) == {"recon_loss", "mask_ratio"}
     monkeypatch.setattr(LitVideo, "global_step", property(lambda self: 3))  # as at step 3
     assert model.phase() == "autoregressive"
-    assert set(model._shared_step(batch, "train")[1]) == {"next_frame_loss"}
+    metrics = model._shared_step(batch, "train")[1]
+    assert set(metrics) == {"next_frame_loss", "mask_ratio"} and float(metrics["mask_ratio"][0]) == 0.0
     assert set(model._shared_step(batch, "val")[1]) == {"next_frame_loss", "recon_loss"}
 
 
