@@ -1,9 +1,13 @@
 """Training speed of masklab's LitBERT, side by side with HF transformers' BertForMaskedLM.
 
 One process, one "BERT-mini" shape (depth 4, width 256, 4 heads, T 128, batch 32,
-vocab 8192), real text: the batches are the masklab ``wikitext-2`` data module's masked-LM
-batches (``[CLS] text [SEP] [PAD]...``, SentencePiece BPE 8192 trained on wiki.valid.raw,
-rows cut at a line end so ~7% of positions are padding), the same token rows on both sides.
+vocab 8192, MLM decoder tied to the input embedding on both sides), real text: the batches
+are the masklab ``wikitext-2`` data module's masked-LM batches (``[CLS] text [SEP]
+[PAD]...``, SentencePiece BPE 8192 trained on wiki.valid.raw, rows cut at a line end so
+~9% of positions are padding), the same token rows on both sides. Every side runs at the
+same settings: dropout 0, the AdamW implementation LitBERT's ``configure_optimizers``
+picks (fused), SDPA attention with the padding mask, the same threads, device and
+precision, train mode.
 
 Measured (a step = fetch + collate a batch + mask + forward + loss + backward + clip 1.0 +
 AdamW + LR scheduler):
@@ -13,27 +17,32 @@ AdamW + LR scheduler):
                     loss), then the optimizer and scheduler of ``configure_optimizers``.
                     This is the variant the target is set on: the HF reference runs in the
                     same kind of loop, so both sides do the same work around the model.
+  plain_bert_full   the same with the common MLM head instead of the gathered one: logits at
+                    all B*T positions, cross-entropy with ignore_index (``LitBERTFullHead``
+                    below): LitBERT without its head feature, for the ratio without it.
   lit_bert          the same LitBERT driven by a real ``lightning.Trainer`` fit (the project's
                     ``build_trainer``: logger, progress bar, checkpoints off) over the data
                     module's train loader; timed from the handover to the next
                     ``on_train_batch_end`` (every Lightning hook included). Info only.
   hf_bert           ``BertForMaskedLM(BertConfig(vocab_size=8192, hidden_size=256,
                     num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                    max_position_embeddings=128, pad_token_id=5), attn_implementation="sdpa")``
+                    max_position_embeddings=128, pad_token_id=5, hidden_dropout_prob=0,
+                    attention_probs_dropout_prob=0), attn_implementation="sdpa")``
                     (random init, nothing downloaded; pad_token_id = our [PAD] id), its
                     batches made by ``DataCollatorForLanguageModeling(mlm_probability=0.15,
                     pad_to_multiple_of=128)`` from per-row ``input_ids`` + ``special_tokens_mask``
                     lists (what HF's run_mlm.py hands it), the loss of the model's own
-                    ``labels`` path; same loop, AdamW groups and hyperparameters as ours.
-  hf_bert_nodrop    the same with its dropouts (0.1 by default) set to 0: LitBERT trains with
-                    dropout 0, so this isolates the architecture and the head.
+                    ``labels`` path; same loop, AdamW groups, implementation and
+                    hyperparameters as ours. (HF's default dropout is 0.1; LitBERT trains
+                    with 0.0, so both run at 0.)
 The collator needs a tokenizer: a ``PreTrainedTokenizerFast`` wrapped around an in-memory
 ``tokenizers`` WordLevel model whose 8192 ids are ours, with <unk> = 0, </s> = 1 (eos),
 [CLS] = 2, [SEP] = 3, [MASK] = 4, [PAD] = 5 as its special tokens -- so HF never selects the
 ids our ``eligible`` excludes, and draws random replacements from all 8192 ids (as HF does).
 
-Masking throughput (one call, the same (32, 128) batch; a turn makes MASK_CALLS calls, the
-figure is the median over ``--micro-reps`` turns, per call):
+Masking throughput (one call, the same (32, 128) batch, on the CPU where the data pipeline
+runs; a turn makes MASK_CALLS calls, the figure is the median over ``--micro-reps`` turns,
+per call):
   mask_ours         ``MLMRandom(mask_ratio=0.15)`` on the batch tensors: content keys,
                     counter-hash noise, exact per-row count, 80/10/10 replacement.
   mask_hf           ``collator.torch_mask_tokens(tokens.clone(), special_tokens_mask)``: the
@@ -60,6 +69,9 @@ best/best, cpu (the paired median on process CPU time) and quiet (rounds in whic
 processes used < 10% of the machine during both sides' steps).
 
 Usage:  python benchmarks/bench_bert.py [--quick] [--json PATH] [--profile [missed|NAMES]]
+                                        [--device cuda --precision bf16-mixed --sdpa-kernel efficient]
+(flash takes no attention mask, and both sides pass the padding mask: on CUDA the
+mem-efficient kernel is the fused one they can share.)
 """
 
 from __future__ import annotations
@@ -80,8 +92,7 @@ sys.path.insert(0, str(REPO))  # run from anywhere in the repo
 import harness  # noqa: E402
 import lightning as L  # noqa: E402
 
-from lit_modules.base import lr_factor  # noqa: E402
-from lit_modules.bert import BERT  # noqa: E402
+from lit_modules.bert import BERT, LitBERT  # noqa: E402
 from lit_modules.config import load_run_config  # noqa: E402
 from lit_modules.data.mlm import CLS, EOS, FIRST_PIECE, MASK, PAD, SEP, pack  # noqa: E402
 from lit_modules.paths import Workspace  # noqa: E402
@@ -97,7 +108,8 @@ TARGETS = {  # label: (numerator, denominator, kind, bound); ratio = time(numera
     "LitBERT / HF BertForMaskedLM, plain loop (throughput)": ("hf_bert", "plain_bert", ">=", 1.30),
 }
 INFO_RATIOS = {
-    "LitBERT / HF without dropout (throughput)": ("hf_bert_nodrop", "plain_bert"),
+    "LitBERT without gathered head / HF (throughput)": ("hf_bert", "plain_bert_full"),
+    "full head / gathered head, LitBERT training step (time)": ("plain_bert_full", "plain_bert"),
     "LitBERT Lightning fit / HF (throughput)": ("hf_bert", "lit_bert"),
     "Lightning fit / plain loop, LitBERT (time)": ("lit_bert", "plain_bert"),
     "masking: ours / HF torch_mask_tokens (throughput)": ("mask_hf", "mask_ours"),
@@ -107,7 +119,7 @@ INFO_RATIOS = {
 }
 # Variants compared with each other run back to back (see the module docstring).
 GROUPS = (
-    ("plain_bert", "hf_bert", "hf_bert_nodrop", "lit_bert"),
+    ("plain_bert", "plain_bert_full", "hf_bert", "lit_bert"),
     ("pass_gathered", "pass_full", "head_gathered", "head_full"),
     ("mask_ours", "mask_hf", "mask_ours_collate", "mask_hf_collate"),
 )
@@ -115,15 +127,19 @@ MICRO = {"mask_ours", "mask_hf", "mask_ours_collate", "mask_hf_collate"}
 
 
 # ---------------------------------------------------------------- config and data
-def bert_config_dict(max_steps: int = FIT_STEPS) -> dict:
+def bert_config_dict(args, max_steps: int = FIT_STEPS) -> dict:
     return {
         "seed": 0,
         "data": {"name": "wikitext-2", "vocab_size": VOCAB, "batch_size": BATCH},
-        "model": {"name": "bert", "depth": DEPTH, "width": WIDTH, "heads": HEADS, "block_size": T},
+        "model": {"name": "bert", "depth": DEPTH, "width": WIDTH, "heads": HEADS, "block_size": T, "dropout": 0.0},
         "masking": {"name": "mlm-random", "mask_ratio": MASK_RATIO},
-        "trainer": {"max_steps": max_steps, "val_every": max_steps, "accelerator": "cpu",
+        "trainer": {"max_steps": max_steps, "val_every": max_steps, **harness.trainer_settings(args),
                     "progress_bar": False, "checkpoint": False},
     }
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def workspace() -> Workspace:
@@ -187,17 +203,7 @@ def hf_collator(tokenizer):
     return DataCollatorForLanguageModeling(tokenizer, mlm_probability=MASK_RATIO, pad_to_multiple_of=T, seed=0)
 
 
-# ---------------------------------------------------------------- optimizer pieces
-def adamw(module: torch.nn.Module, optim) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW + LR schedule as LitBERT.configure_optimizers builds them (decay on matrices
-    and embeddings only)."""
-    params = list(module.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, FIT_STEPS, optim))
-
-
+# ---------------------------------------------------------------- models and loops
 def optimizer_step(model, loss, opt, sched, clip: float) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -206,70 +212,109 @@ def optimizer_step(model, loss, opt, sched, clip: float) -> None:
     sched.step()
 
 
+class LitBERTFullHead(LitBERT):
+    """LitBERT with the common MLM head: logits at every position (B, T, V), cross-entropy
+    with ignore_index at the unselected ones. The same loss as the gathered head."""
+
+    def _loss(self, masked, valid):
+        h = self.model.encode(masked.inputs, valid)
+        logits = self.model.head(h)  # (B, T, V)
+        labels = masked.targets.masked_fill(~masked.loss_mask, -100)  # (B, T): scored positions only
+        ce = F.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1), ignore_index=-100,
+                             reduction="sum")
+        # Accuracy at the scored rows only, as LitBERT computes it (no argmax over all B*T rows).
+        correct = (logits[masked.loss_mask].argmax(-1) == masked.targets[masked.loss_mask]).sum()
+        return ce, correct.float(), masked.loss_mask.sum().float()
+
+
 class LitVariant(harness.Variant):
     """LitBERT trained by one ``lightning.Trainer.fit`` for the whole benchmark."""
 
-    def __init__(self, name: str, what: str, dm):
+    def __init__(self, name: str, what: str, dm, args):
         super().__init__(name, what)
-        self.dm = dm
-        self.module = build_model(load_run_config(bert_config_dict()))
+        self.dm, self.cfg = dm, load_run_config(bert_config_dict(args))
+        self.module = build_model(self.cfg)
+        self.adamw = harness.module_adamw_impl(self.module)
+        self.what += f", AdamW {self.adamw}"
 
     def work(self) -> None:
-        cfg = load_run_config(bert_config_dict())
-        trainer = build_trainer(cfg, logger=None, callbacks=[harness.TurnTaker(self.baton)], checkpoint_dir=None)
+        trainer = build_trainer(self.cfg, logger=None, callbacks=[harness.TurnTaker(self.baton)], checkpoint_dir=None)
         trainer.fit(self.module, train_dataloaders=self.dm.train_dataloader())
 
 
 # ---------------------------------------------------------------- the variants
-def step_variants(data: Data, tokenizer) -> tuple[list[harness.Variant], dict]:
-    """plain_bert, hf_bert, hf_bert_nodrop (the step comparison) and their parameter counts."""
+def step_variants(data: Data, tokenizer, args, device, impl: str) -> tuple[list[harness.Variant], dict]:
+    """plain_bert, plain_bert_full, hf_bert (the step comparison) and their checks."""
+    import lightning as L
     import transformers
     from transformers import BertConfig, BertForMaskedLM
 
     transformers.logging.set_verbosity_error()
-    cfg = load_run_config(bert_config_dict())
+    cfg = load_run_config(bert_config_dict(args))
     clip = cfg.optim.grad_clip
-    lit = build_model(cfg).train()
-    opt, sched = adamw(lit, cfg.optim)
-    count = {"i": 0}
+    out, info = [], {}
+    for name, cls, what in (("plain_bert", LitBERT, "gathered head (masked_logits)"),
+                            ("plain_bert_full", LitBERTFullHead, "head at every position, CE ignore_index")):
+        L.seed_everything(cfg.seed, verbose=False)
+        lit = cls(cfg.to_dict()).to(device).train()
+        opt, sched = harness.adamw(lit, cfg.optim, FIT_STEPS, impl)
+        count = {"i": 0}
 
-    def plain_step():
-        batch = data.ds[count["i"] % N_BATCHES]  # the data module's fetch + pack
-        count["i"] += 1
-        loss, _ = lit._shared_step(batch, "train")
-        optimizer_step(lit, loss, opt, sched, clip)
+        def loss_of(batch, lit=lit):
+            with harness.autocast(args):
+                return lit._shared_step(batch, "train")[0]
 
-    out = [harness.LoopVariant("plain_bert", "LitBERT._shared_step (mlm-random 15%) + AdamW, plain loop", plain_step)]
-    info = {"params_ours": sum(p.numel() for p in lit.parameters())}
+        def plain_step(lit=lit, opt=opt, sched=sched, count=count, loss_of=loss_of):
+            batch = to_device(data.ds[count["i"] % N_BATCHES], device)  # the data module's fetch + pack
+            count["i"] += 1
+            optimizer_step(lit, loss_of(batch), opt, sched, clip)
+
+        out.append(harness.LoopVariant(name, f"LitBERT._shared_step (mlm-random 15%), {what}, plain loop, "
+                                             f"AdamW {impl}", plain_step))
+        info[f"SDPA calls, {name}"] = sdpa_check(lambda lo=loss_of: lo(to_device(data.batches[0], device)))
+        if name == "plain_bert":
+            info["parameters, ours"] = sum(p.numel() for p in lit.parameters())
     collator = hf_collator(tokenizer)
-    for name, drop in (("hf_bert", None), ("hf_bert_nodrop", 0.0)):
-        kwargs = {} if drop is None else {"hidden_dropout_prob": drop, "attention_probs_dropout_prob": drop}
-        hcfg = BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
-                          intermediate_size=4 * WIDTH, max_position_embeddings=T, pad_token_id=PAD, **kwargs)
-        torch.manual_seed(0)
-        model = BertForMaskedLM._from_config(hcfg, attn_implementation="sdpa").train()
-        h_opt, h_sched = adamw(model, cfg.optim)
-        h_count = {"i": 0}
+    hcfg = BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                      intermediate_size=4 * WIDTH, max_position_embeddings=T, pad_token_id=PAD,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForMaskedLM._from_config(hcfg, attn_implementation="sdpa").to(device).train()
+    h_opt, h_sched = harness.adamw(model, cfg.optim, FIT_STEPS, impl)
+    h_count = {"i": 0}
 
-        def hf_step(model=model, h_opt=h_opt, h_sched=h_sched, h_count=h_count):
-            batch = collator(data.examples[h_count["i"] % N_BATCHES])  # pad + mask
-            h_count["i"] += 1
-            optimizer_step(model, model(**batch).loss, h_opt, h_sched, clip)
+    def hf_loss(batch):
+        with harness.autocast(args):
+            return model(**batch).loss
 
-        what = (f"HF BertForMaskedLM ({model.config._attn_implementation}, dropout "
-                f"{hcfg.hidden_dropout_prob}) + HF collator, plain loop")
-        out.append(harness.LoopVariant(name, what, hf_step))
-        info["params_hf"] = sum(p.numel() for p in model.parameters())
+    def hf_step():
+        batch = to_device(collator(data.examples[h_count["i"] % N_BATCHES]), device)  # pad + mask
+        h_count["i"] += 1
+        optimizer_step(model, hf_loss(batch), h_opt, h_sched, clip)
+
+    c = model.config
+    what = (f"HF BertForMaskedLM ({c._attn_implementation}, {c.hidden_act}, dropout {c.hidden_dropout_prob}/"
+            f"{c.attention_probs_dropout_prob}) + HF collator, plain loop, AdamW {impl}")
+    out.append(harness.LoopVariant("hf_bert", what, hf_step))
+    info["parameters, HF"] = sum(p.numel() for p in model.parameters())
+    info["MLM decoder tied to the input embedding, HF"] = (
+        model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight)
+    info["SDPA calls, hf_bert"] = sdpa_check(lambda: hf_loss(to_device(collator(data.examples[0]), device)))
     return out, info
 
 
-def head_variants(data: Data) -> tuple[list[harness.Variant], dict]:
+def sdpa_check(fn) -> str:
+    with torch.no_grad():
+        return harness.sdpa_calls(fn)
+
+
+def head_variants(data: Data, args, device) -> tuple[list[harness.Variant], dict]:
     """The gathered head vs the head at every position, in a whole pass and alone."""
-    cfg = load_run_config(bert_config_dict())
+    cfg = load_run_config(bert_config_dict(args))
     torch.manual_seed(0)
-    bert = BERT(cfg.model, VOCAB).train()
+    bert = BERT(cfg.model, VOCAB).to(device).train()
     lit = build_model(cfg)  # for its mask(): the training masking of the run config
-    batch = data.batches[0]
+    batch = to_device(data.batches[0], device)
     masked = lit.mask(batch, "train")
     valid, sel = batch["valid"], masked.loss_mask
     labels = masked.targets.masked_fill(~sel, -100)  # (B, T): scored positions only
@@ -284,7 +329,9 @@ def head_variants(data: Data) -> tuple[list[harness.Variant], dict]:
 
     def whole_pass(loss_fn):
         def step():
-            loss_fn(bert.encode(masked.inputs, valid)).backward()
+            with harness.autocast(args):
+                loss = loss_fn(bert.encode(masked.inputs, valid))
+            loss.backward()
             bert.zero_grad(set_to_none=True)
         return step
 
@@ -292,7 +339,9 @@ def head_variants(data: Data) -> tuple[list[harness.Variant], dict]:
 
     def head_only(loss_fn):
         def step():
-            loss_fn(h0).backward()
+            with harness.autocast(args):
+                loss = loss_fn(h0)
+            loss.backward()
             bert.zero_grad(set_to_none=True)
             h0.grad = None
         return step
@@ -310,9 +359,9 @@ def head_variants(data: Data) -> tuple[list[harness.Variant], dict]:
     ], {"max |gathered - full| loss": diff, "scored rows M (head batch)": m}
 
 
-def mask_variants(data: Data, tokenizer) -> tuple[list[harness.Variant], dict]:
-    """Masking alone: our strategy vs the HF collator, on tensors and from rows."""
-    cfg = load_run_config(bert_config_dict())
+def mask_variants(data: Data, tokenizer, args) -> tuple[list[harness.Variant], dict]:
+    """Masking alone, on the CPU: our strategy vs the HF collator, on tensors and from rows."""
+    cfg = load_run_config(bert_config_dict(args))
     strategy = cfg.masking
     batch = data.batches[0]
     word_start = data.dm.word_start
@@ -374,6 +423,9 @@ def report(variants: list[harness.Variant], times, checks: dict) -> dict:
     print(f"\n{'ratio (wall clock unless said)':<55}{'median':>7}{'range':>14}{'best/best':>10}{'cpu':>7}"
           f"{'quiet (n)':>12}  target")
     for label, num, den, kind, bound in harness.ratio_rows(TARGETS, INFO_RATIOS):
+        if num not in wall or den not in wall:
+            out[label] = harness.not_measured(label, num, den, kind, bound, 55)
+            continue
         r = harness.paired(wall, num, den, others)
         r.update(num=num, den=den, cpu_time_median=harness.paired(cpu, num, den)["median"])
         quiet = harness.quiet_cell(r)
@@ -392,13 +444,15 @@ def report(variants: list[harness.Variant], times, checks: dict) -> dict:
 # ---------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 rounds, 3 masking turns: a smoke run")
-    p.add_argument("--rounds", type=int, help="round-robin repeats (default 7, quick 2)")
-    p.add_argument("--steps", type=int, default=1, help="steps per variant per round (default 1)")
+    p.add_argument("--quick", action="store_true", help="2 rounds x 1 step, 3 masking turns: a smoke run")
+    p.add_argument("--rounds", type=int, help="round-robin repeats (default 5, quick 2)")
+    p.add_argument("--steps", type=int, help="steps per variant per round (default 3, quick 1)")
     p.add_argument("--micro-reps", type=int, help="masking turns per variant per round (default 5, quick 3)")
+    harness.add_device_args(p)
     harness.add_output_args(p, "step")
     a = p.parse_args(argv)
-    a.rounds = a.rounds or (2 if a.quick else 7)
+    a.rounds = a.rounds or (2 if a.quick else 5)
+    a.steps = a.steps or (1 if a.quick else 3)
     a.micro_reps = a.micro_reps or (3 if a.quick else 5)
     return a
 
@@ -406,7 +460,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def environment(args) -> dict:
     import transformers
 
-    return {**harness.machine(), "lightning": L.__version__,
+    return {**harness.machine(), **harness.settings(args), "lightning": L.__version__,
             "transformers": transformers.__version__,
             "shape": {"depth": DEPTH, "width": WIDTH, "heads": HEADS, "seq": T, "batch": BATCH, "vocab": VOCAB},
             "rounds": args.rounds, "steps": args.steps, "micro_reps": args.micro_reps, "mask_calls": MASK_CALLS,
@@ -415,41 +469,50 @@ def environment(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    device = harness.check_device(args)
     torch.set_num_threads(args.threads)
     harness.quiet_lightning()
     start = time.perf_counter()
     env = environment(args)
-    dm = build_datamodule(load_run_config(bert_config_dict()), workspace())  # trains the tokenizer once
+    dm = build_datamodule(load_run_config(bert_config_dict(args)), workspace())  # trains the tokenizer once
     tokenizer = hf_tokenizer()
     data = Data(dm, tokenizer)
     env["data"] = {**dm.info, **data.stats(), "batches": N_BATCHES}
-    steps, info = step_variants(data, tokenizer)
-    heads, head_checks = head_variants(data)
-    masks, mask_checks = mask_variants(data, tokenizer)
-    lit = LitVariant("lit_bert", "LitBERT, lightning.Trainer fit, mlm-random 15%", dm)
-    variants = [*steps, lit, *heads, *masks]
-    by_name = {v.name: v for v in variants}
-    assert sorted(by_name) == sorted(n for g in GROUPS for n in g)
-    print(f"bench_bert: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
-          f"lightning {env['lightning']}, transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
-    print(f"shape {env['shape']}; data: wikitext-2 (masklab data module), {data.stats()['valid_share']:.1%} "
-          f"of positions valid; {args.rounds} rounds x {args.steps} step(s), {args.micro_reps} masking turns "
-          f"of {MASK_CALLS} calls, {len(variants)} variants", flush=True)
+    variants = []
     try:
-        for v in variants:  # the Lightning fit runs its first (setup) step here
-            v.start()
-        harness.measure(by_name, GROUPS, 1, 1, 1, is_masking, label="warm-up round (not measured)")
-        times, loads = harness.measure(by_name, GROUPS, args.rounds, args.steps, args.micro_reps, is_masking)
-        assert torch.get_num_threads() == args.threads, "something changed the thread count"
-        result = report(variants, times, {**info, **head_checks, **mask_checks})
-        result["load_avg_per_round"] = loads
-        if args.profile:
-            missed = [n for label in result["missed"] for n in TARGETS[label][:2]]
-            result["profiles"] = harness.profile(by_name, harness.profile_names(args.profile, missed, by_name),
-                                         "one turn, {ms:.1f} ms per call", "ms_per_call_under_profiler", all_threads=True)
+        with harness.sdpa_kernel(args):
+            lit = LitVariant("lit_bert", "LitBERT, lightning.Trainer fit, mlm-random 15%", dm, args)
+            steps, info = step_variants(data, tokenizer, args, device, lit.adamw)
+            heads, head_checks = head_variants(data, args, device)
+            masks, mask_checks = mask_variants(data, tokenizer, args)
+            variants = [*steps, lit, *heads, *masks]
+            assert sorted(v.name for v in variants) == sorted(n for g in GROUPS for n in g)
+            checks = {**info, **head_checks, **mask_checks, "AdamW implementation, every side": lit.adamw}
+            print(f"bench_bert: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
+                  f"lightning {env['lightning']}, transformers {env['transformers']}, "
+                  f"load {env['load_avg_start'][0]:.2f}")
+            print(f"{args.device}, {args.precision}, SDPA kernel {args.sdpa_kernel}, AdamW {lit.adamw}; "
+                  f"shape {env['shape']}; data: wikitext-2 (masklab data module), "
+                  f"{data.stats()['valid_share']:.1%} of positions valid; {args.rounds} rounds x {args.steps} "
+                  f"step(s), {args.micro_reps} masking turns of {MASK_CALLS} calls, {len(variants)} variants",
+                  flush=True)
+            variants, failed = harness.start_all(variants)
+            by_name = {v.name: v for v in variants}
+            groups = [kept for g in GROUPS if (kept := tuple(n for n in g if n in by_name))]
+            harness.measure(by_name, groups, 1, 1, 1, is_masking, label="warm-up round (not measured)")
+            times, loads = harness.measure(by_name, groups, args.rounds, args.steps, args.micro_reps, is_masking)
+            assert torch.get_num_threads() == args.threads, "something changed the thread count"
+            result = report(variants, times, checks)
+            result.update(load_avg_per_round=loads, failed_to_start=failed)
+            if args.profile:
+                missed = [n for label in result["missed"] for n in TARGETS[label][:2]]
+                result["profiles"] = harness.profile(by_name, harness.profile_names(args.profile, missed, by_name),
+                                                     "one turn, {ms:.1f} ms per call", "ms_per_call_under_profiler",
+                                                     all_threads=True)
     finally:
         harness.close_all(variants)
-    return harness.finish(args, env, result, start)
+    rc = harness.finish(args, env, result, start)
+    return harness.report_failures(failed) or rc
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ One process, a ViT-Tiny-like MAE: 16x16 patches, encoder depth 4, width 192, 3 h
 (MLP 768), decoder depth 2, width 128, 4 heads (MLP 512), batch 32, mask ratio 0.75
 (``mae-random``: 25% of the patches visible), norm_pix_loss on, AdamW (the project's
 OptimConfig defaults: lr 1e-3, wd 0.1 on matrices, betas (0.9, 0.95), warm-up + cosine
-LR schedule, grad clip 1.0). Two image sizes, each its own group of variants:
+LR schedule, grad clip 1.0). Every side runs at the same settings: dropout 0, exact GELU,
+the AdamW implementation ours' ``configure_optimizers`` picks (fused), SDPA attention, the
+same threads, device and precision, train mode. Two image sizes, each its own group of
+variants:
   64    64x64 images, N = 4x4 = 16 patches (4 visible): the stated shape, real images.
   224   224x224 images, N = 14x14 = 196 patches (49 visible): ViT-Tiny/16's resolution.
 The images are real: augmented training batches of the masklab ``tiny-imagenet`` data
@@ -55,6 +58,7 @@ torch.profiler table of one step of each named variant (default: the variants be
 missed target) and the encoder / decoder+loss fw+bw times of ours and masktok alone.
 
 Usage:  python benchmarks/bench_mae.py [--quick] [--sizes 64,224] [--json PATH] [--profile [missed|NAMES]]
+                                       [--device cuda --precision bf16-mixed --sdpa-kernel flash]
 """
 
 from __future__ import annotations
@@ -70,14 +74,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import flop_counter
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere in the repo
 
 import harness  # noqa: E402
 
-from lit_modules.base import lr_factor  # noqa: E402
 from lit_modules.blocks import run_blocks  # noqa: E402
 from lit_modules.config import load_run_config  # noqa: E402
 from lit_modules.mae import MAE, LitMAE, MAEConfig  # noqa: E402
@@ -102,7 +104,7 @@ INFO_RATIOS = {
 
 
 # ---------------------------------------------------------------- configs and data
-def mae_config_dict(size: int) -> dict:
+def mae_config_dict(size: int, args) -> dict:
     return {
         "seed": 0,
         "data": {"name": "tiny-imagenet", "image_size": DATA_SIZE, "batch_size": BATCH},
@@ -110,7 +112,7 @@ def mae_config_dict(size: int) -> dict:
                   "heads": HEADS, "decoder_depth": DEC_DEPTH, "decoder_width": DEC_WIDTH,
                   "decoder_heads": DEC_HEADS, "norm_pix_loss": True},
         "masking": {"name": "mae-random", "mask_ratio": MASK_RATIO},
-        "trainer": {"max_steps": MAX_STEPS, "val_every": MAX_STEPS, "accelerator": "cpu",
+        "trainer": {"max_steps": MAX_STEPS, "val_every": MAX_STEPS, **harness.trainer_settings(args),
                     "progress_bar": False, "checkpoint": False},
     }
 
@@ -122,19 +124,23 @@ def workspace() -> Workspace:
     return Workspace.resolve(out, data)
 
 
-def fetch_batches(n: int) -> tuple[list[dict], dict]:
+def fetch_batches(n: int, args) -> tuple[list[dict], dict]:
     """The first n training batches of the tiny-imagenet data module (64x64, augmented)."""
-    dm = build_datamodule(load_run_config(mae_config_dict(DATA_SIZE)), workspace())
+    dm = build_datamodule(load_run_config(mae_config_dict(DATA_SIZE, args)), workspace())
     it = iter(dm.train_dataloader())
     return [next(it) for _ in range(n)], dict(dm.info)
 
 
-def resized(batches: list[dict], size: int) -> list[dict]:
-    """The same batches with images bilinearly resized to size x size (keys unchanged)."""
-    if size == DATA_SIZE:
-        return batches
-    return [{**b, "images": F.interpolate(b["images"], size=(size, size), mode="bilinear",
-                                          align_corners=False)} for b in batches]
+def resized(batches: list[dict], size: int, device: torch.device) -> list[dict]:
+    """The same batches with images bilinearly resized to size x size (keys unchanged), on
+    the device (moved once, before timing)."""
+    out = []
+    for b in batches:
+        b = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
+        if size != DATA_SIZE:
+            b["images"] = F.interpolate(b["images"], size=(size, size), mode="bilinear", align_corners=False)
+        out.append(b)
+    return out
 
 
 class Cycle:
@@ -194,8 +200,8 @@ class Variant:
     mask + forward + loss alone (for the FLOP count)."""
 
     def __init__(self, name: str, what: str, size: int, model: nn.Module, loss, opt, sched, clip: float,
-                 batches: Cycle, encoder_tokens: int):
-        self.name, self.what, self.size, self.model = name, what, size, model
+                 batches: Cycle, encoder_tokens: int, args):
+        self.name, self.what, self.size, self.model, self.args = name, what, size, model, args
         self._loss, self.opt, self.sched, self.clip, self.batches = loss, opt, sched, clip, batches
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.n_params = sum(p.numel() for p in self.params)
@@ -203,7 +209,8 @@ class Variant:
         self.flops = self.encoder_flops = 0
 
     def loss(self, batch: dict) -> Tensor:
-        return self._loss(batch)
+        with harness.autocast(self.args):
+            return self._loss(batch)
 
     def step(self) -> None:
         loss = self.loss(self.batches.next())
@@ -230,13 +237,13 @@ class Variant:
         are not counted) on the first batch, in all and in the encoder (patch embedding +
         blocks + norm); gradients discarded."""
         batch = self.batches.items[0]
-        with flop_counter.FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS) as fc:
+        with harness.flop_counter_mode() as fc:
             self.loss(batch).backward()
         self.model.zero_grad(set_to_none=True)
         self.flops = fc.get_total_flops()
         if isinstance(self.model, LitMAE):  # our modules: count the encoder on its own
             mae, mb = self.model.model, self.model.mask(batch, "train")
-            with flop_counter.FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS) as fc:
+            with harness.flop_counter_mode() as fc, harness.autocast(self.args):
                 if isinstance(mae, MaskTokenMAE):
                     latent = mae.encode_all(mb.inputs, mb.loss_mask)
                 else:
@@ -248,52 +255,25 @@ class Variant:
             self.encoder_flops = sum(fc.get_flop_counts().get(f"{type(self.model).__name__}.vit", {}).values())
 
 
-# The CPU flash-attention kernels have no formula in torch.utils.flop_counter: count them as
-# the CUDA kernels are counted (the counter hands these functions shapes, not tensors).
-def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(q, k, v)
-
-
-def _sdpa_cpu_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
-
-
-SDPA_CPU_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
-                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
-
-
-def lit_variant(name: str, what: str, lit: LitMAE, batches: Cycle, encoder_tokens: int) -> Variant:
+def lit_variant(name: str, what: str, lit: LitMAE, batches: Cycle, encoder_tokens: int, args,
+                device: torch.device) -> Variant:
     """A LitMAE (or subclass) trained by ``_shared_step`` + its ``configure_optimizers``."""
+    lit.to(device)
     conf = lit.configure_optimizers()
     lit.train()
-    what += f", AdamW {adamw_impl(conf['optimizer'])}"
+    what += f", AdamW {harness.adamw_impl(conf['optimizer'])}"
     return Variant(name, what, lit.run_config.model.image_size, lit,
                    lambda batch: lit._shared_step(batch, "train")[0],
                    conf["optimizer"], conf["lr_scheduler"]["scheduler"], lit.run_config.optim.grad_clip,
-                   batches, encoder_tokens)
+                   batches, encoder_tokens, args)
 
 
-def hf_adamw(model: nn.Module, cfg, like: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer,
-                                                                          torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and schedule as ``MaskedModelBase.configure_optimizers`` builds them (decay on
-    matrices only), over the trainable parameters (HF's sin-cos positions are frozen), with
-    the same implementation (for-loop / foreach / fused) as ``like``, ours' optimizer."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    impl = {k: like.defaults[k] for k in ("foreach", "fused") if like.defaults.get(k)}
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), **impl)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.trainer.max_steps, cfg.optim))
-    return opt, sched
-
-
-def hf_variant(size: int, batches: Cycle, like: torch.optim.Optimizer) -> Variant:
+def hf_variant(size: int, batches: Cycle, impl: str, args, device: torch.device) -> Variant:
     import transformers
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     transformers.logging.set_verbosity_error()
-    cfg = load_run_config(mae_config_dict(size))
+    cfg = load_run_config(mae_config_dict(size, args))
     hf_cfg = ViTMAEConfig(image_size=size, patch_size=PATCH, num_channels=3, hidden_size=WIDTH,
                           num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=4 * WIDTH,
                           decoder_hidden_size=DEC_WIDTH, decoder_num_hidden_layers=DEC_DEPTH,
@@ -304,29 +284,28 @@ def hf_variant(size: int, batches: Cycle, like: torch.optim.Optimizer) -> Varian
         model = ViTMAEForPreTraining._from_config(hf_cfg, attn_implementation="sdpa")
     except (ValueError, ImportError):  # an older transformers without sdpa for ViTMAE
         model = ViTMAEForPreTraining(hf_cfg)
-    model.train()
-    opt, sched = hf_adamw(model, cfg, like)
+    model.to(device).train()
+    # AdamW over the trainable parameters (HF's sin-cos positions are frozen).
+    opt, sched = harness.adamw(model, cfg.optim, cfg.trainer.max_steps, impl)
     c = model.config
     n = (size // PATCH) ** 2
     what = (f"HF ViTMAEForPreTraining ({c._attn_implementation}, {c.hidden_act}, dropout "
             f"{c.hidden_dropout_prob}), own masking + loss, plain loop")
-    what += f", AdamW {adamw_impl(opt)}"
+    what += f", AdamW {harness.adamw_impl(opt)}"
     return Variant(f"hf_{size}", what, size, model, lambda batch: model(pixel_values=batch["images"]).loss,
-                   opt, sched, cfg.optim.grad_clip, batches, 1 + int(n * (1 - MASK_RATIO)))
+                   opt, sched, cfg.optim.grad_clip, batches, 1 + int(n * (1 - MASK_RATIO)), args)
 
 
-def adamw_impl(opt: torch.optim.Optimizer) -> str:
-    return "fused" if opt.defaults.get("fused") else "foreach" if opt.defaults.get("foreach") else "for-loop"
-
-
-def variants_for(size: int, batches: list[dict]) -> list[Variant]:
+def variants_for(size: int, batches: list[dict], args, device: torch.device) -> list[Variant]:
     n = (size // PATCH) ** 2
-    cfg = mae_config_dict(size)
+    cfg = mae_config_dict(size, args)
     ours = lit_variant(f"ours_{size}", "LitMAE._shared_step (encoder on visible patches), plain loop",
-                       build_model(load_run_config(cfg)), Cycle(batches), 1 + n - round(MASK_RATIO * n))
+                       build_model(load_run_config(cfg)), Cycle(batches), 1 + n - round(MASK_RATIO * n), args, device)
     masktok = lit_variant(f"masktok_{size}", "LitMAE with mask tokens through the encoder (all N patches), "
-                          "plain loop", LitMaskTokenMAE(load_run_config(cfg).to_dict()), Cycle(batches), 1 + n)
-    return [ours, masktok, hf_variant(size, Cycle(batches), ours.opt)]
+                          "plain loop", LitMaskTokenMAE(load_run_config(cfg).to_dict()), Cycle(batches), 1 + n,
+                          args, device)
+    impl = harness.same_impl({v.name: harness.adamw_impl(v.opt) for v in (ours, masktok)})
+    return [ours, masktok, hf_variant(size, Cycle(batches), impl, args, device)]
 
 
 # ---------------------------------------------------------------- measurement
@@ -368,6 +347,9 @@ def report(variants: list[Variant], sizes: list[int], times, checks: dict[str, f
     print(f"\n{'ratio (wall clock unless said)':<52}{'median':>7}{'range':>14}{'best/best':>10}{'cpu':>7}"
           f"{'quiet (n)':>11}{'FLOPs':>7}  target")
     for label, num, den, kind, bound in ratio_rows(sizes):
+        if num not in wall or den not in wall:
+            out[label] = harness.not_measured(label, num, den, kind, bound, 52)
+            continue
         r = harness.paired(wall, num, den, others)
         r.update(num=num, den=den, cpu_time_median=harness.paired(cpu, num, den)["median"],
                  flop_ratio=flops[num] / flops[den])
@@ -382,7 +364,7 @@ def report(variants: list[Variant], sizes: list[int], times, checks: dict[str, f
           "torch.utils.flop_counter (matmul, conv, attention);\nFLOPs = the two sides' GFLOP ratio: the "
           "speed-up if time were proportional to FLOPs")
     for name, value in checks.items():
-        print(f"check: {name} = {value:.4f}")
+        print(f"check: {name} = {value:.4f}" if isinstance(value, float) else f"check: {name} = {value}")
     return {"variants": rows, "ratios": out, "missed": [m[0] for m in missed],
             "missed_variants": sorted({n for m in missed for n in m[1:]}), "checks": checks}
 
@@ -401,13 +383,17 @@ def phase_split(variants: list[Variant], reps: int) -> dict:
         enc_ms, dec_ms = [], []
         for _ in range(reps):
             t0 = time.perf_counter()
-            latent = model.encode_all(mb.inputs, mb.loss_mask) if mtok else model.encode(mb.inputs, mb.keep_idx)
+            with harness.autocast(v.args):
+                latent = model.encode_all(mb.inputs, mb.loss_mask) if mtok else model.encode(mb.inputs, mb.keep_idx)
             latent.backward(torch.ones_like(latent))
+            harness.sync()
             t1 = time.perf_counter()
             z = latent.detach().requires_grad_()
-            pred = model.decode_all(z) if mtok else model.decode(z, mb.keep_idx)
-            s, n = model.loss_sums(pred, mb.targets, mb.loss_mask)
+            with harness.autocast(v.args):
+                pred = model.decode_all(z) if mtok else model.decode(z, mb.keep_idx)
+                s, n = model.loss_sums(pred, mb.targets, mb.loss_mask)
             (s / n).backward()
+            harness.sync()
             t2 = time.perf_counter()
             model.zero_grad(set_to_none=True)
             enc_ms.append(1e3 * (t1 - t0))
@@ -426,6 +412,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="round-robin repeats (default 5, quick 2)")
     p.add_argument("--steps", type=int, help="steps per variant per round (default 4, quick 1)")
     p.add_argument("--batches", type=int, default=8, help="distinct real batches cycled through (default 8)")
+    harness.add_device_args(p)
     harness.add_output_args(p, "step", ", and time the encoder / decoder fw+bw of ours and masktok alone")
     a = p.parse_args(argv)
     a.sizes = [int(s) for s in (a.sizes or ("64" if a.quick else "64,224")).split(",")]
@@ -441,7 +428,7 @@ def environment(args, data_info: dict) -> dict:
     import lightning as L
     import transformers
 
-    return {**harness.machine(), "lightning": L.__version__,
+    return {**harness.machine(), **harness.settings(args), "lightning": L.__version__,
             "transformers": transformers.__version__,
             "shape": {"patch": PATCH, "depth": DEPTH, "width": WIDTH, "heads": HEADS, "decoder_depth": DEC_DEPTH,
                       "decoder_width": DEC_WIDTH, "decoder_heads": DEC_HEADS, "batch": BATCH,
@@ -454,34 +441,48 @@ def environment(args, data_info: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    device = harness.check_device(args)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*treespec.*")
     start = time.perf_counter()
-    data, data_info = fetch_batches(args.batches)
+    data, data_info = fetch_batches(args.batches, args)
     env = environment(args, data_info)
-    batches = {s: resized(data, s) for s in args.sizes}
-    variants = [v for s in args.sizes for v in variants_for(s, batches[s])]
-    checks = {}
-    for v in variants:  # sanity: norm-pix MSE of an untrained model is ~1 on every side
-        checks[f"first-batch loss {v.name}"] = v.first_loss()
-    for v in variants:
-        v.count_flops()
-    by_name = {v.name: v for v in variants}
-    groups = [tuple(v.name for v in variants if v.size == s) for s in args.sizes]
-    print(f"bench_mae: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
-          f"transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
-    print(f"shape {env['shape']}; data {data_info.get('data.source')} ({args.batches} batches); "
-          f"{args.rounds} rounds x {args.steps} step(s), {len(variants)} variants", flush=True)
-    harness.measure(by_name, groups, 1, 1, label="warm-up round (not measured)")
-    times, loads = harness.measure(by_name, groups, args.rounds, args.steps)
-    assert torch.get_num_threads() == args.threads, "something changed the thread count"
-    result = report(variants, args.sizes, times, checks)
-    result["load_avg_per_round"] = loads
-    if args.profile:
-        names = harness.profile_names(args.profile, result["missed_variants"], by_name)
-        result["profiles"] = harness.profile(by_name, names, "one step, {ms:.0f} ms", "step_ms_under_profiler", warm=True)
-        result["phases"] = phase_split(variants, reps=5)
-    return harness.finish(args, env, result, start)
+    batches = {s: resized(data, s, device) for s in args.sizes}
+    with harness.sdpa_kernel(args):
+        variants = [v for s in args.sizes for v in variants_for(s, batches[s], args, device)]
+        checks = {}
+
+        def first_loss(v):  # sanity: norm-pix MSE of an untrained model is ~1 on every side
+            checks[f"first-batch loss {v.name}"] = v.first_loss()
+
+        variants, failed = harness.probe_all(variants, first_loss)
+        for v in variants:
+            with torch.no_grad():
+                checks[f"SDPA calls, {v.name}"] = harness.sdpa_calls(lambda v=v: v.loss(v.batches.items[0]))
+        for v in variants:
+            v.count_flops()
+        by_name = {v.name: v for v in variants}
+        groups = [tuple(v.name for v in variants if v.size == s) for s in args.sizes]
+        impl = harness.same_impl({v.name: harness.adamw_impl(v.opt) for v in variants})
+        checks["AdamW implementation, every side"] = impl
+        print(f"bench_mae: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
+              f"transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
+        print(f"{args.device}, {args.precision}, SDPA kernel {args.sdpa_kernel}, AdamW {impl}; shape {env['shape']}; "
+              f"data {data_info.get('data.source')} ({args.batches} batches); "
+              f"{args.rounds} rounds x {args.steps} step(s), {len(variants)} variants", flush=True)
+        harness.measure(by_name, groups, 1, 1, label="warm-up round (not measured)")
+        times, loads = harness.measure(by_name, groups, args.rounds, args.steps)
+        assert torch.get_num_threads() == args.threads, "something changed the thread count"
+        result = report(variants, args.sizes, times, checks)
+        result["load_avg_per_round"] = loads
+        if args.profile:
+            names = harness.profile_names(args.profile, result["missed_variants"], by_name)
+            result["profiles"] = harness.profile(by_name, names, "one step, {ms:.0f} ms", "step_ms_under_profiler",
+                                                 warm=True)
+            result["phases"] = phase_split(variants, reps=5)
+        result["failed"] = failed
+    rc = harness.finish(args, env, result, start)
+    return harness.report_failures(failed) or rc
 
 
 if __name__ == "__main__":

@@ -23,11 +23,19 @@ One process, two parts, each its own group of variants:
     the VideoMAE of studies/specs/video_tiny.yaml: 16 frames of 64x64 (grid (8, 4, 4),
     N = 128 tubelets), encoder depth 4, width 128, 4 heads (MLP 512), decoder depth 2,
     width 64, 4 heads (MLP 256), norm_pix_loss, ``video-tube`` at 0.9 (S_mask =
-    round(0.9 * 16) = 14 of 16 positions masked: 16 tubelets visible), batch 8.
+    round(0.9 * 16) = 14 of 16 positions masked: 16 tubelets visible), batch 8. Every side
+    runs at the same settings: dropout 0, exact GELU, the AdamW implementation ours'
+    ``configure_optimizers`` picks (fused), SDPA attention, the same threads, device and
+    precision, train mode.
   ours          ``LitVideo._shared_step(batch, "train")`` (video-tube masking of the
                 batch's content keys, norm-pix targets, encoder on the visible tubelets
                 only, light decoder with mask tokens, masked-tubelet MSE) in a plain loop
                 with the optimizer and scheduler of its ``configure_optimizers``.
+  masktok       the same LitVideo, masking, decoder, loss and optimizer, with mask tokens
+                through the encoder (``LitMaskTokenVideo`` below): all N = 128 tubelets enter
+                the encoder, the masked ones as a learned encoder mask token (+ their
+                position); the decoder gets the encoder output for all N (no decoder mask
+                tokens). Ours without its visible-only encoder, for the ratio without it.
   hf            ``VideoMAEForPreTraining(VideoMAEConfig(image_size=64, patch_size=16,
                 num_frames=16, tubelet_size=2, hidden_size=128, num_hidden_layers=4,
                 num_attention_heads=4, intermediate_size=512, decoder_hidden_size=64,
@@ -36,7 +44,8 @@ One process, two parts, each its own group of variants:
                 the installed transformers has it, random init, nothing downloaded;
                 ``bool_masked_pos`` = our ``video-tube`` mask of the same batch, made inside
                 the timed step (so both sides pay the same masking); its own loss
-                (``.loss``); the same clips, AdamW groups, LR schedule and grad clip as ours.
+                (``.loss``); the same clips, AdamW groups and implementation, LR schedule and
+                grad clip as ours. HF VideoMAE also encodes the visible tubelets only.
   The clips are synthetic: ``--batches`` batches of standard-normal (B, 16, 3, 64, 64)
   pixels made once with a fixed seed and cycled through (compute does not depend on the
   pixel values; both sides get the same tensors).
@@ -55,7 +64,12 @@ which other processes used < 10% of the machine during both sides' steps).
 ``--profile`` adds a torch.profiler table of one step of each named variant (default: the
 variants behind a missed target).
 
+FLOPs: before timing, one forward + backward of each step variant runs under
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention); the ratio
+table's "FLOPs" column is the two sides' ratio (the speed-up if time followed FLOPs).
+
 Usage:  python benchmarks/bench_video.py [--quick] [--json PATH] [--profile [missed|NAMES]]
+                                         [--device cuda --precision bf16-mixed --sdpa-kernel flash]
 """
 
 from __future__ import annotations
@@ -67,6 +81,7 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -75,11 +90,13 @@ sys.path.insert(0, str(REPO))  # run from anywhere in the repo
 
 import harness  # noqa: E402
 
-from lit_modules.base import lr_factor  # noqa: E402
+from lit_modules.blocks import run_blocks  # noqa: E402
 from lit_modules.config import load_run_config  # noqa: E402
+from lit_modules.masking.attention import Attention  # noqa: E402
 from lit_modules.masking.rng import content_key  # noqa: E402
 from lit_modules.masking.video import VideoRandom, VideoTube  # noqa: E402
 from lit_modules.run import build_model  # noqa: E402
+from lit_modules.video import LitVideo  # noqa: E402
 
 # (a) mask generation
 MASK_B, MASK_GRID, MASK_RATIO = 64, (8, 14, 14), 0.9
@@ -96,13 +113,16 @@ TARGETS = {
     "LitVideo step / HF VideoMAE step (throughput)": ("hf", "ours", ">=", 1.0),
 }
 INFO_RATIOS = {
+    "LitVideo with mask tokens in encoder / HF VideoMAE (throughput)": ("hf", "masktok"),
+    "LitVideo / mask tokens in encoder (speed-up)": ("masktok", "ours"),
     "video-random mask / per-sample randperm loop (speed-up)": ("mask_loop", "mask_random"),
 }
-GROUPS = (("mask_tube", "mask_random", "mask_loop"), ("ours", "hf"))
+GROUPS = (("mask_tube", "mask_random", "mask_loop"), ("ours", "masktok", "hf"))
+STEPS = ("ours", "masktok", "hf")
 
 
 # ---------------------------------------------------------------- configs and data
-def video_config_dict() -> dict:
+def video_config_dict(args) -> dict:
     return {
         "seed": 0,
         "data": {"name": "bbb", "frames": FRAMES, "image_size": SIZE, "batch_size": BATCH},
@@ -111,17 +131,17 @@ def video_config_dict() -> dict:
                   "width": WIDTH, "heads": HEADS, "decoder_depth": DEC_DEPTH, "decoder_width": DEC_WIDTH,
                   "decoder_heads": DEC_HEADS, "norm_pix_loss": True},
         "masking": {"name": "video-tube", "mask_ratio": RATIO},
-        "trainer": {"max_steps": MAX_STEPS, "val_every": MAX_STEPS, "accelerator": "cpu",
+        "trainer": {"max_steps": MAX_STEPS, "val_every": MAX_STEPS, **harness.trainer_settings(args),
                     "progress_bar": False, "checkpoint": False},
     }
 
 
-def make_batches(n: int, b: int = BATCH) -> list[dict]:
+def make_batches(n: int, device: torch.device, b: int = BATCH) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
         clips = torch.randn(b, FRAMES, 3, SIZE, SIZE, generator=g)  # (B, F, 3, H, W)
-        out.append({"clips": clips, "keys": content_key(clips)})
+        out.append({"clips": clips.to(device), "keys": content_key(clips).to(device)})
     return out
 
 
@@ -193,13 +213,38 @@ def mask_variants() -> tuple[list[Variant], dict]:
     ], checks
 
 
+class LitMaskTokenVideo(LitVideo):
+    """LitVideo (same masking, targets, loss, optimizer) with mask tokens through the
+    encoder: every tubelet enters the blocks, the masked ones as a learned encoder mask
+    token (+ their position); the decoder gets all N encoder outputs (no decoder mask tokens)."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, self.cfg.width))
+        nn.init.normal_(self.enc_mask_token, std=0.02)
+
+    def _pretrain_out(self, v, h=None) -> Tensor:
+        """Clips (B, F, 3, H, W), masked (B, N) -> predictions of every tubelet (B, N, P)."""
+        m = self.model
+        x = m.embed_in(v.inputs.transpose(1, 2)).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = torch.where(v.loss_mask[..., None], self.enc_mask_token.to(x.dtype), x) + m.pos[None]
+        h = m.norm(run_blocks(self.blocks, x, Attention()))  # (B, N, D)
+        y = m.decoder_embed(h) + m.dec_pos[None]  # (B, N, Dd)
+        return m.head(m.decoder_norm(run_blocks(m.decoder_blocks, y, Attention())))
+
+
 class Trainer:
     """A plain training loop: loss(batch) -> zero_grad, backward, clip, AdamW, scheduler."""
 
-    def __init__(self, model: nn.Module, loss, opt, sched, clip: float, batches: Cycle):
-        self.model, self.loss, self.opt, self.sched, self.clip, self.batches = model, loss, opt, sched, clip, batches
+    def __init__(self, model: nn.Module, loss, opt, sched, clip: float, batches: Cycle, args):
+        self.model, self.loss_fn, self.opt, self.sched, self.clip, self.batches = model, loss, opt, sched, clip, batches
+        self.args = args
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.n_params = sum(p.numel() for p in self.params)
+
+    def loss(self, batch: dict) -> Tensor:
+        with harness.autocast(self.args):
+            return self.loss_fn(batch)
 
     def step(self) -> None:
         loss = self.loss(self.batches.next())
@@ -214,31 +259,38 @@ class Trainer:
         with torch.no_grad():
             return self.loss(self.batches.items[0]).item()
 
+    def flops(self) -> int:
+        """FLOPs of one forward + backward on the first batch (gradients discarded)."""
+        with harness.flop_counter_mode() as fc:
+            self.loss(self.batches.items[0]).backward()
+        self.model.zero_grad(set_to_none=True)
+        return fc.get_total_flops()
 
-def hf_adamw(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and schedule as ``MaskedModelBase.configure_optimizers`` builds them (decay on
-    matrices only), over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.trainer.max_steps, cfg.optim))
-    return opt, sched
+    def sdpa_calls(self) -> str:
+        with torch.no_grad():
+            return harness.sdpa_calls(lambda: self.loss(self.batches.items[0]))
 
 
-def step_variants(batches: list[dict]) -> tuple[list[Variant], dict, dict]:
+def lit_trainer(lit: LitVideo, batches: list[dict], args, device: torch.device) -> Trainer:
+    """A LitVideo (or subclass) trained by ``_shared_step`` + its ``configure_optimizers``."""
+    lit.to(device).train()
+    conf = lit.configure_optimizers()
+    return Trainer(lit, lambda batch: lit._shared_step(batch, "train")[0], conf["optimizer"],
+                   conf["lr_scheduler"]["scheduler"], lit.run_config.optim.grad_clip, Cycle(batches), args)
+
+
+def step_variants(batches: list[dict], args, device: torch.device) -> tuple[list[Variant], dict, dict]:
     import transformers
     from transformers import VideoMAEConfig, VideoMAEForPreTraining
 
     transformers.logging.set_verbosity_error()
-    cfg = load_run_config(video_config_dict())
+    cfg = load_run_config(video_config_dict(args))
     torch.manual_seed(0)
     lit = build_model(cfg)
-    lit.train()
-    conf = lit.configure_optimizers()
-    ours = Trainer(lit, lambda batch: lit._shared_step(batch, "train")[0], conf["optimizer"],
-                   conf["lr_scheduler"]["scheduler"], cfg.optim.grad_clip, Cycle(batches))
+    ours = lit_trainer(lit, batches, args, device)
+    L.seed_everything(cfg.seed, verbose=False)
+    masktok = lit_trainer(LitMaskTokenVideo(cfg.to_dict()), batches, args, device)
+    impl = harness.same_impl({"ours": harness.adamw_impl(ours.opt), "masktok": harness.adamw_impl(masktok.opt)})
 
     hf_cfg = VideoMAEConfig(image_size=SIZE, patch_size=PATCH, num_frames=FRAMES, tubelet_size=TUBELET,
                             hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
@@ -250,32 +302,44 @@ def step_variants(batches: list[dict]) -> tuple[list[Variant], dict, dict]:
         model = VideoMAEForPreTraining._from_config(hf_cfg, attn_implementation="sdpa")
     except (ValueError, ImportError):  # an older transformers without sdpa for VideoMAE
         model = VideoMAEForPreTraining(hf_cfg)
-    model.train()
+    model.to(device).train()
     masking, grid = lit.masking, lit.cfg.grid
 
     def hf_loss(batch: dict) -> Tensor:
         pm = masking(batch["keys"], grid, seed=0, mask_index=0, step=0, total_steps=MAX_STEPS, stage="train")
         return model(pixel_values=batch["clips"], bool_masked_pos=pm.masked).loss
 
-    opt, sched = hf_adamw(model, cfg)
-    hf = Trainer(model, hf_loss, opt, sched, cfg.optim.grad_clip, Cycle(batches))
+    opt, sched = harness.adamw(model, cfg.optim, cfg.trainer.max_steps, impl)
+    hf = Trainer(model, hf_loss, opt, sched, cfg.optim.grad_clip, Cycle(batches), args)
     c = model.config
     n = grid[0] * grid[1] * grid[2]
     visible = n - masking.num_masked(grid, RATIO)
     variants = [
-        Variant("ours", f"LitVideo._shared_step (encoder on the {visible} visible tubelets), plain loop",
+        Variant("ours", f"LitVideo._shared_step (encoder on the {visible} visible tubelets), plain loop, AdamW {impl}",
                 ours.step, False, BATCH, "clips"),
+        Variant("masktok", f"LitVideo with mask tokens through the encoder (all {n} tubelets), plain loop, "
+                f"AdamW {impl}", masktok.step, False, BATCH, "clips"),
         Variant("hf", f"HF VideoMAEForPreTraining ({c._attn_implementation}, {c.hidden_act}, dropout "
-                f"{c.hidden_dropout_prob}), our tube mask, own loss, plain loop", hf.step, False, BATCH, "clips"),
+                f"{c.hidden_dropout_prob}/{c.attention_probs_dropout_prob}), our tube mask, own loss, plain loop, "
+                f"AdamW {impl}", hf.step, False, BATCH, "clips"),
     ]
-    checks = {"first-batch loss ours": ours.first_loss(), "first-batch loss hf": hf.first_loss()}
-    info = {"ours": {"trainable_params": ours.n_params}, "hf": {"trainable_params": hf.n_params},
-            "grid": list(grid), "visible_tubelets": visible}
+    trainers = {"ours": ours, "masktok": masktok, "hf": hf}
+    checks, info = {}, {}
+
+    def probe(v: Variant) -> None:
+        t = trainers[v.name]
+        checks[f"first-batch loss {v.name}"] = t.first_loss()
+        checks[f"SDPA calls, {v.name}"] = t.sdpa_calls()
+        info[v.name] = {"trainable_params": t.n_params, "fwd_bwd_flops": t.flops()}
+
+    variants, failed = harness.probe_all(variants, probe)
+    checks["AdamW implementation, every side"] = impl
+    info.update(grid=list(grid), visible_tubelets=visible, failed=failed)
     return variants, checks, info
 
 
 # ---------------------------------------------------------------- measurement
-def report(variants: list[Variant], times, checks: dict[str, float]) -> dict:
+def report(variants: list[Variant], times, checks: dict, info: dict) -> dict:
     wall = {v.name: harness.per_round(times[v.name], v.micro, 0) for v in variants}
     cpu = {v.name: harness.per_round(times[v.name], v.micro, 1) for v in variants}
     others = {v.name: harness.per_round(times[v.name], False, 2) for v in variants}
@@ -292,20 +356,29 @@ def report(variants: list[Variant], times, checks: dict[str, float]) -> dict:
               f"{busy:>7.0%}{v.items / sec:>10,.0f}  {v.what}")
 
     out, missed = {}, []
-    print(f"\n{'ratio (wall clock unless said)':<57}{'median':>8}{'range':>16}{'best/best':>10}{'cpu':>8}"
-          f"{'quiet (n)':>12}  target")
+    print(f"\n{'ratio (wall clock unless said)':<64}{'median':>8}{'range':>16}{'best/best':>10}{'cpu':>8}"
+          f"{'quiet (n)':>12}{'FLOPs':>7}  target")
     for label, num, den, kind, bound in harness.ratio_rows(TARGETS, INFO_RATIOS):
+        if num not in wall or den not in wall:
+            out[label] = harness.not_measured(label, num, den, kind, bound, 64)
+            continue
         r = harness.paired(wall, num, den, others)
         r.update(num=num, den=den, cpu_time_median=harness.paired(cpu, num, den)["median"])
+        if num in STEPS and den in STEPS:
+            r["flop_ratio"] = info[num]["fwd_bwd_flops"] / info[den]["fwd_bwd_flops"]
         quiet = harness.quiet_cell(r, ".2f")
-        line = (f"{label:<57}{r['median']:>8.2f}{r['min']:>8.2f}-{r['max']:<7.2f}{r['best_vs_best']:>10.2f}"
-                f"{r['cpu_time_median']:>8.2f}{quiet:>12}") + harness.judge(r, kind, bound)
+        flops = f"{r['flop_ratio']:>7.2f}" if "flop_ratio" in r else f"{'':>7}"
+        line = (f"{label:<64}{r['median']:>8.2f}{r['min']:>8.2f}-{r['max']:<7.2f}{r['best_vs_best']:>10.2f}"
+                f"{r['cpu_time_median']:>8.2f}{quiet:>12}{flops}") + harness.judge(r, kind, bound)
         if kind is not None and not r["met"]:
             missed.append((label, num, den))
         out[label] = r
         print(line)
+    for name in (n for n in STEPS if n in info):
+        print(f"{name}: {info[name]['fwd_bwd_flops'] / 1e9:.3f} GFLOP fwd+bwd, "
+              f"{info[name]['trainable_params'] / 1e6:.3f} M trainable parameters")
     for name, value in checks.items():
-        print(f"check: {name} = {value:.4f}")
+        print(f"check: {name} = {value:.4f}" if isinstance(value, float) else f"check: {name} = {value}")
     return {"variants": rows, "ratios": out, "missed": [m[0] for m in missed],
             "missed_variants": sorted({n for m in missed for n in m[1:]}), "checks": checks}
 
@@ -318,6 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="training steps per variant per round (default 4, quick 1)")
     p.add_argument("--mask-reps", type=int, help="mask calls per variant per round (default 21, quick 5)")
     p.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled through (default 4)")
+    harness.add_device_args(p)
     harness.add_output_args(p, "call")
     a = p.parse_args(argv)
     a.rounds = a.rounds or (2 if a.quick else 7)
@@ -329,7 +403,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def environment(args, info: dict) -> dict:
     import transformers
 
-    return {**harness.machine(),
+    return {**harness.machine(), **harness.settings(args),
             "transformers": transformers.__version__,
             "mask_shape": {"batch": MASK_B, "grid": list(MASK_GRID), "ratio": MASK_RATIO},
             "step_shape": {"frames": FRAMES, "image_size": SIZE, "tubelet": [TUBELET, PATCH, PATCH],
@@ -343,30 +417,35 @@ def environment(args, info: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    device = harness.check_device(args)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*treespec.*")
     start = time.perf_counter()
-    masks, checks = mask_variants()
-    steps, step_checks, info = step_variants(make_batches(args.batches))
-    checks.update(step_checks)
-    env = environment(args, info)
-    variants = [*masks, *steps]
-    by_name = {v.name: v for v in variants}
-    assert sorted(by_name) == sorted(n for g in GROUPS for n in g)
-    print(f"bench_video: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
-          f"transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
-    print(f"mask {env['mask_shape']}; step {env['step_shape']}; {args.rounds} rounds x {args.steps} step(s), "
-          f"{args.mask_reps} mask calls, {len(variants)} variants", flush=True)
-    is_mask = lambda group: by_name[group[0]].micro  # noqa: E731
-    harness.measure(by_name, GROUPS, 1, 1, 3, is_mask, label="warm-up round (not measured)")
-    times, loads = harness.measure(by_name, GROUPS, args.rounds, args.steps, args.mask_reps, is_mask)
-    assert torch.get_num_threads() == args.threads, "something changed the thread count"
-    result = report(variants, times, checks)
-    result["load_avg_per_round"] = loads
-    if args.profile:
-        result["profiles"] = harness.profile(by_name, harness.profile_names(args.profile, result["missed_variants"], by_name),
-                                     "one call, {ms:.2f} ms", "ms_under_profiler", warm=True, ms_digits=2)
-    return harness.finish(args, env, result, start)
+    with harness.sdpa_kernel(args):
+        masks, checks = mask_variants()
+        steps, step_checks, info = step_variants(make_batches(args.batches, device), args, device)
+        checks.update(step_checks)
+        env = environment(args, info)
+        variants = [*masks, *steps]
+        by_name = {v.name: v for v in variants}
+        groups = [kept for g in GROUPS if (kept := tuple(n for n in g if n in by_name))]
+        print(f"bench_video: {env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, "
+              f"transformers {env['transformers']}, load {env['load_avg_start'][0]:.2f}")
+        print(f"{args.device}, {args.precision}, SDPA kernel {args.sdpa_kernel}; mask {env['mask_shape']} (CPU); "
+              f"step {env['step_shape']}; {args.rounds} rounds x {args.steps} step(s), {args.mask_reps} mask calls, "
+              f"{len(variants)} variants", flush=True)
+        is_mask = lambda group: by_name[group[0]].micro  # noqa: E731
+        harness.measure(by_name, groups, 1, 1, 3, is_mask, label="warm-up round (not measured)")
+        times, loads = harness.measure(by_name, groups, args.rounds, args.steps, args.mask_reps, is_mask)
+        assert torch.get_num_threads() == args.threads, "something changed the thread count"
+        result = report(variants, times, checks, info)
+        result["load_avg_per_round"] = loads
+        if args.profile:
+            result["profiles"] = harness.profile(by_name, harness.profile_names(args.profile, result["missed_variants"],
+                                                                                by_name),
+                                                 "one call, {ms:.2f} ms", "ms_under_profiler", warm=True, ms_digits=2)
+    rc = harness.finish(args, env, result, start)
+    return harness.report_failures(info["failed"]) or rc
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The measurement harness shared by the benchmark scripts (bench_gpt, bench_bert, bench_mae,
-bench_video): /proc/stat clocks, turn taking between worker threads, round-robin interleaved
-rounds, per-round figures, paired ratio statistics, profiling, argument and environment helpers.
+bench_video, bench_ablation): /proc/stat clocks, turn taking between worker threads,
+round-robin interleaved rounds, per-round figures, paired ratio statistics, the settings
+both sides of a comparison share (device, precision, attention kernel, AdamW
+implementation), FLOP counting, profiling, argument and environment helpers.
 
 The scripts run as ``python benchmarks/bench_X.py``, which puts this folder on sys.path, so
 they import it as ``from harness import ...``.
@@ -9,6 +11,7 @@ they import it as ``from harness import ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -44,7 +47,15 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / _TICK
 
 
+def sync() -> None:
+    """Wait for queued CUDA work, where a CUDA device is in use (a no-op on CPU), so that a
+    step's time is the step's and not the next one's."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def snapshot() -> tuple[float, float, float]:
+    sync()
     return time.perf_counter(), time.process_time(), machine_busy_s()
 
 
@@ -153,13 +164,60 @@ class TurnTaker(L.Callback):
         self.baton, self.start = baton, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
+        if self.start is not None:  # elapsed() waits for the step's CUDA work first
             self.baton.seconds = elapsed(self.start)
         self.baton.hand_back()  # the first time: ready (the fit's first step is never timed)
         if not self.baton.wait_turn():
             trainer.should_stop = True
             return
         self.start = snapshot()
+
+
+def start_all(variants: list) -> tuple[list, dict[str, str]]:
+    """Start every variant (the Lightning fits run their first, untimed step here). A
+    variant that fails to start is left out and reported, so the others are still
+    measured: (the started variants, {name: the error})."""
+    started, failed = [], {}
+    for v in variants:
+        try:
+            v.start()
+        except RuntimeError as e:
+            cause = e.__cause__ or e
+            failed[v.name] = f"{type(cause).__name__}: {cause}"
+            print(f"variant {v.name} failed to start, left out: {failed[v.name]}", flush=True)
+            continue
+        started.append(v)
+    return started, failed
+
+
+def probe_all(variants: list, probe) -> tuple[list, dict[str, str]]:
+    """``probe(v)`` for every variant (e.g. its first loss); one that raises is left out and
+    reported, so the others are still measured: (the kept variants, {name: the error})."""
+    kept, failed = [], {}
+    for v in variants:
+        try:
+            probe(v)
+        except Exception as e:  # noqa: BLE001 - reported and re-raised as the run's exit status
+            failed[v.name] = f"{type(e).__name__}: {e}"
+            print(f"variant {v.name} failed, left out: {failed[v.name]}", flush=True)
+            continue
+        kept.append(v)
+    return kept, failed
+
+
+def report_failures(failed: dict[str, str]) -> int:
+    """Repeat the variants' failures at the end of the run; 1 if there were any, else 0."""
+    for name, error in failed.items():
+        print(f"FAILED: {name}: {error}")
+    return 1 if failed else 0
+
+
+def not_measured(label: str, num: str, den: str, kind: str | None, bound: float | None, width: int) -> dict:
+    """The ratio entry (and printed line) of a comparison one of whose sides did not start."""
+    target = None if kind is None else f"{kind} {bound}"
+    print(f"{label:<{width}}  not measured: {num} or {den} was not run (left out, or failed to start)"
+          + (f"  (target {target})" if target else ""))
+    return {"num": num, "den": den, "target": target, "measured": False}
 
 
 def close_all(variants) -> None:
@@ -242,6 +300,151 @@ def judge(r: dict, kind: str | None, bound: float | None) -> str:
     r["target"] = f"{kind} {bound}"
     r["met"] = r["median"] >= bound if kind == ">=" else r["median"] <= bound
     return f"  {kind} {bound}: {'met' if r['met'] else 'MISSED'}"
+
+
+# ---------------------------------------------------------------- settings both sides share
+PRECISIONS = ("32-true", "bf16-mixed")
+# --sdpa-kernel: the torch.nn.attention.SDPBackend each name enables (None: PyTorch picks per call).
+SDPA_KERNELS = {"default": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device, --precision and --sdpa-kernel: one setting for every variant of a run."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every variant runs (default cpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default="32-true",
+                   help="32-true (default), or bf16-mixed: every forward and loss under bfloat16 autocast "
+                        "(Lightning fits: the Trainer's bf16-mixed)")
+    p.add_argument("--sdpa-kernel", choices=tuple(SDPA_KERNELS), default="default",
+                   help="allow F.scaled_dot_product_attention only this kernel, in every variant "
+                        "(default: PyTorch's choice per call; flash takes no attention mask)")
+
+
+def check_device(args) -> torch.device:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(args.device)
+
+
+def autocast(args):
+    """The forward + loss context of a plain loop: bfloat16 autocast for bf16-mixed."""
+    if args.precision == "bf16-mixed":
+        return torch.autocast(args.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sdpa_kernel(args):
+    """The whole run's attention-kernel restriction (PyTorch's flags are process-wide, so
+    it holds in the worker threads too)."""
+    name = SDPA_KERNELS[args.sdpa_kernel]
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as restrict
+
+    return restrict(getattr(SDPBackend, name))
+
+
+def trainer_settings(args) -> dict:
+    """The run config's trainer keys for a Lightning fit on ``args``' device and precision."""
+    return {"accelerator": args.device, "precision": args.precision}
+
+
+def settings(args) -> dict:
+    """The environment record's device part."""
+    out = {"device": args.device, "precision": args.precision, "sdpa_kernel": args.sdpa_kernel}
+    if args.device == "cuda":
+        out["device_name"] = torch.cuda.get_device_name()
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def adamw_impl(opt: torch.optim.Optimizer) -> str:
+    d = opt.defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
+
+
+def module_adamw_impl(lit) -> str:
+    """The AdamW implementation a LightningModule's ``configure_optimizers`` picks."""
+    return adamw_impl(lit.configure_optimizers()["optimizer"])
+
+
+def adamw(module: torch.nn.Module, optim, max_steps: int, impl: str):
+    """AdamW + LR schedule as ``MaskedModelBase.configure_optimizers`` builds them (decay on
+    matrices and embeddings only, warm-up + cosine), over the trainable parameters, with
+    the implementation ``impl`` (fused / foreach / for-loop) named explicitly, so every
+    side of a comparison runs the same optimizer code."""
+    from lit_modules.base import lr_factor
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, max_steps, optim))
+    return opt, sched
+
+
+def same_impl(impls: dict[str, str]) -> str:
+    """The one AdamW implementation of a comparison's variants; an error if they differ."""
+    if len(set(impls.values())) != 1:
+        raise RuntimeError(f"AdamW implementations differ within a comparison: {impls}")
+    return next(iter(impls.values()))
+
+
+def sdpa_calls(fn) -> str:
+    """What ``fn()`` hands F.scaled_dot_product_attention, counted: mask or not, is_causal,
+    dropout_p (the check that both sides of a comparison run the same attention)."""
+    from collections import Counter
+
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    seen = Counter()
+
+    def arg(args, kwargs, name, i, default):
+        return kwargs[name] if name in kwargs else args[i] if len(args) > i else default
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention:
+                mask = arg(args, kwargs, "attn_mask", 3, None)
+                seen[("mask" if mask is not None else "no mask",
+                      f"is_causal={bool(arg(args, kwargs, 'is_causal', 5, False))}",
+                      f"dropout {float(arg(args, kwargs, 'dropout_p', 4, 0.0)):g}")] += 1
+            return func(*args, **kwargs)
+
+    with Spy():
+        fn()
+    return "; ".join(f"{n} x ({', '.join(k)})" for k, n in seen.items()) or "no SDPA call"
+
+
+# ---------------------------------------------------------------- FLOPs
+# The CPU flash-attention kernels have no formula in torch.utils.flop_counter: count them as
+# the CUDA kernels are counted (the counter hands these functions shapes, not tensors).
+def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils import flop_counter
+
+    return flop_counter.sdpa_flop_count(q, k, v)
+
+
+def _sdpa_cpu_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils import flop_counter
+
+    return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+SDPA_CPU_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+
+
+def flop_counter_mode():
+    """A FlopCounterMode that also counts the CPU flash-attention kernels (matmuls,
+    convolutions and attention; elementwise ops, norms and optimizers are not counted)."""
+    from torch.utils import flop_counter
+
+    return flop_counter.FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS)
 
 
 # ---------------------------------------------------------------- profiling
