@@ -1,4 +1,6 @@
-"""Real servers for tests: PostgreSQL, an MLflow tracking server, headless Chromium.
+"""Real servers for tests: PostgreSQL, an MLflow tracking server, headless Chromium, and
+a gate (an in-process HTTP proxy) that holds a server's answers until the test lets them
+through.
 
 Every server binds to 127.0.0.1 on a free port and is stopped by the context manager
 that started it. Where a server cannot be had, :func:`unavailable` skips the test with
@@ -167,6 +169,125 @@ def mlflow_server(backend_uri: str, artifact_root: Path, timeout: float = 90.0) 
     finally:
         stop_group(proc)
         log.close()
+
+
+# ---------------------------------------------------------------- a gate in front of a server
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+               "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+class Gate:
+    """An HTTP proxy on 127.0.0.1 in front of one server that answers only when the test
+    lets it: while the gate is closed every request waits (its client with it) until the
+    test opens the gate or lets requests through one at a time, in arrival order.
+
+    ``url`` is the proxy's; ``waiting`` counts the requests held now; ``answered`` lists
+    ``(method, path)`` of every request answered so far.
+    """
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        import urllib.parse
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        target = urllib.parse.urlsplit(upstream)
+        gate = self
+        self._cond = threading.Condition()
+        self._open, self._permits, self._next, self._turn = True, 0, 0, 0
+        self.waiting = 0
+        self.answered: list[tuple[str, str]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                gate._pass()
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP_BY_HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                with gate._cond:
+                    gate.answered.append((self.command, self.path))
+                    gate._cond.notify_all()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="gate", daemon=True)
+        self._thread.start()
+
+    def _pass(self) -> None:
+        """Called by each request: wait for an open gate, or for a permit and its turn."""
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            self.waiting += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._open or (self._permits > 0 and self._turn == ticket))
+            if not self._open:
+                self._permits -= 1
+            self._turn = max(self._turn, ticket + 1)
+            self.waiting -= 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Hold every request from now on."""
+        with self._cond:
+            self._open = False
+            self._turn = self._next  # requests let through before now are not waited for
+
+    def open(self) -> None:
+        """Let everything through, held requests first."""
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def let_through(self, n: int = 1, timeout: float = 60.0) -> None:
+        """Let the next ``n`` held requests through and wait until they are answered."""
+        with self._cond:
+            goal = len(self.answered) + n
+            self._permits += n
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: len(self.answered) >= goal, timeout):
+                raise TimeoutError(f"{n} request(s) let through, {goal - len(self.answered)} not answered")
+
+    def wait_held(self, n: int = 1, timeout: float = 60.0) -> bool:
+        """Wait until at least ``n`` requests are held; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.waiting >= n, timeout)
+
+    def stop(self) -> None:
+        self.open()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=30)
+
+
+@contextmanager
+def gated(upstream: str) -> Iterator[Gate]:
+    """A :class:`Gate` in front of ``upstream`` (open at first), stopped on exit."""
+    gate = Gate(upstream)
+    try:
+        yield gate
+    finally:
+        gate.stop()
 
 
 # ---------------------------------------------------------------- Chromium

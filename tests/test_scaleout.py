@@ -83,7 +83,7 @@ from optuna.trial import TrialState  # noqa: E402
 from lit_modules.paths import Workspace  # noqa: E402
 
 from .conftest import REPO, TINY  # noqa: E402
-from .servers import create_database, mlflow_server, postgres_server  # noqa: E402
+from .servers import create_database, gated, mlflow_server, postgres_server  # noqa: E402
 
 
 def _spec_file(tmp_path: Path, name: str, grid: dict, replicates: int = 1, **trainer) -> Path:
@@ -139,16 +139,24 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def mlflow_http(tmp_path_factory):
+def mlflow_db(postgres) -> str:
+    """The MLflow server's backend store: a PostgreSQL database, as in the cluster recipe."""
+    return create_database(postgres, "mlflow")
+
+
+@pytest.fixture(scope="module")
+def mlflow_http(tmp_path_factory, mlflow_db):
     root = tmp_path_factory.mktemp("mlflow-server")
-    with mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts") as url:
+    with mlflow_server(mlflow_db, root / "artifacts") as url:
         yield url
 
 
-def test_three_workers_on_postgres_run_every_grid_trial_exactly_once(tmp_path, out_ws, postgres, mlflow_http):
+def test_three_workers_on_postgres_run_every_grid_trial_exactly_once(tmp_path, out_ws, postgres, mlflow_http,
+                                                                    mlflow_db):
     """Three workers started at the same moment on one grid study (PostgreSQL + an MLflow
-    server): every (point, replicate) is COMPLETE exactly once, with exactly one child
-    run each, and one parent run."""
+    server on PostgreSQL): every (point, replicate) is COMPLETE exactly once, with exactly
+    one child run each, and one parent run; at least two workers ran trials, at the same
+    time."""
     from mlflow.tracking import MlflowClient
 
     storage = create_database(postgres, "three_workers")
@@ -168,6 +176,18 @@ def test_three_workers_on_postgres_run_every_grid_trial_exactly_once(tmp_path, o
     assert sum(ran) == 6
     assert logs.count("report: ") == 1  # one worker writes it, not all three
 
+    # The work was shared and concurrent: two workers' trials ran at the same time.
+    by_pid: dict[int, list] = {}
+    for t in trials:
+        by_pid.setdefault(t.user_attrs["masklab.pid"], []).append(t)
+    assert len(by_pid) >= 2 and sum(n > 0 for n in ran) >= 2, logs
+    assert {p.pid for p in procs} >= set(by_pid)
+    overlaps = [(a.number, b.number) for a in trials for b in trials
+                if a.user_attrs["masklab.pid"] < b.user_attrs["masklab.pid"]
+                and a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete]
+    spans = sorted((t.user_attrs["masklab.pid"], str(t.datetime_start), str(t.datetime_complete)) for t in trials)
+    assert overlaps, f"no two workers' trials overlapped: {spans}"
+
     client = MlflowClient(mlflow_http)
     exp = client.get_experiment_by_name("three_workers")
     runs = client.search_runs([exp.experiment_id])
@@ -178,6 +198,12 @@ def test_three_workers_on_postgres_run_every_grid_trial_exactly_once(tmp_path, o
     assert {r.info.run_id for r in children} == {t.user_attrs["masklab.mlflow_run_id"] for t in trials}
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert all(r.info.status == "FINISHED" for r in runs)
+    import psycopg
+
+    with psycopg.connect(mlflow_db) as conn:  # the server keeps its runs in PostgreSQL
+        stored = {row[0] for row in conn.execute("SELECT run_uuid FROM runs WHERE experiment_id = %s",
+                                                 (int(exp.experiment_id),))}
+    assert stored == {r.info.run_id for r in runs}
 
 
 def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, out_ws, postgres, mlflow_http):
@@ -235,6 +261,74 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, out_ws, po
     exp = client.get_experiment_by_name("killed_worker")
     children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("masklab.role") == "trial"]
     assert len(children) == 3  # one per trial: the finished one, the dead attempt, its retry
+
+
+def test_live_worker_heartbeat_keeps_a_long_trial_alive(tmp_path, out_ws, postgres, mlflow_http):
+    """A worker whose trial runs far longer than the grace period (here: held up by a
+    tracking server that does not answer) keeps it alive with its heartbeat: reaped every
+    quarter second all the while, as another worker would, the trial stays RUNNING, and it
+    ends COMPLETE once the server answers again."""
+    import psycopg
+
+    from studies.coordination import make_storage, study_lock
+    from studies.runner import reap_dead_trials
+
+    heartbeat, grace = 1, 3
+    storage = create_database(postgres, "heartbeat")
+    spec = _spec_file(tmp_path, "heartbeat", {"masking.p_bw": [0.5]})
+    log = tmp_path / "worker.log"
+    with gated(mlflow_http) as gate:
+        worker = _masklab("worker", str(spec), "--storage", storage, "--tracking-uri", gate.url, "--no-report",
+                          "--heartbeat", str(heartbeat), "--grace", str(grace), ws=out_ws, log=log)
+        try:
+            trial = _wait_for_trial(storage, "heartbeat", worker, log)
+            gate.close()  # the trial cannot finish until the test opens the gate
+            reaper = optuna.load_study(study_name="heartbeat",
+                                       storage=make_storage(storage, heartbeat=heartbeat, grace=grace))
+            beats, reaped_at, held_since = set(), [], None
+            while held_since is None or time.monotonic() - held_since < 3 * grace:
+                assert worker.poll() is None, log.read_text()
+                with study_lock(reaper._storage, "heartbeat"):
+                    assert reap_dead_trials(reaper) == [], log.read_text()
+                reaped_at.append(time.monotonic())
+                assert reaper.trials[trial.number].state == TrialState.RUNNING
+                with psycopg.connect(storage) as conn:
+                    beat, age = conn.execute("SELECT heartbeat, EXTRACT(EPOCH FROM now() - heartbeat) "
+                                             "FROM trial_heartbeats WHERE trial_id = %s",
+                                             (trial._trial_id,)).fetchone()
+                assert float(age) < grace
+                beats.add(beat)
+                if held_since is None and gate.waiting:
+                    held_since = time.monotonic()  # the worker is stuck on the server from here
+                time.sleep(0.25)
+            gate.open()
+            assert worker.wait(timeout=300) == 0, log.read_text()
+        finally:
+            worker.kill()
+    # Reaped all along (a trial stale for its grace period would have been caught), and
+    # the heartbeat moved on all along.
+    assert max(b - a for a, b in zip(reaped_at, reaped_at[1:])) < grace
+    assert reaped_at[-1] - held_since > 3 * grace - 1 and len(beats) >= 1.5 * grace / heartbeat
+    [done] = _load("heartbeat", storage).get_trials()
+    assert done.number == trial.number and done.state == TrialState.COMPLETE
+    assert "masklab.failure" not in done.user_attrs and "masklab.retry_of_trial" not in done.user_attrs
+    assert (done.datetime_complete - done.datetime_start).total_seconds() > 3 * grace
+
+
+def _wait_for_trial(storage: str, name: str, proc: subprocess.Popen, log: Path, timeout: float = 300):
+    """The study's first RUNNING trial."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited early:\n{log.read_text()}")
+        try:
+            running = _load(name, storage).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:
+            running = []
+        if running:
+            return running[0]
+        time.sleep(0.05)
+    pytest.fail(f"no trial started within {timeout} s:\n{log.read_text()}")
 
 
 def _wait_for_checkpoint(storage: str, name: str, proc: subprocess.Popen, log: Path, max_steps: int,
@@ -420,29 +514,87 @@ def test_concurrent_claims_respect_the_search_budget_and_the_grid_queue(tmp_path
             assert len(set(_grid_keys(trials))) == 9
 
 
-def test_checkpoint_is_published_only_after_its_metrics_are_stored(tmp_path):
-    """The logger hands batches to its sender and returns: the training thread never
-    waits on the tracking server (here: a server that answers only when told to). The
-    checkpoint callback's publish step runs after the points logged before it are stored."""
+def test_checkpoint_is_published_only_after_its_metrics_are_stored(tmp_path, tiny_config, workspace, mlflow_http):
+    """A real run with LastCheckpoint and the buffered logger, against an MLflow server
+    that answers only when the test lets it: training runs to its end without waiting on
+    the server; each validation's checkpoint stays a partial file until the points logged
+    before it are stored, and only then becomes last.ckpt."""
     import threading
 
-    from studies.tracking import BufferedMLflowLogger
+    from mlflow.tracking import MlflowClient
 
-    release, events = threading.Event(), []
+    from lit_modules.run import LastCheckpoint, build_datamodule, build_model, build_trainer
+    from studies.tracking import BufferedMLflowLogger, get_or_create_experiment
+    from studies.train import checkpoint_step
 
-    class SlowServer:
-        def log_batch(self, run_id, metrics=(), params=(), tags=()):
-            assert release.wait(30), "the test never released the server"
-            events.append(("stored", sorted({m.step for m in metrics})))
+    cfg = tiny_config("gpt", {"trainer.max_steps": 4, "trainer.val_every": 2, "trainer.log_every": 1})
+    direct = MlflowClient(mlflow_http)
+    run_id = direct.create_run(get_or_create_experiment(direct, "publish_after_stored", None)).info.run_id
+    ckpt_dir = tmp_path / "ckpt"
+    last = ckpt_dir / "last.ckpt"
 
-    logger = BufferedMLflowLogger(SlowServer(), "run", flush_every=2)
-    for step in range(5):
-        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)  # sends at 2 and 4 points
-    logger.when_stored(lambda: events.append(("published", None)))
-    assert events == []  # nothing stored yet, and the training thread was not held up
-    release.set()
-    logger.close()
-    assert events == [("stored", [0, 1]), ("stored", [2, 3]), ("stored", [4]), ("published", None)]
+    def partials() -> list[int]:
+        return sorted(int(p.name.split(".")[-2]) for p in ckpt_dir.glob(".last.ckpt.*.partial"))
+
+    def stored_steps(key: str) -> list[int]:
+        return sorted(m.step for m in direct.get_metric_history(run_id, key))
+
+    def published(step: int, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if last.is_file() and checkpoint_step(last) == step:
+                return True
+            time.sleep(0.02)
+        return False
+
+    with gated(mlflow_http) as gate:
+        ended, errors = threading.Event(), []
+
+        class HoldTheServer(Callback):
+            def on_train_start(self, trainer, pl_module):
+                gate.close()  # from the first training step on, the server answers nothing
+
+            def on_train_end(self, trainer, pl_module):
+                ended.set()  # the logger's final flush (which does wait) comes after this
+
+        logger = BufferedMLflowLogger(MlflowClient(gate.url), run_id, flush_every=10_000)
+        trainer = build_trainer(cfg, logger, [HoldTheServer()], ckpt_dir)
+        assert any(isinstance(c, LastCheckpoint) for c in trainer.callbacks)
+        model, dm = build_model(cfg), build_datamodule(cfg, workspace)
+
+        def fit():
+            try:
+                trainer.fit(model, dm)
+            except BaseException as e:  # noqa: BLE001 - raised in the test below
+                errors.append(e)
+
+        thread = threading.Thread(target=fit)
+        thread.start()
+        try:
+            assert ended.wait(60), "training waited on the tracking server"
+            # Both validations' checkpoints are written, neither is published: the server
+            # has stored none of the points logged before them.
+            assert gate.wait_held(1, 30)
+            assert partials() == [2, 4] and not last.exists()
+            assert stored_steps("train/fw_loss") == [] and stored_steps("val/fw_loss") == []
+
+            gate.let_through(1)  # the points logged up to the first validation
+            assert published(2), "the step-2 checkpoint was not published once its points were stored"
+            assert stored_steps("train/fw_loss") == [0, 1] and len(stored_steps("val/fw_loss")) == 1
+            assert partials() == [4]
+            time.sleep(0.5)
+            assert checkpoint_step(last) == 2  # the step-4 one waits for its own points
+
+            gate.let_through(1)  # the points logged up to the second validation
+            assert published(4)
+            assert stored_steps("train/fw_loss") == [0, 1, 2, 3] and len(stored_steps("val/fw_loss")) == 2
+            assert partials() == []
+        finally:
+            gate.open()
+            thread.join(120)
+        assert not thread.is_alive() and not errors, errors
+        logger.close()
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
 
 
 def test_launch_pins_each_worker_to_a_gpu_or_a_share_of_the_cpu():
