@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .loader import StudyData, grid_points, setting_label
-from .tables import direction_pairs, ranked, table_metrics, trial_problems
+from .tables import direction_pairs, table_metrics, trial_problems
 
 # Trials listed one per line before the rest are only counted.
 MAX_TRIAL_LINES = 40
@@ -18,7 +18,7 @@ MAX_TRIAL_LINES = 40
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # leakage | resolution | trials | replicates | missing | store
+    kind: str  # leakage | trials | replicates | missing | store
     message: str
 
 
@@ -26,7 +26,6 @@ def review(data: StudyData, summary: pd.DataFrame) -> list[Finding]:
     """All the checks, most serious first."""
     return [
         *backward_below_forward(data, summary),
-        *not_resolved(data, summary),
         *short_replicates(data, summary),
         *missing_trials(data),
         *problem_trials(data),
@@ -48,33 +47,6 @@ def backward_below_forward(data: StudyData, summary: pd.DataFrame) -> list[Findi
                 out.append(Finding("leakage", (
                     f"{row['setting']}: {bw} {b:.4f} < {fw} {f:.4f} (mean of {row['n']}): backward loss below "
                     "forward suggests leakage; published arrow-of-time results find backward slightly above forward")))
-    return out
-
-
-def not_resolved(data: StudyData, summary: pd.DataFrame) -> list[Finding]:
-    """Neighbouring settings (ranked by the objective) whose difference is smaller than
-    the spread over seeds (the larger of the two sample standard deviations)."""
-    if data.kind == "search" or len(summary) < 2:
-        return []
-    m = data.objective
-    ranking = ranked(summary, m, data.direction)
-    if len(ranking) < 2:
-        return []
-    if (ranking["n"] < 2).all():
-        return [Finding("resolution", f"{m}: no setting has 2 complete replicates, so differences between "
-                                      "settings cannot be compared with the spread over seeds")]
-    out = []
-    rows = ranking.to_dict("records")
-    for a, b in zip(rows, rows[1:]):
-        stds = [float(r[f"{m} std"]) for r in (a, b) if pd.notna(r[f"{m} std"])]
-        if not stds:
-            continue
-        spread = max(stds)
-        diff = abs(a[f"{m} mean"] - b[f"{m} mean"])
-        if diff < spread:
-            out.append(Finding("resolution", (
-                f"{m}: {a['setting']} vs {b['setting']} differ by {diff:.4f}, less than the spread over seeds "
-                f"(std {spread:.4f}): the ranking of these two is not resolved")))
     return out
 
 

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from .loader import StudyData
+from .loader import StudyData, format_value
 from .tables import ablation_metrics, table_metrics
 
 PALETTE = qualitative.Plotly + qualitative.Dark24
@@ -39,11 +39,63 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+# ------------------------------------------------------------------ reference levels and colours
+# One sequential scale per factor: lines coloured by a factor's levels use that factor's
+# scale, so two factors never share a colour in one legend.
+FACTOR_SCALES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
+CHANCE_LINE = {"dash": "dot", "color": "#7f7f7f", "width": 1.5}
+BASELINE_LINE = {"dash": "dash", "color": "#444", "width": 1}
+
+
+def factor_colors(data: StudyData, factors: list[str]) -> dict[tuple, str]:
+    """Colour of each combination of ``factors``' levels, from the first factor's own
+    scale (darker = later level)."""
+    from plotly.colors import sample_colorscale
+
+    scale = FACTOR_SCALES[data.swept.index(factors[0]) % len(FACTOR_SCALES)] if factors else "Greys"
+    combos = sorted({tuple(r) for r in data.complete[factors].itertuples(index=False, name=None)},
+                    key=lambda t: tuple(_sort_key(v) for v in t)) if factors else [()]
+    points = [0.45 + 0.5 * i / max(1, len(combos) - 1) for i in range(len(combos))]
+    return dict(zip(combos, sample_colorscale(scale, points)))
+
+
+def _sort_key(v):
+    return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+
+
+def add_chance(fig: go.Figure, data: StudyData, metric: str, row: int | None = None, col: int | None = None) -> None:
+    """A dotted horizontal line at ``metric``'s chance level, where it has one."""
+    from .findings import chance_levels
+
+    chance = chance_levels(data, [metric]).get(metric)
+    if chance is not None:
+        fig.add_hline(y=chance.value, line=CHANCE_LINE, annotation_text=f"chance ({chance.label})",
+                      annotation_position="top left", annotation_font_size=10, row=row, col=col)
+
+
+def category_labels(data: StudyData, param: str, values) -> list[str]:
+    """Tick labels of a swept parameter as categories; the baseline level says so."""
+    from .findings import baselines
+
+    base = baselines(data).get(param)
+    return [f"{format_value(v)} (baseline)" if base is not None and _same_level(v, base) else format_value(v)
+            for v in values]
+
+
+def _same_level(a, b) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=1e-15)
+    except (TypeError, ValueError):
+        return a == b
+
+
 # ------------------------------------------------------------------ metric vs parameter
 def metric_vs_params(data: StudyData) -> go.Figure | None:
     """Final validation metrics against each swept parameter of a grid: one panel per
-    (metric, parameter), one line per combination of the other swept parameters,
-    mean over seeds with error bars of one sample std."""
+    (metric, parameter), the parameter's levels as categories (in grid order, the
+    baseline marked), one line per combination of the other swept parameters in that
+    factor's own colour scale, mean over seeds with error bars of one sample std, and
+    the metric's chance level."""
     if data.kind == "search" or not data.swept:
         return None
     done = data.complete
@@ -55,24 +107,82 @@ def metric_vs_params(data: StudyData) -> go.Figure | None:
                         subplot_titles=[f"{m} vs {p}" for m in metrics for p in params])
     for c, param in enumerate(params, start=1):
         others = [p for p in params if p != param]
-        groups = done.groupby(others, dropna=False) if others else [((), done)]
-        for i, (key, part) in enumerate(groups):
+        colors = factor_colors(data, others)
+        levels = sorted(done[param].dropna().unique().tolist(), key=_sort_key)
+        ticks = dict(zip(map(format_value, levels), category_labels(data, param, levels)))
+        groups = done.groupby(others, dropna=False, sort=True) if others else [((), done)]
+        for key, part in groups:
             key = key if isinstance(key, tuple) else (key,)
-            label = " ".join(f"{o.split('.')[-1]}={k}" for o, k in zip(others, key)) or "all"
-            color = PALETTE[i % len(PALETTE)]
+            label = " ".join(f"{o.split('.')[-1]}={format_value(k)}" for o, k in zip(others, key)) or "all"
+            color = colors.get(key, OTHER_COLOR)
             for r, metric in enumerate(metrics, start=1):
                 stats = part.groupby(param)[metric].agg(["mean", "std", "count"]).reset_index()
-                x = stats[param].astype(str) if stats[param].dtype == object else stats[param]
+                stats = stats.iloc[sorted(range(len(stats)), key=lambda i: _sort_key(stats[param].iloc[i]))]
+                x = [ticks[format_value(v)] for v in stats[param]]
                 fig.add_trace(go.Scatter(
                     x=x, y=stats["mean"], error_y={"type": "data", "array": stats["std"].fillna(0)},
                     mode="lines+markers", name=label, legendgroup=f"{param}-{label}", line={"color": color},
-                    showlegend=r == 1, customdata=stats["count"],
+                    showlegend=r == 1, customdata=stats["count"], legendgrouptitle_text=f"lines: {', '.join(others)}"
+                    if others else None,
                     hovertemplate=f"{label}<br>{param} %{{x}}<br>{metric} %{{y:.4f}} (n=%{{customdata}})<extra></extra>",
                 ), row=r, col=c)
+        fig.update_xaxes(type="category", categoryorder="array", categoryarray=list(ticks.values()), col=c)
         fig.update_xaxes(title_text=param, row=len(metrics), col=c)
+    for r, metric in enumerate(metrics, start=1):
+        fig.update_yaxes(title_text=metric, row=r, col=1)
+        for c in range(1, len(params) + 1):
+            add_chance(fig, data, metric, row=r, col=c)
     fig.update_layout(title="Final validation metrics against each swept parameter (mean ± std over seeds)",
-                      height=300 * len(metrics) + 80)
+                      height=300 * len(metrics) + 80, legend={"groupclick": "toggleitem"})
     return fig
+
+
+# ------------------------------------------------------------------ effects
+def forest(effects: pd.DataFrame, metrics: list[str] | None = None) -> go.Figure | None:
+    """Forest plot: every comparison's relative difference (%) against the baseline
+    level with its 95% interval, one panel per metric; a line at 0 (the baseline); one
+    colour per factor; filled markers for resolved effects (interval excludes 0),
+    hollow for unresolved ones."""
+    if effects is None or effects.empty:
+        return None
+    metrics = [m for m in (metrics or list(dict.fromkeys(effects["metric"]))) if m in set(effects["metric"])]
+    if not metrics:
+        return None
+    factors = list(dict.fromkeys(effects["factor"]))
+    colors = {f: PALETTE[i % len(PALETTE)] for i, f in enumerate(factors)}
+    rows_per = [len(effects[effects["metric"] == m]) for m in metrics]
+    fig = make_subplots(rows=len(metrics), cols=1, subplot_titles=metrics, row_heights=rows_per,
+                        vertical_spacing=min(0.3 / max(1, len(metrics) - 1), 60 / (sum(rows_per) * 22 + 80)))
+    shown = set()
+    for r, metric in enumerate(metrics, start=1):
+        part = effects[effects["metric"] == metric]
+        for factor in factors:
+            sub = part[part["factor"] == factor]
+            if sub.empty:
+                continue
+            labels = [_effect_label(e) for e in sub.to_dict("records")]
+            rel = sub["rel_diff"] * 100
+            fig.add_trace(go.Scatter(
+                x=rel, y=labels, mode="markers", name=factor, legendgroup=factor, showlegend=factor not in shown,
+                marker={"color": colors[factor], "size": 9, "symbol": ["circle" if x else "circle-open"
+                                                                       for x in sub["resolved"]]},
+                error_x={"type": "data", "symmetric": False, "array": (sub["rel_ci_high"] * 100 - rel).fillna(0),
+                         "arrayminus": (rel - sub["rel_ci_low"] * 100).fillna(0)},
+                customdata=np.stack([sub["n"], sub["p_holm"].fillna(np.nan), sub["mean_diff"]], axis=1),
+                hovertemplate="%{y}<br>%{x:+.2f}% (diff %{customdata[2]:+.4g}), n=%{customdata[0]}, "
+                              "Holm p=%{customdata[1]:.3g}<extra></extra>"), row=r, col=1)
+            shown.add(factor)
+        fig.add_vline(x=0, line=BASELINE_LINE, row=r, col=1)
+        fig.update_yaxes(autorange="reversed", type="category", row=r, col=1)
+    fig.update_xaxes(title_text="difference from the baseline level, % of the baseline (95% CI)", row=len(metrics), col=1)
+    fig.update_layout(title="Effects against each factor's baseline level (filled: 95% CI excludes 0)",
+                      height=120 + 22 * sum(rows_per) + 40 * len(metrics), legend_title_text="factor")
+    return fig
+
+
+def _effect_label(e: dict) -> str:
+    held = "" if not e["held"] else (" (pooled)" if e["held"] == "pooled" else f" @ {e['held'].replace(';', ' ')}")
+    return f"{e['factor']}: {e['level']} vs {e['baseline']}{held}"
 
 
 # ------------------------------------------------------------------ layer removal
@@ -105,6 +215,8 @@ def layer_removal(data: StudyData) -> go.Figure | None:
                 hovertemplate=f"{setting}<br>removed %{{x}}<br>{metric} %{{y:.4f}} (n=%{{customdata}})<extra></extra>",
             ), row=1, col=col)
         fig.update_xaxes(title_text="blocks removed from the back", dtick=1, row=1, col=col)
+        fig.update_yaxes(title_text=metric, row=1, col=col)
+        add_chance(fig, data, f"val/{metric}", row=1, col=col)
     fig.update_layout(title="Layer removal: validation metrics (mean over seeds; band = min-max)",
                       height=420, legend_title_text="setting")
     return fig
@@ -185,6 +297,7 @@ def validation_curves(data: StudyData) -> go.Figure | None:
                 showlegend=j == 0, line={"color": PALETTE[i % len(PALETTE)], "width": 1.5},
                 hovertemplate=f"trial {number} ({setting}, seed {info.at[number, 'seed']})<br>"
                               "step %{x}<br>%{y:.4f}<extra></extra>"))
+    add_chance(fig, data, data.objective)
     fig.update_layout(title=f"{data.objective} during training (one line per trial)", xaxis_title="global step",
                       yaxis_title=data.objective, height=420, legend_title_text="setting")
     return fig

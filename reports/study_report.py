@@ -18,12 +18,14 @@ import pandas as pd
 
 from . import figures
 from .checks import Finding, review
+from .effects import POOLED
+from .findings import findings_frame, removal_increments, sentences, write_findings
 from .loader import StudyData
 from .tables import (
     display_frame,
     display_summary,
     markdown_table,
-    p_bw_ratios,
+    ranked,
     setting_summary,
     state_counts,
     table_metrics,
@@ -61,6 +63,8 @@ class Report:
     empty: str = ""  # set when no trial has completed
     spec: str = ""
     gallery: list = field(default_factory=list)  # GalleryImage, for image and video models
+    statements: list[str] = field(default_factory=list)  # what the study found, in sentences
+    effects: pd.DataFrame = field(default_factory=pd.DataFrame)  # effects.COLUMNS, one row per comparison
 
 
 # ------------------------------------------------------------------ public API
@@ -77,6 +81,7 @@ def write_report(data: StudyData, out_dir: str | Path) -> tuple[Path, Path]:
     md_path, html_path = out / REPORT_MD, out / REPORT_HTML
     md_path.write_text(render_markdown(report), encoding="utf-8")
     html_path.write_text(render_html(report), encoding="utf-8")
+    write_findings(report.effects, out)
     return md_path, html_path
 
 
@@ -89,8 +94,10 @@ def build_report(data: StudyData) -> Report:
         report.empty = f"No trial has completed yet ({counts}): there are no results to summarise."
     else:
         importance = param_importances(data) if data.kind == "search" else (None, "")
-        report.tables += _result_tables(data, summary, importance)
-        report.figures += _figures(data, importance)
+        report.effects = findings_frame(data)
+        report.statements = sentences(data, report.effects) or _no_statements(data)
+        report.tables += _result_tables(data, summary, importance, report.effects)
+        report.figures += _figures(data, importance, report.effects)
         from .gallery import reconstruction_gallery
 
         report.gallery = reconstruction_gallery(data)
@@ -118,6 +125,9 @@ def _header(data: StudyData) -> list[tuple[str, str]]:
         rows.append(("runs", what))
     for line in data.data_summary:
         rows.append(("data", line))
+    best = _best_setting(data)
+    if best:
+        rows.append(("best setting", best))
     if data.expected_replicates:
         rows.append(("replicates per setting", str(data.expected_replicates)))
     rows += [
@@ -129,9 +139,77 @@ def _header(data: StudyData) -> list[tuple[str, str]]:
     return rows
 
 
-def _result_tables(data: StudyData, summary: pd.DataFrame, importance) -> list[Table]:
+def _best_setting(data: StudyData) -> str:
+    """The best setting of a grid by its mean objective over seeds (never one seed)."""
+    if data.kind != "grid" or data.complete.empty:
+        return ""
+    top = ranked(setting_summary(data, [data.objective]), data.objective, data.direction)
+    if top.empty:
+        return ""
+    r = top.iloc[0]
+    return (f"{r['setting']}: mean {data.objective} {r[f'{data.objective} mean']:.4f} over {r['n']} seed(s); "
+            "see Findings for whether it is resolved from the others")
+
+
+def _no_statements(data: StudyData) -> list[str]:
+    if data.kind != "grid":
+        return ["A search samples settings rather than crossing factors, so it has no factor effects to "
+                "report; see the best complete trials and parameter importances below."]
+    return ["No comparison could be made: no two levels of a swept factor have complete trials."]
+
+
+def effects_display(effects: pd.DataFrame) -> pd.DataFrame:
+    """The comparisons as text: difference and relative difference with their 95%
+    intervals, Holm p, resolved, the minimum detectable effect and the seeds needed."""
+    if effects.empty:
+        return pd.DataFrame()
+
+    def interval(v, lo, hi, pct=False) -> str:
+        if pd.isna(v):
+            return "—"
+        k, f = (100, "+.1f") if pct else (1, "+.4g")
+        ci = "no CI" if pd.isna(lo) else f"[{lo * k:{f}}, {hi * k:{f}}]"
+        return f"{v * k:{f}}{'%' if pct else ''} {ci}"
+
+    e = effects
+    return pd.DataFrame({
+        "metric": e["metric"],
+        "comparison": [f"{f} = {lv} vs {b}" for f, lv, b in zip(e["factor"], e["level"], e["baseline"])],
+        "held": [h.replace(";", " ") if h else "—" for h in e["held"]],
+        "n": e["n"].astype(int),
+        "difference [95% CI]": [interval(*x) for x in zip(e["mean_diff"], e["ci_low"], e["ci_high"])],
+        "relative": [interval(*x, pct=True) for x in zip(e["rel_diff"], e["rel_ci_low"], e["rel_ci_high"])],
+        "Holm p": [f"{p:.3g}" if pd.notna(p) else "—" for p in e["p_holm"]],
+        "resolved": ["yes" if r else "no" for r in e["resolved"]],
+        "MDE (80%)": [f"{m:.4g}" if pd.notna(m) else "—" for m in e["mde"]],
+        "seeds needed": ["—" if pd.isna(n) else (">100,000" if n == float("inf") else f"{int(n)}")
+                         for n in e["n_needed"]],
+    })
+
+
+def removal_display(data: StudyData) -> pd.DataFrame:
+    """Loss added by removing each block from the back, per setting: mean [95% CI]."""
+    inc = removal_increments(data)
+    if inc.empty:
+        return pd.DataFrame()
+    inc = inc.assign(cell=[f"{m:+.3f}" + ("" if pd.isna(lo) else f" [{lo:+.3f}, {hi:+.3f}]")
+                           for m, lo, hi in zip(inc["mean"], inc["ci_low"], inc["ci_high"])])
+    wide = inc.pivot_table(index=["metric", "setting"], columns="k", values="cell", aggfunc="first", sort=False)
+    wide.columns = [f"block {k} removed" for k in wide.columns]
+    n = inc.groupby(["metric", "setting"], sort=False)["n"].max()
+    return wide.assign(n=n).reset_index().fillna("—")
+
+
+def _result_tables(data: StudyData, summary: pd.DataFrame, importance, effects: pd.DataFrame) -> list[Table]:
     metrics = table_metrics(data)
     tables = []
+    if not effects.empty:
+        tables.append(Table("effects", "Effects: each level against its factor's baseline", effects_display(effects),
+                            note="paired by seed (Welch where no seed is shared); 95% t-intervals; Holm-corrected p "
+                                 "over every comparison; resolved = the interval excludes 0; MDE = the smallest "
+                                 "effect detected with 80% power at this n and spread; seeds needed = to detect an "
+                                 f"effect of the observed size with 80% power; held '{POOLED}' averages each seed's "
+                                 "differences over the other factors; A:B rows are interactions (findings.csv)"))
     if data.kind == "search":
         tables.append(Table("best-trials", "Best complete trials", display_frame(top_trials(data), raw=data.swept),
                             note="sorted by the objective"))
@@ -145,11 +223,11 @@ def _result_tables(data: StudyData, summary: pd.DataFrame, importance) -> list[T
         tables.append(Table("summary", "Final validation metrics per setting",
                             display_summary(summary, metrics),
                             note="mean ± sample std over complete replicates (n); parameters = model.parameters"))
-    ratios = p_bw_ratios(data, summary)
-    if ratios is not None:
-        tables.append(Table("p-bw-ratios", "Loss ratios: loss(p_bw = 0) / loss(p_bw = x)", display_frame(ratios, raw=data.swept),
-                            note="ratios of the means over replicates; > 1 means the setting with backward "
-                                 "training has the lower loss"))
+    removal = removal_display(data)
+    if not removal.empty:
+        tables.append(Table("layer-removal-table", "Layer removal: loss added by removing each block from the back",
+                            removal, note="value with k blocks removed minus value with k - 1 removed; mean over "
+                                          "seeds [95% t-interval] (n seeds)"))
     return tables
 
 
@@ -167,8 +245,10 @@ def param_importances(data: StudyData) -> tuple[dict[str, float] | None, str]:
         return None, f"could not be computed: {e}"
 
 
-def _figures(data: StudyData, importance) -> list[Figure]:
+def _figures(data: StudyData, importance, effects: pd.DataFrame) -> list[Figure]:
     out = [
+        Figure("forest", "Effects with 95% intervals", figures.forest(effects),
+               "no factor effects (a search, or a single level per factor)"),
         Figure("metric-vs-params", "Metrics against the swept parameters", figures.metric_vs_params(data),
                "not a grid study, or no complete trials"),
         Figure("layer-removal", "Layer-removal curves", figures.layer_removal(data),
@@ -216,6 +296,12 @@ def render_markdown(report: Report) -> str:
         lines += ["", f"Figures are in [{REPORT_HTML}]({REPORT_HTML}): {links}"]
     if report.gallery:
         lines += ["", f"Reconstructions of {len(report.gallery)} setting(s): [{REPORT_HTML}]({REPORT_HTML}#gallery)"]
+    if report.statements:
+        lines += ["", "## Findings", ""]
+        lines += [f"- {t}" for t in report.statements]
+        if not report.effects.empty:
+            lines += ["", "Every comparison, with its interval, power and the seeds it would need: the Effects table "
+                          "below and `findings.csv` / `findings.json` beside this report."]
     lines += ["", "## Warnings", ""]
     lines += [f"- **{f.kind}**: {f.message}" for f in report.findings] or ["None."]
     if report.empty:
@@ -253,7 +339,11 @@ def render_html(report: Report) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(report.title)}</title>",
              f"<style>{CSS}</style></head><body>", f"<h1>{e(report.title)}</h1>", "<dl class='header'>"]
     parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in report.header]
-    parts += ["</dl>", "<h2 id='warnings'>Warnings</h2>"]
+    parts.append("</dl>")
+    if report.statements:
+        parts.append("<h2 id='findings'>Findings</h2><ul class='findings'>"
+                     + "".join(f"<li>{e(t)}</li>" for t in report.statements) + "</ul>")
+    parts.append("<h2 id='warnings'>Warnings</h2>")
     if report.findings:
         parts.append("<ul class='warnings'>" + "".join(
             f"<li><span class='kind'>{e(f.kind)}</span>: {e(f.message)}</li>" for f in report.findings) + "</ul>")

@@ -14,8 +14,6 @@ import pandas as pd
 
 from .loader import StudyData, format_value
 
-P_BW = "masking.p_bw"
-
 
 # ------------------------------------------------------------------ which metrics
 def table_metrics(data: StudyData) -> list[str]:
@@ -83,33 +81,6 @@ def ranked(summary: pd.DataFrame, metric: str, direction: str) -> pd.DataFrame:
         return summary.iloc[0:0]
     have = summary[summary[col].notna()]
     return have.sort_values(col, ascending=direction != "maximize", kind="stable")
-
-
-# ------------------------------------------------------------------ the p_bw ratios
-def p_bw_ratios(data: StudyData, summary: pd.DataFrame) -> pd.DataFrame | None:
-    """metric(p_bw=0) / metric(p_bw=x) for every other setting of the remaining swept
-    params (e.g. per depth and width), for each forward/backward loss; ratios of the
-    means over replicates. None unless ``masking.p_bw`` is swept with 0 among its values."""
-    if P_BW not in data.swept or P_BW not in summary:
-        return None
-    pairs = [m for pair in direction_pairs(table_metrics(data)) for m in pair if m.endswith("loss")]
-    if not pairs or not (summary[P_BW] == 0).any():
-        return None
-    others = [s for s in data.swept if s != P_BW and s in summary]
-    rows = []
-    groups = summary.groupby(others, sort=False, dropna=False) if others else [((), summary)]
-    for key, part in groups:
-        base = part[part[P_BW] == 0]
-        if base.empty:
-            continue
-        key = key if isinstance(key, tuple) else (key,)
-        for _, row in part[part[P_BW] != 0].iterrows():
-            out = dict(zip(others, key))
-            out[P_BW] = row[P_BW]
-            for m in pairs:
-                out[f"{m} ratio"] = base[f"{m} mean"].iloc[0] / row[f"{m} mean"]
-            rows.append(out)
-    return pd.DataFrame(rows) if rows else None
 
 
 # ------------------------------------------------------------------ trials

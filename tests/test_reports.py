@@ -19,7 +19,7 @@ import pytest
 
 from reports.loader import StudyNotFoundError, list_studies, load_study
 from reports.study_report import build_report, summary_table, write_report
-from reports.tables import p_bw_ratios
+from reports.findings import findings_frame
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -327,11 +327,28 @@ def test_summary_table_mean_std_n(grid):
     assert s["model.parameters"].tolist() == [1000 * DEPTH] * 2
 
 
-def test_p_bw_ratios(grid):
-    r = p_bw_ratios(grid, summary_table(grid))
-    assert r["masking.p_bw"].tolist() == [0.5]
-    assert r["val/fw_loss ratio"].iloc[0] == pytest.approx(3.1 / 3.2)
-    assert r["val/bw_loss ratio"].iloc[0] == pytest.approx(5.1 / 2.95)
+def test_effects_paired_by_seed(grid):
+    """p_bw = 0.5 against the baseline 0, paired over seeds 0 and 1: fw differences
+    (0.1, 0.1), bw differences (-2.1, -2.2); t(0.975, 1) = 12.706."""
+    e = findings_frame(grid).set_index("metric")
+    fw, bw = e.loc["val/fw_loss"], e.loc["val/bw_loss"]
+    assert (fw["factor"], fw["level"], fw["baseline"], fw["held"], fw["n"]) == ("masking.p_bw", "0.5", "0", "", 2)
+    assert fw["mean_diff"] == pytest.approx(0.1) and fw["ci_low"] == pytest.approx(0.1) and fw["resolved"]
+    assert bw["mean_diff"] == pytest.approx(-2.15) and bw["rel_diff"] == pytest.approx(-2.15 / 5.1)
+    half = 12.7062047 * math.sqrt(0.005) / math.sqrt(2)
+    assert (bw["ci_low"], bw["ci_high"]) == pytest.approx((-2.15 - half, -2.15 + half), rel=1e-6)
+    assert bw["resolved"] and bw["p"] == pytest.approx(1 - 2 * math.atan(43) / math.pi, rel=1e-6)  # t = 43, df 1
+
+
+def test_report_opens_with_findings_and_writes_them(grid, tmp_path):
+    md, _ = write_report(grid, tmp_path / "r")
+    text = md.read_text()
+    assert text.index("## Findings") < text.index("## Warnings")
+    assert "masking.p_bw = 0.5 instead of 0 lowers val/bw_loss by 42.2%" in text
+    table = pd.read_csv(tmp_path / "r" / "findings.csv")
+    assert list(table.columns) == ["metric", "factor", "level", "baseline", "held", "n", "mean_diff", "rel_diff",
+                                   "ci_low", "ci_high", "p", "p_holm", "resolved", "mde", "n_needed"]
+    assert (tmp_path / "r" / "findings.json").exists()
 
 
 def test_warnings_fire(grid, search):
@@ -339,7 +356,7 @@ def test_warnings_fire(grid, search):
     kinds = [f.kind for f in found]
     leak = [f.message for f in found if f.kind == "leakage"]
     assert len(leak) == 1 and leak[0].startswith("p_bw=0.5:")  # bw < fw only there
-    assert any("not resolved" in f.message for f in found if f.kind == "resolution")
+    assert "resolution" not in kinds  # rank neighbours are no longer compared; Findings compare levels
     assert sorted(f.message for f in found if f.kind == "replicates") == [
         "p_bw=0.5: 2 of 3 replicates complete", "p_bw=0: 2 of 3 replicates complete"]
     assert [f.message for f in found if f.kind == "missing"] == [
@@ -377,14 +394,16 @@ def test_grid_report_files(grid, tmp_path):
     assert "| p_bw=0.5 | 3.2000 ± 0.1414 (n=2) | 2.9500 ± 0.0707 (n=2) |" in md
     assert "2/3" in md and "2,000" in md
     assert "(report.html#layer-removal)" in md and "## Warnings" in md and "**leakage**" in md
-    assert "Loss ratios" in md and "| 0.5 | 0.9688 | 1.7288 |" in md
+    assert "## Layer removal: loss added by removing each block from the back" in md  # numbers in the Markdown
+    assert "| val/bw_loss | masking.p_bw = 0.5 vs 0 | — | 2 | -2.15 [-2.785, -1.515] | -42.2% [-54.6, -29.7] |" in md
     assert GRID in md and grid.storage_url in md and grid.tracking_uri in md and "4 COMPLETE, 1 FAIL" in md
     # self-contained: plotly.js inline exactly once, no external script
     assert html.count("* plotly.js v") == 1
     assert not [s for s in _scripts(html) if "src=" in s]
     assert not re.search(r"src=[\"']?https?:", html)
     assert html.count("Plotly.newPlot") >= 3
-    for anchor in ("layer-removal", "block-heatmaps", "validation-curves", "summary", "warnings"):
+    for anchor in ("findings", "forest", "effects", "layer-removal", "block-heatmaps", "validation-curves", "summary",
+                   "warnings"):
         assert f"id='{anchor}'" in html or f'id="{anchor}"' in html, anchor
     assert "p_bw=0.5: val/bw_loss 2.9500 &lt; val/fw_loss 3.2000" in html
 
@@ -454,3 +473,4 @@ def test_study_without_trials_and_missing_journal(tmp_path):
     assert data.trials.empty and data.kind == "unknown"
     md, html = write_report(data, tmp_path / "fresh")
     assert "No trial has completed yet (no trials at all)" in md.read_text()
+
