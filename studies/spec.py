@@ -34,7 +34,7 @@ from typing import Any
 from lit_modules.config import apply_overrides, config_hash, load_yaml, parse_override
 from lit_modules.config_errors import ConfigError
 
-KEYS = ("name", "description", "model", "data", "fixed", "grid", "replicates", "search", "n_trials",
+KEYS = ("name", "description", "model", "data", "fixed", "grid", "replicates", "baseline", "search", "n_trials",
         "sampler", "pruner", "seed", "objective", "ablation")
 SAMPLERS = ("tpe", "random", "cmaes", "qmc")
 PRUNERS = ("none", "median", "hyperband")
@@ -87,6 +87,9 @@ class StudySpec:
     ablation: AblationSpec = AblationSpec()
     grid: Mapping[str, tuple] | None = None
     replicates: int = 1
+    # The level each factor's other levels are compared with in the report (default:
+    # the first value of its grid list).
+    baseline: Mapping[str, Any] | None = None
     search: tuple[SearchParam, ...] = ()
     n_trials: int = 0
     sampler: str = "tpe"
@@ -183,8 +186,12 @@ def _parse(raw: Mapping, where: str | None, overrides: tuple[str, ...]) -> Study
         replicates = 1 if replicates is None else replicates
         if replicates < 1:
             raise ConfigError("replicates", replicates, "must be an integer >= 1")
-        spec = StudySpec(grid=_grid(raw["grid"]), replicates=replicates, **common)
+        grid = _grid(raw["grid"])
+        spec = StudySpec(grid=grid, replicates=replicates, baseline=_baseline(raw.get("baseline"), grid), **common)
     else:
+        for key in ("replicates", "baseline"):
+            if key in raw:
+                raise ConfigError(key, raw[key], "only for grid: studies (a search has no factor levels to compare)")
         if "replicates" in raw:
             raise ConfigError("replicates", raw["replicates"], "only for grid: studies (a search sets fixed.seed)")
         n_trials = _typed(raw, "n_trials", int, required=True)
@@ -273,6 +280,20 @@ def _grid(grid: Any) -> dict[str, tuple]:
             raise ConfigError(f"grid.{path}", values, "has a repeated value")
         out[path] = tuple(values)
     return out
+
+
+def _baseline(raw: Any, grid: Mapping[str, tuple]) -> dict[str, Any] | None:
+    """``baseline: {masking.p_bw: 0.0}``: a swept path -> one of its grid values."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("baseline", raw, "must map swept paths to one of their grid values")
+    for path, value in raw.items():
+        if path not in grid:
+            raise ConfigError(f"baseline.{path}", value, f"is not swept by grid: (swept: {', '.join(grid)})")
+        if not any(v == value for v in grid[path]):
+            raise ConfigError(f"baseline.{path}", value, f"must be one of the grid values {list(grid[path])}")
+    return dict(raw)
 
 
 def _search(search: Any) -> tuple[SearchParam, ...]:

@@ -168,3 +168,15 @@ def test_list_gives_one_clean_line_per_entry(capsys):
 
 def test_one_line_takes_the_first_sentence():
     assert one_line("Forward ``p_bw`` LM, with\n    a coin. More text.\n\nNext para.") == "Forward p_bw LM, with a coin."
+
+
+# ---------------------------------------------------------------- baseline levels
+def test_baseline_is_a_grid_value_of_a_swept_factor():
+    import yaml
+
+    d = yaml.safe_load((SPECS / "gpt_pbw_demo.yaml").read_text())
+    assert load_spec({**d, "baseline": {"masking.p_bw": 0}}).baseline == {"masking.p_bw": 0}
+    with pytest.raises(ConfigError, match=r"baseline.masking.p_bw = 0.2: must be one of the grid values"):
+        load_spec({**d, "baseline": {"masking.p_bw": 0.2}})
+    with pytest.raises(ConfigError, match=r"baseline.model.width = 64: is not swept"):
+        load_spec({**d, "baseline": {"model.width": 64}})

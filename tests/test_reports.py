@@ -67,7 +67,7 @@ class Stores:
         return study, exp, parent.info.run_id
 
     def trial(self, study, exp, parent, params, state, *, value=None, metrics=None, ablation=None,
-              csv=True, failure=None, intermediate=None, attrs=None, run=True):
+              csv=True, failure=None, intermediate=None, attrs=None, run=True, distributions=None):
         """One trial and (when ``run``) its MLflow child run, as the runner records them."""
         from mlflow.entities import Metric, Param, RunTag
 
@@ -97,7 +97,7 @@ class Stores:
             status = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}.get(state)
             if status:
                 self.client.set_terminated(run_id, status)
-        dists = {k: DISTRIBUTIONS[k] for k in params}
+        dists = {k: (distributions or DISTRIBUTIONS)[k] for k in params}
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions=dists, value=value, state=getattr(optuna.trial.TrialState, state),
             user_attrs=user_attrs, intermediate_values=intermediate or {}))
