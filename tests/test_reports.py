@@ -17,9 +17,9 @@ import optuna
 import pandas as pd
 import pytest
 
+from reports.findings import findings_frame
 from reports.loader import StudyNotFoundError, list_studies, load_study
 from reports.study_report import build_report, summary_table, write_report
-from reports.findings import findings_frame
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
