@@ -97,8 +97,21 @@ def cmd_run(args) -> int:
         print(f"  failed {line}")
     if result.report_html:
         print(f"report: {result.report_md}\n        {result.report_html}")
-    print(f"optuna: {storage}\nmlflow: {tracking}   (mlflow ui --backend-store-uri {tracking})")
+    print(f"optuna: {storage}\nmlflow: {tracking}")
+    from .ui import study_link
+
+    link = study_link(tracking, spec.name)
+    print(f"        runs: {link}" if link else f"        browse the runs: {_ui_command(args)}")
     return 0
+
+
+def _ui_command(args) -> str:
+    """The ``masklab ui`` line that opens this command's study in the MLflow UI."""
+    words = ["masklab", "ui", args.spec]
+    for flag in ("study_name", "tracking_uri", "output_dir"):
+        if getattr(args, flag, None):
+            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _worker_args(args, spec_path: str, stores: bool = True) -> list[str]:
@@ -158,6 +171,10 @@ def cmd_launch(args) -> int:
         md, html = write_study_report(spec.name, storage, tracking, ws, None)
         print(f"report: {md}\n        {html}")
     print(f"optuna: {storage}\nmlflow: {tracking}")
+    from .ui import study_link
+
+    link = study_link(tracking, spec.name)
+    print(f"        runs: {link}" if link else f"        browse the runs: {_ui_command(args)}")
     return 1 if failed else 0
 
 
@@ -242,6 +259,36 @@ def cmd_dashboard(args) -> int:
     if dash.empty:
         print(f"dashboard: {dash.empty}")
     return 0
+
+
+def cmd_ui(args) -> int:
+    """Start ``mlflow ui`` on the study's tracking store (127.0.0.1) and print the link
+    to the study's runs table; serve until Ctrl-C. Imports no torch, Lightning or MLflow."""
+    from lit_modules.config_errors import ConfigError
+
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise ConfigError("--port", args.port, "must be in [0, 65535] (0 or none: a free port)")
+    study = _ui_study(args) if args.spec else None  # a bad SPEC fails here, before a server starts
+    ws = _workspace(args)
+    from .ui import serve_ui
+
+    tracking = args.tracking_uri or f"sqlite:///{ws.output_dir / 'mlflow.db'}"
+    return serve_ui(tracking, study, args.port or None, ws.output_dir / "mlartifacts",
+                    ws.output_dir / "logs" / "mlflow-ui.log")
+
+
+def _ui_study(args) -> str:
+    """The study a ``ui`` SPEC names: a spec file or shipped spec (its name, or
+    --study-name), else the name of a study (MLflow experiment) as given."""
+    from lit_modules.config_errors import ConfigError
+
+    try:
+        resolve_spec_path(args.spec)
+    except ConfigError:
+        if args.spec.endswith((".yaml", ".yml")) or "/" in args.spec:  # meant a file
+            raise
+        return args.study_name or args.spec
+    return _load_spec(args, validate=False).name
 
 
 def _study_of(spec: str, storage: str) -> str:
@@ -402,6 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 10)")
     p.add_argument("--output-dir", help="where all generated output goes (default $MASKLAB_OUTPUT_DIR or ./masklab-runs)")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on a study's tracking store (127.0.0.1) and print "
+                                  "the link to its runs table")
+    p.add_argument("spec", nargs="?", metavar="SPEC",
+                   help="study spec YAML, shipped spec name, or study name (default: the list of experiments)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file mlflow.db in the output dir; "
+                                          "for a tracking server, the link is printed and nothing started)")
+    p.add_argument("--study-name", help="the study's name, if it differs from the spec's")
+    p.add_argument("--port", type=int, help="port to serve on (default: a free one)")
+    p.add_argument("--output-dir", help="where all generated output goes (default $MASKLAB_OUTPUT_DIR or ./masklab-runs)")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("list", help="registered models, maskings, datasets and shipped specs")
     p.set_defaults(func=cmd_list)

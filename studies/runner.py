@@ -7,12 +7,15 @@ Stores and the links between them (the contract ``reports/loader.py`` reads):
   ``masklab.fixed_hash``, ``masklab.overrides``, ``masklab.mlflow_parent_run_id``,
   ``masklab.tracking_uri``. Trial params are dotted config paths (plus ``seed`` for the
   replicate of a grid study); trial user attrs ``masklab.mlflow_run_id``,
-  ``masklab.grid_key``, ``masklab.replicate``, ``masklab.failure``,
-  ``masklab.config_hash``, ``masklab.host``, ``masklab.pid``. Intermediate values: the
-  objective at every validation (step = validation index).
-- MLflow experiment ``spec.name``: one parent run (tags ``masklab.role=study``,
-  ``masklab.study``) and one nested child run per trial (``masklab.role=trial``,
-  ``masklab.study``, ``masklab.trial``).
+  ``masklab.name`` (its run's name), ``masklab.grid_key``, ``masklab.replicate``,
+  ``masklab.failure``, ``masklab.config_hash``, ``masklab.host``, ``masklab.pid``.
+  Intermediate values: the objective at every validation (step = validation index).
+  The study's metric name (``study.metric_names``) is the objective, e.g. ``val/fw_loss``.
+- MLflow experiment ``spec.name`` (tagged ``mlflow.experimentKind=custom_model_development``):
+  one parent run named ``spec.name`` (tags ``masklab.role=study``, ``masklab.study``)
+  and one nested child run per trial, named by its setting and seed
+  (``depth=4 p_bw=0.05 seed=1``, as the reports label settings; tags
+  ``masklab.role=trial``, ``masklab.study``, ``masklab.trial``).
 
 Grid studies enqueue exactly one trial per (grid point, replicate) that has no COMPLETE
 trial and no trial waiting or running; running the command again resumes the study.
@@ -115,6 +118,8 @@ def open_study(spec: StudySpec, storage_url: str, tracking_uri: str, heartbeat: 
         )
     if "masklab.kind" in attrs and attrs["masklab.kind"] != spec.kind:
         raise ConfigError("grid/search", spec.kind, f"study {spec.name!r} is a {attrs['masklab.kind']} study")
+    if study.metric_names != [spec.objective.metric]:  # optuna-dashboard shows it, not "Objective 0"
+        study.set_metric_names([spec.objective.metric])
     if "masklab.fixed_hash" not in attrs:
         for key, value in {
             "masklab.spec": spec.to_dict(), "masklab.kind": spec.kind, "masklab.swept": spec.swept,
@@ -318,6 +323,15 @@ def remaining(study: optuna.Study, spec: StudySpec) -> int:
 # ---------------------------------------------------------------- one trial
 
 
+def trial_name(spec: StudySpec, params: dict, seed: int) -> str:
+    """``depth=4 p_bw=0.05 seed=1``: the trial's swept values by their short names (the
+    report's setting label) and its seed; the name of its MLflow run."""
+    from reports.loader import setting_label
+
+    label = setting_label(params, spec.swept)
+    return f"seed={seed}" if label == "all" else f"{label} seed={seed}"
+
+
 def suggest(trial: optuna.Trial, spec: StudySpec) -> tuple[dict, int | None]:
     """The trial's swept values (fixed by the queue for a grid; sampled for a search)."""
     if spec.kind == "grid":
@@ -349,8 +363,10 @@ def run_trial(trial: optuna.Trial, spec: StudySpec, workspace: Workspace, tracki
     params, seed = suggest(trial, spec)
     cfg = run_config_from_dict(spec.run_config_dict(params, seed))
     trial.set_user_attr("masklab.config_hash", cfg.hash())
+    name = trial_name(spec, params, cfg.seed)
+    trial.set_user_attr("masklab.name", name)
     tracking = Tracking(
-        tracking_uri=tracking_uri, experiment=spec.name, run_name=f"{spec.name}-{trial.number:03d}",
+        tracking_uri=tracking_uri, experiment=spec.name, run_name=name,
         parent_run_id=parent_id,
         tags={"masklab.role": "trial", "masklab.study": spec.name, "masklab.trial": str(trial.number),
               "masklab.overrides": " ".join(spec.overrides)},
@@ -468,9 +484,7 @@ def run_study(
             if state == TrialState.FAIL:
                 failures.append(f"trial {trial.number}: {note}")
             ran += 1
-            retry = f" (retry of trial {trial.user_attrs['masklab.retry_of_trial']})" \
-                if "masklab.retry_of_trial" in trial.user_attrs else ""
-            _bar_step(bar, f"trial {trial.number}{retry} {state.name.lower()} {note}"[:140], log)
+            _bar_step(bar, trial_line(trial, state, note), log)
     finally:
         if bar is not None:
             bar.close()
@@ -481,6 +495,16 @@ def run_study(
         result.report_md, result.report_html = write_study_report(spec.name, storage_url, tracking_uri, workspace,
                                                                   parent_id)
     return result
+
+
+def trial_line(trial: optuna.Trial, state: TrialState, note: str) -> str:
+    """The terminal's line for a finished trial: ``trial 3 depth=4 p_bw=0.05 seed=1:
+    complete val/fw_loss=5.1234`` (the reason, cut short, for a failed one)."""
+    attrs = trial.user_attrs
+    name = attrs.get("masklab.name") or " ".join(f"{k}={v}" for k, v in trial.params.items())
+    retry = f" (retry of trial {attrs['masklab.retry_of_trial']})" if "masklab.retry_of_trial" in attrs else ""
+    head = f"trial {trial.number} {name}{retry}: {state.name.lower()}"
+    return f"{head} {note}"[: max(160, len(head) + 60)]
 
 
 def _claim_report(study: optuna.Study, spec: StudySpec) -> bool:
@@ -534,7 +558,7 @@ def write_study_report(name: str, storage_url: str, tracking_uri: str, workspace
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking_uri)
-        for path in (md, html):
+        for path in (md, html, *sorted(out.glob("findings.*"))):
             client.log_artifact(parent_id, str(path), artifact_path="report")
     return md, html
 

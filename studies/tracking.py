@@ -214,18 +214,25 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    """The experiment ``name``, created if absent, tagged as model training
+    (``mlflow.experimentKind``: the UI opens it on its runs, not the GenAI overview, when
+    its workflow switch is off; links carry ``?workflowType=machine_learning`` for the rest)."""
+    from .ui import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (artifact_root / name).as_uri() if artifact_root is not None else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:
-        # Another worker created it between our lookup and our create.
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        location = (artifact_root / name).as_uri() if artifact_root is not None else None
+        try:
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:
+            # Another worker created it between our lookup and our create.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made before masklab tagged experiments
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def provenance_tags() -> dict[str, str]:

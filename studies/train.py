@@ -89,6 +89,28 @@ def ablation_points(df: pd.DataFrame) -> list[tuple[str, float, int]]:
     return points
 
 
+def ablation_summary(df: pd.DataFrame) -> list[tuple[str, float, int]]:
+    """Scalars of the layer-removal curves, for side-by-side comparison of runs (the UI
+    shows a series' last step, which for ``ablation/*`` is the model with every block
+    removed). For each truncated metric, the change from the intact model:
+
+    ``ablation_delta/{metric}_last_block``: after removing the last block;
+    ``ablation_delta/{metric}_per_block``:  per block removed, averaged over all of them
+    (the change with every block removed, divided by the number of blocks).
+    """
+    truncate = df[(df["variant"] == "truncate") & df["value"].notna() & df["removed"].notna()]
+    points = []
+    for metric, rows in truncate.groupby("metric", sort=True):
+        by_removed = dict(zip(rows["removed"].astype(int), rows["value"].astype(float)))
+        if 0 not in by_removed or len(by_removed) < 2:
+            continue
+        intact, most = by_removed[0], max(by_removed)
+        if 1 in by_removed:
+            points.append((f"ablation_delta/{metric}_last_block", by_removed[1] - intact, 0))
+        points.append((f"ablation_delta/{metric}_per_block", (by_removed[most] - intact) / most, 0))
+    return points
+
+
 def train_run(
     cfg: RunConfig,
     workspace: Workspace,
@@ -178,7 +200,7 @@ def train_run(
             table = pd.concat([table, probe], ignore_index=True)
             metrics["val/probe_acc"] = float(probe.loc[probe.removed == 0, "value"].iloc[0])
             client.log_metric(run_id, "val/probe_acc", metrics["val/probe_acc"], step=trainer.global_step)
-        log_metric_series(client, run_id, ablation_points(table))
+        log_metric_series(client, run_id, ablation_points(table) + ablation_summary(table))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ablation.csv"
             table.to_csv(path, index=False)
