@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 
 from reports import figures as report_figures
 from reports.checks import Finding, review
+from reports.findings import findings_frame, sentences
 from reports.gallery import GalleryImage, reconstruction_gallery
 from reports.loader import StudyData
 from reports.study_report import param_importances
@@ -85,7 +86,14 @@ class Note:
     text: str
 
 
-Block = Header | Warnings | Table | Plot | Gallery | Note
+@dataclass
+class Statements:
+    """What a study found, as sentences (``reports.findings.sentences``)."""
+
+    items: list[str]
+
+
+Block = Header | Warnings | Table | Plot | Gallery | Note | Statements
 
 
 @dataclass
@@ -214,7 +222,11 @@ def study_view(view_id: str, data: StudyData, findings: list[Finding]) -> View:
     obj = compare.objective_key(data)
     labels = [(k, f"{k} (objective)" if k == obj else k) for k in keys]
     view = View(view_id, data.name, f"Study {data.name}", labels, obj if obj in keys else (keys[0] if keys else None))
-    view.blocks += [Header(_study_header(data)), Warnings(findings)]
+    effects = findings_frame(data)
+    view.blocks.append(Header(_study_header(data)))
+    if not data.complete.empty:
+        view.blocks.append(Statements(sentences(data, effects)))
+    view.blocks.append(Warnings(findings))
     if data.complete.empty:
         counts = ", ".join(f"{n} {s}" for s, n in state_counts(data).items()) or "no trials at all"
         view.blocks.append(Note("Results", f"No trial has completed yet ({counts}): there are no results to "
@@ -226,7 +238,7 @@ def study_view(view_id: str, data: StudyData, findings: list[Finding]) -> View:
         view.blocks.append(Table("summary", "Final validation metrics per setting",
                                  display_summary(setting_summary(data), table_metrics(data)),
                                  "mean ± sample std over complete replicates (n)"))
-    view.blocks += _study_plots(view_id, data, keys)
+    view.blocks += _study_plots(view_id, data, keys, effects)
     # Only where the loader found the runs: asking MLflow for artifacts of a store that
     # does not exist would create an empty one.
     ran = "run_status" in data.complete and data.complete["run_status"].notna().any()
@@ -239,12 +251,19 @@ def study_view(view_id: str, data: StudyData, findings: list[Finding]) -> View:
     return view
 
 
-def _study_plots(view_id: str, data: StudyData, keys: list[str]) -> list[Plot]:
+def _study_plots(view_id: str, data: StudyData, keys: list[str], effects: pd.DataFrame) -> list[Plot]:
     def pid(name: str) -> str:
         return f"{view_id}-{name}"
 
+    def forest(key: str) -> go.Figure | None:
+        mine = [m for m in dict.fromkeys(effects["metric"]) if m == f"val/{key}" or m.startswith(f"ablation_delta/{key}_")]
+        return report_figures.forest(effects, mine) if mine else None
+
     imp, why = param_importances(data)
+    n_done = len(data.complete)
     plots = [
+        Plot(pid("forest"), "Effects against each factor's baseline level, with 95% intervals",
+             _variants(keys, forest), "no factor effect on {metric} (a search, or one level per factor)"),
         Plot(pid("layer-removal"), "Layer-removal curves (band: min-max over seeds)",
              _variants(keys, lambda k: report_figures.layer_removal(_only_ablation(data, k))),
              "no layer-removal result for {metric}"),
@@ -253,7 +272,8 @@ def _study_plots(view_id: str, data: StudyData, keys: list[str]) -> list[Plot]:
         Plot(pid("parallel"), "Parallel coordinates",
              _variants(keys, lambda k: report_figures.parallel_coordinates(_as_objective(data, k))),
              "no complete trial with a final {metric}, or nothing swept"),
-        Plot(pid("importances"), f"Parameter importances for {data.objective} (fANOVA)",
+        Plot(pid("importances"), f"Parameter importances for {data.objective} (fANOVA; computed from {n_done} "
+             "trials, no uncertainty: read the effects above for what is resolved)",
              _single(report_figures.importances(imp) if imp else None), f"No importances: {why}."),
         Plot(pid("curves"), "Training curves (MLflow)", _variants(keys, lambda k: dash_figures.training_curves(data, k)),
              "no train/{metric} or val/{metric} history in MLflow"),
@@ -350,10 +370,16 @@ def _single(fig: go.Figure | None) -> dict[str, go.Figure]:
 
 
 def _best(data: StudyData) -> str:
-    """``6.0768 (trial 0, lr=0.003)``: the best complete trial by the study's direction."""
+    """The best setting by its mean objective over seeds (a grid: ``6.0768, mean of 2
+    seeds (depth=4 p_bw=0)``), or the best trial of a search (``6.0768 (trial 0,
+    lr=0.003)``)."""
     done = data.complete[data.complete["value"].notna()]
     if done.empty:
         return "—"
+    if data.kind == "grid":
+        means = done.groupby("setting")["value"].agg(["mean", "size"])
+        best = means["mean"].idxmin() if data.direction != "maximize" else means["mean"].idxmax()
+        return f"{means.at[best, 'mean']:.4f}, mean of {means.at[best, 'size']} seed(s) ({best})"
     row = done.sort_values("value", ascending=data.direction != "maximize", kind="stable").iloc[0]
     return f"{row['value']:.4f} (trial {row['number']}, {row['setting']})"
 

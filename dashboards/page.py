@@ -25,7 +25,18 @@ from plotly.offline import get_plotlyjs
 
 from reports.study_report import TABLE_CSS
 
-from .content import OVERVIEW, Dashboard, Gallery, Header, Note, Plot, Table, View, Warnings
+from .content import (
+    OVERVIEW,
+    Dashboard,
+    Gallery,
+    Header,
+    Note,
+    Plot,
+    Statements,
+    Table,
+    View,
+    Warnings,
+)
 
 VERSION_FILE = "version.json"
 
@@ -113,6 +124,9 @@ def _block(block) -> str:
         return f"<h2>Warnings</h2><ul class='warnings'>{items}</ul>"
     if isinstance(block, Note):
         return f"<h2>{e(block.title)}</h2><p class='note'>{e(block.text)}</p>"
+    if isinstance(block, Statements):
+        items = "".join(f"<li>{e(t)}</li>" for t in block.items) or "<li>No comparison could be made.</li>"
+        return f"<h2>Findings</h2><ul class='findings'>{items}</ul>"
     if isinstance(block, Table):
         return _table(block)
     if isinstance(block, Plot):

@@ -3,8 +3,8 @@ plain sentences, plus layer removal in words and the metrics that sit at chance.
 
 The metrics compared are every final validation metric (``val/*``) and two layer-removal
 summaries per truncation loss, computed per trial from the ablation table:
-``ablation/<metric>/last_block``, the loss added by removing the last block, and
-``ablation/<metric>/per_block``, the loss added per block when every block is removed
+``ablation_delta/<metric>_last_block``, the loss added by removing the last block, and
+``ablation_delta/<metric>_per_block``, the loss added per block when every block is removed
 ((value with all L blocks removed - intact value) / L), so models of different depth
 compare. ``findings.csv`` / ``findings.json`` hold ``effects.COLUMNS``.
 """
@@ -25,6 +25,7 @@ from .loader import StudyData, format_value
 from .tables import ablation_metrics, table_metrics
 
 FINDINGS_CSV, FINDINGS_JSON = "findings.csv", "findings.json"
+REMOVAL = "ablation_delta/"  # prefix of the layer-removal summaries
 # A loss within this fraction of ln V, or an accuracy below this multiple of chance, "is
 # at chance": a randomly initialised model scores about ln V and 1/V.
 CHANCE_LOSS_FRACTION = 0.02
@@ -34,7 +35,8 @@ CHANCE_ACC_MULTIPLE = 1.5
 # ------------------------------------------------------------------ the data compared
 def removal_summaries(data: StudyData) -> pd.DataFrame:
     """Per trial (``number``) the layer-removal summaries as columns
-    ``ablation/<m>/last_block`` and ``ablation/<m>/per_block``."""
+    ``ablation_delta/<m>_last_block`` and ``ablation_delta/<m>_per_block`` (the names
+    of the scalar metrics each run logs to MLflow)."""
     ab = data.ablation
     trunc = ab[(ab["variant"] == "truncate") & ab["metric"].isin(ablation_metrics(data))] if not ab.empty else ab
     rows: dict[int, dict[str, float]] = {}
@@ -44,8 +46,8 @@ def removal_summaries(data: StudyData) -> pd.DataFrame:
             continue
         depth = int(curve.index.max())
         row = rows.setdefault(int(number), {})
-        row[f"ablation/{metric}/last_block"] = float(curve.get(1, math.nan) - curve[0])
-        row[f"ablation/{metric}/per_block"] = float((curve[depth] - curve[0]) / depth)
+        row[f"{REMOVAL}{metric}_last_block"] = float(curve.get(1, math.nan) - curve[0])
+        row[f"{REMOVAL}{metric}_per_block"] = float((curve[depth] - curve[0]) / depth)
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("number").reset_index()
 
 
@@ -121,7 +123,7 @@ def chance_levels(data: StudyData, metrics: list[str]) -> dict[str, Chance]:
     out = {}
     for m in metrics:
         name = m.rsplit("/", 1)[-1]
-        if m.startswith("ablation/"):
+        if m.startswith(REMOVAL):
             continue
         if is_text and vocab and "data.vocab_size" not in data.swept:
             if name.endswith("_loss"):
@@ -156,7 +158,7 @@ def sentences(data: StudyData, table: pd.DataFrame) -> list[str]:
     simple = table[~table["factor"].str.contains(":") & (table["held"] != POOLED)]
     resolved, unresolved = [], []
     for (metric, factor, level), part in simple.groupby(["metric", "factor", "level"], sort=False):
-        if metric.startswith("ablation/"):
+        if metric.startswith(REMOVAL):
             continue
         good, bad = part[part["resolved"]], part[~part["resolved"]]
         if not good.empty:
@@ -255,7 +257,7 @@ def _join(parts: list[str]) -> str:
 
 
 def _interaction_sentences(table: pd.DataFrame) -> list[str]:
-    inter = table[table["factor"].str.contains(":") & ~table["metric"].str.startswith("ablation/")]
+    inter = table[table["factor"].str.contains(":") & ~table["metric"].str.startswith(REMOVAL)]
     out = []
     for r in inter.to_dict("records"):
         a, b = r["factor"].split(":")
@@ -313,7 +315,7 @@ def removal_sentences(data: StudyData, table: pd.DataFrame) -> list[str]:
         else:
             text = (f"Removing the last block adds {_inc(hi)} to the validation {metric} at {hi['setting']} "
                     f"(the most) and {_inc(lo)} at {lo['setting']} (the least)")
-        diffs = table[(table["metric"] == f"ablation/{metric}/per_block") & table["resolved"]
+        diffs = table[(table["metric"] == f"{REMOVAL}{metric}_per_block") & table["resolved"]
                       & ~table["factor"].str.contains(":") & (table["held"] != POOLED)]
         if not diffs.empty:
             said = [f"{r['factor']} = {r['level']} vs {r['baseline']} {_where(r)} ({r['mean_diff']:+.3f} per block "

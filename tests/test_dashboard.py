@@ -57,7 +57,7 @@ def _specs() -> list[tuple[dict, list[dict]]]:
     mae = copy.deepcopy(TINY["mae"])
     mae["trainer"].update(max_steps=4, val_every=2)
     images = {"name": MAE, "model": "mae", "data": "cifar10", "fixed": mae,
-              "grid": {"masking.mask_ratio": [0.5, 0.75]}, "replicates": 1,
+              "grid": {"masking.mask_ratio": [0.5, 0.75]}, "replicates": 2,
               "objective": {"metric": "val/recon_loss", "direction": "minimize"}, "ablation": {"drop_one": False}}
     return [(grid, []), (search, queue), (images, [])]
 
@@ -96,7 +96,7 @@ def test_the_studies_have_failed_and_pruned_trials(out):
     states = {name: sorted(t.state.name for t in optuna.load_study(study_name=name, storage=storage_of(out)).trials)
               for name in (GRID, SEARCH, MAE)}
     assert states == {GRID: ["COMPLETE", "COMPLETE", "FAIL", "FAIL"], SEARCH: ["COMPLETE", "COMPLETE", "PRUNED"],
-                      MAE: ["COMPLETE", "COMPLETE"]}
+                      MAE: ["COMPLETE"] * 4}
 
 
 # ------------------------------------------------------------------ the command
@@ -397,12 +397,34 @@ def test_page_renders_in_chromium_and_its_controls_work(page, browser, tmp_path)
     assert "Trials that did not complete" in text and "NonFiniteLossError" in text
     shots.append(browser.screenshot(tmp_path / "dashboard-grid.png"))
     browser.open(page.as_uri() + f"#study={MAE}")
-    _check_drawn(browser, MAE)
+    drawn = _check_drawn(browser, MAE)
+    # the effects of the mask ratio (2 seeds each): the forest plot is drawn, the findings are stated
+    forest = [p for p in drawn if p["id"].endswith("-forest")]
+    assert forest and forest[0]["marks"] >= 1, drawn
+    text = browser.evaluate("document.querySelector('section.view:not([hidden])').innerText")
+    assert "Findings" in text and "masking.mask_ratio = 0.75" in text, text[:2000]
     browser.wait_for("[...document.querySelectorAll('section.view:not([hidden]) .gallery img')]"
                      ".every(i => i.complete && i.naturalWidth > 0)")
     for shot in shots:
         _check_png(shot)
     print("screenshots:", *shots)
+
+
+def test_report_forest_plot_renders_in_chromium(out, browser, tmp_path):
+    """The study report's forest plot (effects of the mask ratio, paired over 2 seeds) is
+    drawn by plotly in the browser, next to the findings."""
+    from reports.loader import load_study
+    from reports.study_report import write_report
+
+    _, html_path = write_report(load_study(MAE, storage_of(out)), tmp_path / "report")
+    browser.open(html_path.as_uri())
+    drawn = """(() => { const d = document.getElementById('forest').nextElementSibling.querySelector('.plotly-graph-div');
+        return d ? {svg: d.querySelectorAll('.main-svg').length, traces: (d._fullData || []).length,
+                    points: d.querySelectorAll('path.point').length} : null; })()"""
+    browser.wait_for(f"(() => {{ const r = {drawn}; return r && r.points > 0; }})()", timeout=20)
+    assert browser.evaluate(drawn)["traces"] >= 1
+    assert "masking.mask_ratio = 0.75" in browser.evaluate("document.getElementById('findings').nextElementSibling.innerText")
+    assert not browser.errors(), browser.errors()
 
 
 def test_empty_page_renders_its_message_in_chromium(browser, tmp_path):
