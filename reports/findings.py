@@ -156,17 +156,22 @@ def sentences(data: StudyData, table: pd.DataFrame) -> list[str]:
     if table.empty:
         return []
     simple = table[~table["factor"].str.contains(":") & (table["held"] != POOLED)]
+    metric_rank = {m: i for i, m in enumerate(table_metrics(data))}
+    factor_rank = {f: i for i, f in enumerate(data.swept)}
     resolved, unresolved = [], []
     for (metric, factor, level), part in simple.groupby(["metric", "factor", "level"], sort=False):
         if metric.startswith(REMOVAL):
             continue
+        # The study's objective first, then losses, then the rest; within a metric, the
+        # factors in the spec's order (for gpt_pbw_demo: the p_bw effects lead).
+        rank = (metric_rank.get(metric, len(metric_rank)), factor_rank.get(factor, len(factor_rank)))
         good, bad = part[part["resolved"]], part[~part["resolved"]]
         if not good.empty:
-            resolved.append((good["rel_diff"].abs().max(), _resolved_sentence(metric, factor, level, good)))
+            resolved.append((rank, _resolved_sentence(metric, factor, level, good)))
         if not bad.empty:
-            unresolved.append(_unresolved_sentence(metric, factor, level, bad))
-    out = [s for _, s in sorted(resolved, key=lambda x: -x[0] if not math.isnan(x[0]) else 0)]
-    out += unresolved
+            unresolved.append((rank, _unresolved_sentence(metric, factor, level, bad)))
+    out = [s for _, s in sorted(resolved, key=lambda x: x[0])]
+    out += [s for _, s in sorted(unresolved, key=lambda x: x[0])]
     out += _interaction_sentences(table)
     out += removal_sentences(data, table)
     out += chance_sentences(data)

@@ -10,8 +10,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
+from scipy import stats
 from optuna.trial import TrialState
 
 from lit_modules.config_errors import ConfigError
@@ -100,6 +103,17 @@ def test_grid_study_end_to_end_and_resume(ws):
     # the header says what was trained on and what every trial was scored on
     assert re.search(r"\*\*data\*\*: trained on wiki.valid.raw \([\d,]+ tokens\); validated on wiki.test.raw "
                      r"\(8 windows x 32 tokens = 256 tokens\); WikiText-2's train split is not available", md), md[:2000]
+    # findings.csv equals a recomputation from the MLflow runs: p_bw 0.5 vs 0, paired by seed
+    findings = pd.read_csv(result.report_md.parent / "findings.csv")
+    final = {(float(r.data.params["masking.p_bw"]), int(r.data.params["seed"])): r.data.metrics["val/fw_loss"]
+             for r in children}
+    diffs = np.array([final[(0.5, s)] - final[(0.0, s)] for s in (0, 1)])
+    half = stats.t.ppf(0.975, 1) * diffs.std(ddof=1) / np.sqrt(2)
+    row = findings[(findings.metric == "val/fw_loss") & (findings.factor == "masking.p_bw")].iloc[0]
+    assert (row["level"], row["baseline"], row["n"]) == (0.5, 0.0, 2)
+    assert [row["mean_diff"], row["ci_low"], row["ci_high"]] == pytest.approx(
+        [diffs.mean(), diffs.mean() - half, diffs.mean() + half], rel=1e-9)
+    assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/findings.csv", "report/findings.json"}
     html = result.report_html.read_text()
     assert html.count("<script") >= 2 and "src=\"http" not in html
     assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/report.md", "report/report.html"}
