@@ -14,8 +14,8 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from scipy import stats
 from optuna.trial import TrialState
+from scipy import stats
 
 from lit_modules.config_errors import ConfigError
 from lit_modules.paths import Workspace
