@@ -36,7 +36,7 @@ def review(data: StudyData, summary: pd.DataFrame) -> list[Finding]:
 def backward_below_forward(data: StudyData, summary: pd.DataFrame) -> list[Finding]:
     """A backward loss below its forward loss. Work on the arrow of time in language
     models finds the backward loss slightly *above* the forward one; below suggests
-    the backward task can see its targets (the hlb-gpt fork's mask bug, DESIGN.md §4)."""
+    the backward task can see its targets (a leaky backward mask: docs/architecture.md, "No leakage")."""
     out = []
     for fw, bw in direction_pairs(table_metrics(data)):
         if not fw.endswith("loss"):
