@@ -9,6 +9,7 @@
 - ``dashboards.page``: the HTML, the embedded data and the page's script (the controls);
 - ``dashboards.serve``: ``masklab dashboard --serve``, kept fresh while studies run.
 
-Like ``reports``, nothing here imports torch, Lightning or lit_modules. Import the
-submodules directly (this package imports nothing on its own).
+Like ``reports``, nothing here imports torch or Lightning, nor ``studies`` (the stores are
+read through ``reports.loader`` and ``stores``). Import the submodules directly (this
+package imports nothing on its own).
 """

@@ -10,7 +10,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from reports.loader import StudyNotFoundError, list_studies, load_study, open_storage
+from reports.loader import load_study
+from stores.storage import StudyNotFoundError, list_studies, open_storage
 
 from .content import Dashboard, assemble
 from .page import render_page

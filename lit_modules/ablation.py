@@ -21,23 +21,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from torch import Tensor
 
+from .config import AblationOptions
 from .masking import MaskedBatch
 
 COLUMNS = ["variant", "removed", "block", "metric", "value"]
-
-
-@dataclass(frozen=True)
-class AblationOptions:
-    truncate: bool = True
-    drop_one: bool = True
-    similarity: bool = True  # block influence and angular distance
-    max_batches: int = 0  # 0 = the whole validation set
 
 
 def _to_device(batch, device):

@@ -90,6 +90,17 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class AblationOptions:
+    """Which layer-removal variants a run evaluates (see lit_modules/ablation.py); a
+    study spec's ``ablation:`` section."""
+
+    truncate: bool = True
+    drop_one: bool = True
+    similarity: bool = True  # block influence and angular distance
+    max_batches: int = 0  # 0 = the whole validation set
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: Any
     model: Any

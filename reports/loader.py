@@ -1,9 +1,10 @@
 """One loader from the stores (Optuna + MLflow) to tidy pandas DataFrames.
 
 Reports and dashboards read a study only through :func:`load_study`; nothing here
-touches a live trainer, and nothing here imports torch or Lightning (``masklab report``
-and ``status`` must answer in about a second). MLflow (~2 s to import) is imported only
-when a tracking store is actually read.
+touches a live trainer, and nothing here imports torch, Lightning or ``studies``
+(``masklab report`` and ``status`` must answer in about a second). The keys it reads are
+the ``stores.keys`` constants the runner writes. MLflow (~2 s to import) is imported
+only when a tracking store is actually read.
 
 Frames of a :class:`StudyData` (see the dataclass for the columns):
 - ``trials``: one row per Optuna trial, joined to its MLflow child run;
@@ -16,7 +17,6 @@ Frames of a :class:`StudyData` (see the dataclass for the columns):
 
 from __future__ import annotations
 
-import itertools
 import math
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -29,17 +29,21 @@ from urllib.parse import unquote, urlparse
 import optuna
 import pandas as pd
 
+from lit_modules.config import flatten
+from stores import keys
+from stores.grid import expand_grid
+from stores.storage import StudyNotFoundError as StudyNotFoundError  # readers catch it from here
+from stores.storage import list_studies as list_studies  # readers list the studies from here
+from stores.storage import load_study as load_optuna_study
+from stores.storage import open_storage, trial_params, trial_seconds
+from stores.urls import describe, sqlite_path
+
 ABLATION_COLUMNS = ["variant", "removed", "block", "metric", "value"]
 CURVE_STAGES = ("train/", "val/")
-ATTR = "masklab."  # prefix of every masklab user attribute and tag
 # MLflow caps one search_runs page at 1000 runs (larger pages are refused).
 RUNS_PAGE = 1000
 # Run ids per bulk metric-history query: keeps the SQL ``IN (...)`` list small.
 BULK_CHUNK = 200
-
-
-class StudyNotFoundError(LookupError):
-    """The study (or its storage) does not exist; the message is one line."""
 
 
 @dataclass
@@ -94,14 +98,6 @@ class StudyData:
 
 
 # ------------------------------------------------------------------ public entry points
-def list_studies(storage_url: str | optuna.storages.BaseStorage) -> list[str]:
-    """Names of the studies in an Optuna storage (sorted), without the short-lived
-    lock studies that workers sharing a study hold for a moment."""
-    from studies.coordination import is_lock_study
-
-    return sorted(n for n in optuna.get_all_study_names(open_storage(storage_url)) if not is_lock_study(n))
-
-
 def load_study(name: str, storage_url: str | optuna.storages.BaseStorage,
                tracking_uri: str | None = None, *, with_mlflow: bool = True) -> StudyData:
     """Read study ``name`` from Optuna (``storage_url``) and its runs from MLflow.
@@ -112,16 +108,15 @@ def load_study(name: str, storage_url: str | optuna.storages.BaseStorage,
     (no MLflow import, ~1 s less: enough for a status line); the run columns are then
     empty and ``ablation`` and ``curves`` have no rows.
     """
-    storage = open_storage(storage_url)
-    study = _load_optuna_study(name, storage, storage_url)
+    study = load_optuna_study(name, open_storage(storage_url), where=storage_url)
     attrs = study.user_attrs
-    spec = dict(attrs.get(ATTR + "spec") or {})
+    spec = dict(attrs.get(keys.SPEC) or {})
     trials_list = study.get_trials(deepcopy=False)
-    swept = list(attrs.get(ATTR + "swept") or _params_seen(trials_list))
-    tracking_uri = tracking_uri or attrs.get(ATTR + "tracking_uri")
-    parent = attrs.get(ATTR + "mlflow_parent_run_id")
-    objective = attrs.get(ATTR + "objective") or (spec.get("objective") or {}).get("metric") or "value"
-    direction = attrs.get(ATTR + "direction") or (spec.get("objective") or {}).get("direction") \
+    swept = list(attrs.get(keys.SWEPT) or _params_seen(trials_list))
+    tracking_uri = tracking_uri or attrs.get(keys.TRACKING_URI)
+    parent = attrs.get(keys.PARENT_RUN_ID)
+    objective = attrs.get(keys.OBJECTIVE) or (spec.get("objective") or {}).get("metric") or "value"
+    direction = attrs.get(keys.DIRECTION) or (spec.get("objective") or {}).get("direction") \
         or study.direction.name.lower()
 
     notes: list[str] = []
@@ -133,8 +128,8 @@ def load_study(name: str, storage_url: str | optuna.storages.BaseStorage,
     trials, ablation, curves = _join_runs(trials, runs, swept, notes)
     trials = _objective_column(trials, objective)
     return StudyData(
-        name=name, kind=attrs.get(ATTR + "kind") or "unknown", objective=objective, direction=direction,
-        spec=spec, swept=swept, storage_url=_describe(storage_url), tracking_uri=tracking_uri,
+        name=name, kind=attrs.get(keys.KIND) or "unknown", objective=objective, direction=direction,
+        spec=spec, swept=swept, storage_url=describe(storage_url), tracking_uri=tracking_uri,
         parent_run_id=parent, trials=trials, ablation=ablation, curves=curves,
         intermediate=intermediate, notes=notes, study=study, data_summary=_data_summaries(runs),
     )
@@ -146,33 +141,6 @@ def _data_summaries(runs: _Runs | None) -> list[str]:
     if runs is None:
         return []
     return sorted({r["params"]["data.summary"] for r in runs.records if r["params"].get("data.summary")})
-
-
-def open_storage(url: str | optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL, without creating anything that does not exist.
-
-    ``sqlite:///path`` and other SQLAlchemy URLs give an RDBStorage; ``journal:path`` or
-    a path ending in ``.log`` / ``.journal`` / ``.jsonl`` gives a JournalStorage on that
-    file. A missing sqlite or journal file is a :class:`StudyNotFoundError`.
-    """
-    if not isinstance(url, str):
-        return url
-    from studies.coordination import is_journal, journal_path
-
-    if is_journal(url):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = journal_path(url)
-        _require_file(path, url)
-        return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///").split("?", 1)[0]
-        if path and path != ":memory:":
-            _require_file(Path(path), url)
-    elif "://" not in url:
-        raise StudyNotFoundError(f"not an Optuna storage URL: {url!r} (expected e.g. sqlite:///path/optuna.db, "
-                                 "postgresql://..., or journal:path.log)")
-    return optuna.storages.RDBStorage(url)
 
 
 # ------------------------------------------------------------------ helpers used by reports
@@ -203,8 +171,8 @@ def setting_order(trials: pd.DataFrame, swept: Iterable[str]) -> list[str]:
         return []
     cols = [s for s in swept if s in trials.columns and s != "seed"]
     first = trials.drop_duplicates("setting")
-    keys = {row["setting"]: tuple(_sort_key(row[c]) for c in cols) for _, row in first.iterrows()}
-    return sorted(keys, key=lambda s: (keys[s], s))
+    order = {row["setting"]: tuple(_sort_key(row[c]) for c in cols) for _, row in first.iterrows()}
+    return sorted(order, key=lambda s: (order[s], s))
 
 
 def expected_replicates(spec: Mapping[str, Any]) -> int | None:
@@ -229,52 +197,38 @@ def grid_points(spec: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     """
     grid = spec.get("grid")
     if isinstance(grid, list) and all(isinstance(p, Mapping) for p in grid):
-        return [_flatten(p) for p in grid]
+        return [flatten(p) for p in grid]
     if not isinstance(grid, Mapping):
         return None
-    flat = _flatten(grid)
+    flat = flatten(grid)
     if not flat or not all(isinstance(v, (list, tuple)) for v in flat.values()):
         return None
-    names = [k for k in flat if k != "seed"]
-    return [dict(zip(names, combo)) for combo in itertools.product(*(flat[k] for k in names))]
+    return expand_grid({k: v for k, v in flat.items() if k != "seed"})
 
 
 # ------------------------------------------------------------------ Optuna
-def _load_optuna_study(name: str, storage, storage_url) -> optuna.Study:
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = sorted(optuna.get_all_study_names(storage))
-        there = ", ".join(names) if names else "none"
-        raise StudyNotFoundError(
-            f"study {name!r} not found in {_describe(storage_url)}; studies there: {there}"
-        ) from None
-
-
 def _trials_frame(trials: list[optuna.trial.FrozenTrial], swept: list[str]) -> pd.DataFrame:
     rows = []
     for t in trials:
         ua = t.user_attrs
-        # A queued (WAITING) grid trial has no params yet: its values are the enqueued ones.
-        params = t.params or dict(getattr(t, "system_attrs", {}).get("fixed_params") or {})
-        end = t.datetime_complete
-        duration = (end - t.datetime_start).total_seconds() if end and t.datetime_start else math.nan
+        params = trial_params(t)  # a queued (WAITING) grid trial: the values it was enqueued with
+        seconds = trial_seconds(t)
         row = {
             "number": t.number,
             "state": t.state.name,
             "value": t.value if t.state == optuna.trial.TrialState.COMPLETE and t.values and len(t.values) == 1
             else math.nan,
-            "duration_s": duration,
+            "duration_s": math.nan if seconds is None else seconds,
             "start": t.datetime_start,
-            "end": end,
+            "end": t.datetime_complete,
             **{k: v for k, v in params.items() if k != "seed"},
             "setting": setting_label(params, swept),
             "seed": params.get("seed", math.nan),
-            "replicate": ua.get(ATTR + "replicate", math.nan),
-            "grid_key": ua.get(ATTR + "grid_key"),
-            "config_hash": ua.get(ATTR + "config_hash"),
-            "run_id": ua.get(ATTR + "mlflow_run_id"),
-            "failure": ua.get(ATTR + "failure"),
+            "replicate": ua.get(keys.REPLICATE, math.nan),
+            "grid_key": ua.get(keys.GRID_KEY),
+            "config_hash": ua.get(keys.CONFIG_HASH),
+            "run_id": ua.get(keys.RUN_ID),
+            "failure": ua.get(keys.FAILURE),
         }
         rows.append(row)
     base = ["number", "state", "value", "duration_s", "start", "end", "setting", "seed", "replicate",
@@ -323,11 +277,10 @@ class _Runs:
 
 
 def _read_mlflow(name: str, tracking_uri: str, parent: str | None, notes: list[str]) -> _Runs | None:
-    if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
-        if not Path(path).exists():
-            notes.append(f"MLflow store {tracking_uri} does not exist: no run metrics, curves or ablations")
-            return None
+    path = sqlite_path(tracking_uri)
+    if path is not None and not path.exists():
+        notes.append(f"MLflow store {tracking_uri} does not exist: no run metrics, curves or ablations")
+        return None
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -335,10 +288,7 @@ def _read_mlflow(name: str, tracking_uri: str, parent: str | None, notes: list[s
     if exp is None:
         notes.append(f"no MLflow experiment {name!r} in {tracking_uri}: no run metrics, curves or ablations")
         return None
-    if parent:
-        filt = f"tags.`mlflow.parentRunId` = '{parent}'"
-    else:
-        filt = f"tags.`masklab.study` = '{name}' AND tags.`masklab.role` = 'trial'"
+    filt = keys.child_runs_filter(parent) if parent else keys.trial_runs_filter(name)
     runs, token = [], None
     while True:
         page = client.search_runs([exp.experiment_id], filter_string=filt, max_results=RUNS_PAGE, page_token=token)
@@ -351,14 +301,14 @@ def _read_mlflow(name: str, tracking_uri: str, parent: str | None, notes: list[s
 
 def _run_record(run) -> dict[str, Any]:
     tags, params = run.data.tags, run.data.params
-    trial = tags.get(ATTR + "trial")
+    trial = tags.get(keys.TRIAL)
     return {
         "run_id": run.info.run_id,
         "run_status": run.info.status,
         "start_time": run.info.start_time or 0,
         "artifact_uri": run.info.artifact_uri,
         "trial": int(trial) if trial and trial.lstrip("-").isdigit() else None,
-        "run_failure": tags.get(ATTR + "failure"),
+        "run_failure": tags.get(keys.FAILURE),
         "params": dict(params),
         "metrics": dict(run.data.metrics),  # the latest value of each key
     }
@@ -437,8 +387,8 @@ def _histories(client, wanted: Mapping[str, list[str]]) -> pd.DataFrame:
     which MlflowClient does not expose); elsewhere one ``get_metric_history`` per run and key.
     """
     by_key: dict[str, list[str]] = {}
-    for run_id, keys in wanted.items():
-        for k in keys:
+    for run_id, metrics in wanted.items():
+        for k in metrics:
             by_key.setdefault(k, []).append(run_id)
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
     bulk = getattr(store, "get_metric_history_bulk", None)
@@ -472,9 +422,9 @@ def _ablation(client, matched: dict[int, dict], trials: pd.DataFrame, swept: lis
             if table is not None:
                 frames.append(table.assign(number=number, source="artifact"))
                 continue
-            keys = [k for k in rec["metrics"] if k.startswith("ablation/")]
-            if keys:
-                need_history[rec["run_id"]] = keys
+            series = [k for k in rec["metrics"] if k.startswith("ablation/")]
+            if series:
+                need_history[rec["run_id"]] = series
                 from_metrics.append(number)
             elif rec["run_status"] == "FINISHED":
                 absent.append(number)
@@ -531,9 +481,9 @@ def _tidy_ablation(df: pd.DataFrame, trials: pd.DataFrame, swept: list[str]) -> 
     df["removed"] = pd.to_numeric(df["removed"], errors="coerce").astype("Int64")
     df["block"] = pd.to_numeric(df["block"], errors="coerce").astype("Int64")
     df["value"] = pd.to_numeric(df["value"], errors="coerce").astype("float64")
-    keys = [c for c in ["number", "setting", "seed", *swept] if c in trials.columns]
-    df = df.merge(trials[keys], on="number", how="left")
-    cols = [*keys, *ABLATION_COLUMNS, "source"]
+    join = [c for c in ["number", "setting", "seed", *swept] if c in trials.columns]
+    df = df.merge(trials[join], on="number", how="left")
+    cols = [*join, *ABLATION_COLUMNS, "source"]
     return df[cols].sort_values(["number", "variant", "metric", "removed", "block"], ignore_index=True)
 
 
@@ -543,25 +493,6 @@ def _empty_ablation(swept: list[str]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ small utilities
-def _require_file(path: Path, url: str) -> None:
-    if not path.is_file():
-        raise StudyNotFoundError(f"no Optuna storage at {url}: {path} does not exist")
-
-
-def _describe(storage) -> str:
-    return storage if isinstance(storage, str) else type(storage).__name__
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _sort_key(v: Any) -> tuple:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return (2, 0.0, "")

@@ -12,6 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from stores import keys
+from stores.urls import default_storage_url, default_tracking_uri
+
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 
 
@@ -39,7 +42,7 @@ def cmd_train(args) -> int:
         tracking_uri=args.tracking_uri or ws.tracking_uri,
         experiment=args.experiment or Path(args.config).stem,
         run_name=args.run_name,
-        tags={"masklab.source": str(Path(args.config).resolve()), "masklab.overrides": " ".join(args.set or [])},
+        tags={keys.SOURCE: str(Path(args.config).resolve()), keys.OVERRIDES: " ".join(args.set or [])},
         artifacts=(Path(args.config),),
     )
     result = train_run(cfg, ws, tracking)
@@ -79,7 +82,7 @@ def _load_spec(args, validate: bool):
 
 
 def _stores(args, ws) -> tuple[str, str]:
-    storage = args.storage or f"sqlite:///{ws.output_dir / 'optuna.db'}"
+    storage = args.storage or default_storage_url(ws.output_dir)
     return storage, args.tracking_uri or ws.tracking_uri
 
 
@@ -213,7 +216,7 @@ def cmd_status(args) -> int:
     from .status import study_status
 
     ws = _workspace(args)
-    storage = args.storage or f"sqlite:///{ws.output_dir / 'optuna.db'}"
+    storage = args.storage or default_storage_url(ws.output_dir)
     print(study_status(spec.name, storage))
     return 0
 
@@ -272,7 +275,7 @@ def cmd_ui(args) -> int:
     ws = _workspace(args)
     from .ui import serve_ui
 
-    tracking = args.tracking_uri or f"sqlite:///{ws.output_dir / 'mlflow.db'}"
+    tracking = args.tracking_uri or default_tracking_uri(ws.output_dir)
     return serve_ui(tracking, study, args.port or None, ws.output_dir / "mlartifacts",
                     ws.output_dir / "logs" / "mlflow-ui.log")
 
@@ -295,7 +298,7 @@ def _study_of(spec: str, storage: str) -> str:
     """The study a dashboard SPEC names: a spec file or shipped spec (its ``name``), or
     the name of a study in the storage."""
     from lit_modules.config_errors import ConfigError
-    from reports.loader import StudyNotFoundError, list_studies
+    from stores.storage import StudyNotFoundError, list_studies
 
     try:
         path = resolve_spec_path(spec)

@@ -20,13 +20,11 @@ import hashlib
 import os
 import random
 import socket
-import sqlite3
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.exceptions import DuplicatedStudyError
@@ -34,28 +32,18 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from stores import keys
+from stores.storage import connect_storage, lock_study_name, postgres_engine
+
 # A RUNNING trial without a heartbeat for GRACE_SECONDS is stale: its worker is gone.
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 90
 # A trial is retried at most this many times (a trial that kills its worker every time
 # must not keep the cluster busy forever).
 MAX_RETRIES = 3
-LOCK_SUFFIX = "~masklab-lock"
 # A lock older than this is taken to belong to a dead worker (the work done under the
 # lock takes well under a second).
 LOCK_STALE_SECONDS = 120.0
-
-ATTR = "masklab."
-# Attributes of one attempt that a retry must not inherit.
-ATTEMPT_ATTRS = ("masklab.host", "masklab.pid", "masklab.failure", "masklab.mlflow_run_id", "masklab.checkpoint")
-
-
-def is_journal(url: str) -> bool:
-    return url.startswith("journal:") or url.endswith((".log", ".journal", ".jsonl"))
-
-
-def journal_path(url: str) -> Path:
-    return Path(url.removeprefix("journal:").removeprefix("//"))
 
 
 class RetryTrial(RetryHeartbeatStaleTrialCallback):
@@ -70,20 +58,21 @@ class RetryTrial(RetryHeartbeatStaleTrialCallback):
 
     def __init__(self, max_retry: int | None = MAX_RETRIES):
         super().__init__(max_retry=max_retry, inherit_intermediate_values=True)
+        self.max_retry = max_retry
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
-        if self._max_retry is not None and len(history) > self._max_retry:
+        if self.max_retry is not None and len(history) > self.max_retry:
             return
-        attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
-        attrs["masklab.retry_of_trial"] = history[0]
-        if trial.user_attrs.get("masklab.mlflow_run_id"):
-            attrs["masklab.retry_of_run"] = trial.user_attrs["masklab.mlflow_run_id"]
-        checkpoint = trial.user_attrs.get("masklab.checkpoint")
+        attrs = {k: v for k, v in trial.user_attrs.items() if k not in keys.ATTEMPT_ATTRS}
+        attrs[keys.RETRY_OF_TRIAL] = history[0]
+        if trial.user_attrs.get(keys.RUN_ID):
+            attrs[keys.RETRY_OF_RUN] = trial.user_attrs[keys.RUN_ID]
+        checkpoint = trial.user_attrs.get(keys.CHECKPOINT)
         if checkpoint and Path(checkpoint).is_file():
-            attrs["masklab.resume_checkpoint"] = checkpoint
-        elif "masklab.resume_checkpoint" in attrs and not Path(attrs["masklab.resume_checkpoint"]).is_file():
-            del attrs["masklab.resume_checkpoint"]
+            attrs[keys.RESUME_CHECKPOINT] = checkpoint
+        elif keys.RESUME_CHECKPOINT in attrs and not Path(attrs[keys.RESUME_CHECKPOINT]).is_file():
+            del attrs[keys.RESUME_CHECKPOINT]
         study.add_trial(optuna.create_trial(
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
             user_attrs=attrs, system_attrs={"failed_trial": history[0], "retry_history": history},
@@ -92,53 +81,12 @@ class RetryTrial(RetryHeartbeatStaleTrialCallback):
 
 
 def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:
-    """The storage behind ``url``; RDB storages get heartbeats and :class:`RetryTrial`."""
-    if is_journal(url):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = journal_path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        _sqlite_wal(Path(url.removeprefix("sqlite:///").split("?", 1)[0]))
-        # Several processes on one file: wait for the write lock instead of failing.
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    elif url.startswith("postgresql"):
-        # Long trials leave pooled connections idle; the server may have dropped them.
-        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-    # Workers starting together on a new database race to create Optuna's tables (the
-    # loser sees "already exists"); on a second try the tables are there.
-    for attempt in range(5):
-        try:
-            with warnings.catch_warnings():  # heartbeats and retries are "experimental" in Optuna
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                                                  heartbeat_stale_trial_callback=RetryTrial(), **kwargs)
-        except Exception as e:  # noqa: BLE001 - sqlalchemy's errors differ by database
-            if attempt == 4 or not _schema_race(e):
-                raise
-            time.sleep(0.2 + random.random())
-    raise AssertionError("unreachable")
-
-
-def _schema_race(error: BaseException) -> bool:
-    text = " ".join(str(e) for e in (error, error.__cause__) if e is not None).lower()
-    return any(s in text for s in ("already exists", "duplicate key", "unique constraint", "database is locked"))
-
-
-def _sqlite_wal(path: Path) -> None:
-    """Put a sqlite store in write-ahead-log mode (persistent in the file): readers no
-    longer block the writer, which is what lets local workers share the file."""
-    if str(path) in ("", ":memory:"):
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=120)
-    try:
-        if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            con.execute("PRAGMA journal_mode=WAL")
-    finally:
-        con.close()
+    """The storage behind ``url``, created if absent; RDB storages get heartbeats and
+    :class:`RetryTrial` (see :func:`stores.storage.connect_storage`)."""
+    with warnings.catch_warnings():  # retries are "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryTrial()
+    return connect_storage(url, heartbeat, grace, retry)
 
 
 def retry_callback(storage: optuna.storages.BaseStorage) -> RetryTrial:
@@ -160,12 +108,12 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout: float =
     releases the lock by itself if the holder's connection dies); on other storages, a
     lock study (created atomically; broken after ``LOCK_STALE_SECONDS``).
     """
-    engine = _postgres_engine(storage)
+    lock = lock_study_name(name)
+    engine = postgres_engine(storage)
     if engine is not None:
-        with _advisory_lock(engine, name + LOCK_SUFFIX, timeout):
+        with _advisory_lock(engine, lock, timeout):
             yield
         return
-    lock = name + LOCK_SUFFIX
     owner = f"{socket.gethostname()}:{os.getpid()}"
     deadline = time.monotonic() + timeout
     first_seen: dict[int, float] = {}
@@ -187,12 +135,6 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout: float =
             storage.delete_study(lock_id)
         except KeyError:  # broken as stale by another worker
             pass
-
-
-def _postgres_engine(storage: optuna.storages.BaseStorage):
-    rdb = getattr(storage, "_backend", storage)  # optuna wraps RDB storages in a cache
-    engine = getattr(rdb, "engine", None)
-    return engine if engine is not None and engine.dialect.name == "postgresql" else None
 
 
 @contextmanager
@@ -226,7 +168,3 @@ def _break_if_stale(storage: optuna.storages.BaseStorage, lock: str, first_seen:
             storage.delete_study(lock_id)
         except KeyError:
             pass
-
-
-def is_lock_study(name: str) -> bool:
-    return name.endswith(LOCK_SUFFIX)

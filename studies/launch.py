@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lit_modules.config_errors import ConfigError
+from stores.urls import is_sqlite
 
 PROGRESS_SECONDS = 2.0
 
@@ -92,7 +93,7 @@ class ProgressLine:
         counts: dict[str, int] = {}
         try:
             if self._study is None:
-                from reports.loader import open_storage
+                from stores.storage import open_storage
 
                 optuna.logging.set_verbosity(optuna.logging.WARNING)
                 self._study = optuna.load_study(study_name=self.name, storage=open_storage(self.storage_url))
@@ -169,7 +170,7 @@ class SlurmOptions:
 def check_shared_store(flag: str, url: str | None) -> None:
     """Workers on several machines need a server-backed store; a sqlite file on a shared
     filesystem locks badly (and an embedded file is not reachable from other nodes)."""
-    if url and url.startswith("sqlite"):
+    if url and is_sqlite(url):
         raise ConfigError(flag, url, "workers on a cluster need a server: postgresql://... for Optuna, "
                                      "http://... (mlflow server) for MLflow")
 

@@ -39,18 +39,29 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from lit_modules.config_errors import ConfigError
 from lit_modules.paths import Workspace
+from stores import keys
+from stores.grid import grid_key
+from stores.storage import (
+    StudyNotFoundError,
+    heartbeat_interval,
+    keep_alive,
+    stale_trial_ids,
+    study_storage,
+    trial_id,
+)
+from stores.urls import default_storage_url
 
 from .coordination import GRACE_SECONDS, HEARTBEAT_SECONDS, make_storage, retry_callback, study_lock
-from .spec import StudySpec, grid_key
+from .spec import StudySpec
 
 # How often a worker with nothing to claim looks again while other workers' trials run
 # (one of them may die, and its trial come back to the queue).
@@ -72,7 +83,7 @@ class StudyResult:
 
 
 def default_storage(workspace: Workspace) -> str:
-    return f"sqlite:///{workspace.output_dir / 'optuna.db'}"
+    return default_storage_url(workspace.output_dir)
 
 
 def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -95,40 +106,50 @@ def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: StudySpec, storage_url: str, tracking_uri: str, heartbeat: int = HEARTBEAT_SECONDS,
-               grace: int = GRACE_SECONDS) -> optuna.Study:
-    """Create the study, or load it and check it was made from the same spec."""
+def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = make_storage(storage_url, heartbeat, grace)
+
+
+def open_study(spec: StudySpec, storage_url: str, tracking_uri: str, heartbeat: int = HEARTBEAT_SECONDS,
+               grace: int = GRACE_SECONDS, *, storage: BaseStorage | None = None) -> optuna.Study:
+    """Create the study, or load it and check it was made from the same spec. ``storage``:
+    the storage already opened on ``storage_url`` (else it is opened here)."""
+    _quiet_optuna()
+    storage = storage if storage is not None else make_storage(storage_url, heartbeat, grace)
     with study_lock(storage, spec.name):
         study = optuna.create_study(
             study_name=spec.name, storage=storage, direction=spec.objective.direction,
             sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True,
         )
     attrs = study.user_attrs
-    if "masklab.fixed_hash" in attrs and attrs["masklab.fixed_hash"] != spec.fixed_hash():
-        before = (attrs.get("masklab.spec") or {}).get("fixed") or {}
-        raise ConfigError(
-            "fixed", fixed_changes(before, spec.fixed),
-            f"study {spec.name!r} in {storage_url} was started with a different fixed config "
-            f"(then --set {' '.join(attrs.get('masklab.overrides', [])) or 'none'}); "
-            "use the same spec and --set values to resume, or --study-name / --output-dir for a new study",
-        )
-    if "masklab.kind" in attrs and attrs["masklab.kind"] != spec.kind:
-        raise ConfigError("grid/search", spec.kind, f"study {spec.name!r} is a {attrs['masklab.kind']} study")
+    _check_same_spec(attrs, spec, storage_url)
     if study.metric_names != [spec.objective.metric]:  # optuna-dashboard shows it, not "Objective 0"
         study.set_metric_names([spec.objective.metric])
-    if "masklab.fixed_hash" not in attrs:
+    if keys.FIXED_HASH not in attrs:
         for key, value in {
-            "masklab.spec": spec.to_dict(), "masklab.kind": spec.kind, "masklab.swept": spec.swept,
-            "masklab.objective": spec.objective.metric, "masklab.direction": spec.objective.direction,
-            "masklab.fixed_hash": spec.fixed_hash(), "masklab.overrides": list(spec.overrides),
-            "masklab.tracking_uri": tracking_uri,
+            keys.SPEC: spec.to_dict(), keys.KIND: spec.kind, keys.SWEPT: spec.swept,
+            keys.OBJECTIVE: spec.objective.metric, keys.DIRECTION: spec.objective.direction,
+            keys.FIXED_HASH: spec.fixed_hash(), keys.OVERRIDES: list(spec.overrides),
+            keys.TRACKING_URI: tracking_uri,
         }.items():
             study.set_user_attr(key, value)
     return study
+
+
+def _check_same_spec(attrs: dict, spec: StudySpec, storage_url: str) -> None:
+    """A study resumes only with the fixed config and kind it was started with."""
+    if keys.FIXED_HASH in attrs and attrs[keys.FIXED_HASH] != spec.fixed_hash():
+        before = (attrs.get(keys.SPEC) or {}).get("fixed") or {}
+        raise ConfigError(
+            "fixed", fixed_changes(before, spec.fixed),
+            f"study {spec.name!r} in {storage_url} was started with a different fixed config "
+            f"(then --set {' '.join(attrs.get(keys.OVERRIDES, [])) or 'none'}); "
+            "use the same spec and --set values to resume, or --study-name / --output-dir for a new study",
+        )
+    if keys.KIND in attrs and attrs[keys.KIND] != spec.kind:
+        raise ConfigError("grid/search", spec.kind, f"study {spec.name!r} is a {attrs[keys.KIND]} study")
 
 
 def fixed_changes(before: dict, after: dict) -> str:
@@ -143,22 +164,21 @@ def fixed_changes(before: dict, after: dict) -> str:
     return ", ".join(f"{k} {show(a)} -> {show(b)}" for k, a, b in changed) or "(same values, other hash)"
 
 
-def parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, workspace: Workspace) -> str:
+def parent_run(study: optuna.Study, storage: BaseStorage, spec: StudySpec, tracking_uri: str,
+               workspace: Workspace) -> str:
     """The study's MLflow parent run: found through the study, or created once (under
     the study lock, so workers starting together share one)."""
-    with study_lock(study._storage, spec.name):
+    with study_lock(storage, spec.name):
         return _parent_run(study, spec, tracking_uri, workspace)
 
 
 def _parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, workspace: Workspace) -> str:
     from mlflow.tracking import MlflowClient
 
-    from .tracking import get_or_create_experiment, provenance_tags
-    from .train import _artifact_root
+    from .tracking import artifact_root, get_or_create_experiment, log_params, provenance_tags
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    run_id = optuna.load_study(study_name=spec.name, storage=study._storage).user_attrs.get(
-        "masklab.mlflow_parent_run_id")  # fresh: another worker may have just made it
+    run_id = study.user_attrs.get(keys.PARENT_RUN_ID)  # read from the storage: another worker may have just made it
     if run_id:
         try:
             client.get_run(run_id)
@@ -166,70 +186,85 @@ def _parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, workspa
             return run_id
         except Exception:  # the tracking store was reset: start a new parent run
             pass
-    exp_id = get_or_create_experiment(client, spec.name, _artifact_root(tracking_uri, workspace))
-    tags = {**provenance_tags(), "masklab.role": "study", "masklab.study": spec.name, "masklab.kind": spec.kind,
-            "masklab.overrides": " ".join(spec.overrides)}
+    exp_id = get_or_create_experiment(client, spec.name, artifact_root(tracking_uri, workspace))
+    tags = {**provenance_tags(), keys.ROLE: keys.ROLE_STUDY, keys.STUDY: spec.name, keys.KIND: spec.kind,
+            keys.OVERRIDES: " ".join(spec.overrides)}
     if spec.source:
-        tags["masklab.source"] = str(Path(spec.source).resolve())
-    run = client.create_run(exp_id, run_name=spec.name, tags=tags)
-    run_id = run.info.run_id
-    from .tracking import log_params
+        tags[keys.SOURCE] = str(Path(spec.source).resolve())
+    run_id = client.create_run(exp_id, run_name=spec.name, tags=tags).info.run_id
+    log_params(client, run_id, _study_params(spec))
+    if spec.source:
+        client.log_artifact(run_id, spec.source)
+    study.set_user_attr(keys.PARENT_RUN_ID, run_id)
+    return run_id
 
-    log_params(client, run_id, {
+
+def _study_params(spec: StudySpec) -> dict[str, str]:
+    """The parent run's params: what the study sweeps and how."""
+    return {
         "study.kind": spec.kind, "study.objective": spec.objective.metric,
         "study.direction": spec.objective.direction, "study.swept": ",".join(spec.swept),
         **({"study.replicates": str(spec.replicates)} if spec.kind == "grid" else
            {"study.n_trials": str(spec.n_trials), "study.sampler": spec.sampler, "study.pruner": spec.pruner.name}),
         **({f"grid.{k}": json.dumps(list(v)) for k, v in spec.grid.items()} if spec.grid else {}),
-    })
-    if spec.source:
-        client.log_artifact(run_id, spec.source)
-    study.set_user_attr("masklab.mlflow_parent_run_id", run_id)
-    return run_id
+    }
 
 
 # ---------------------------------------------------------------- dead trials and the queue
 
 
-def reap_dead_trials(study: optuna.Study, tracking_uri: str | None = None) -> list[int]:
+def reap_dead_trials(study: optuna.Study, tracking_uri: str | None = None,
+                     storage: BaseStorage | None = None) -> list[int]:
     """Mark FAIL the RUNNING trials whose worker is gone, and queue their retries.
 
     On this host a trial whose worker pid no longer runs is caught at once; on any host,
     a trial without a heartbeat for the grace period (RDB storages). Each reaped trial is
     re-enqueued by :class:`~studies.coordination.RetryTrial` (at most ``MAX_RETRIES``
-    times), to resume from its last checkpoint.
+    times), to resume from its last checkpoint. ``storage``: the study's storage, as
+    opened (found through the study when not given).
     """
-    storage = study._storage
-    reaped = []
-    host = socket.gethostname()
-    retry = retry_callback(storage)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        a = t.user_attrs
-        if a.get("masklab.host") == host and a.get("masklab.pid") and not _alive(a["masklab.pid"]):
-            reason = f"worker process {a['masklab.pid']} on {host} died while the trial ran"
-            if _fail(storage, t._trial_id, reason):
-                retry(study, storage.get_trial(t._trial_id))
-                reaped.append(t.number)
-    if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-        for trial_id in storage._get_stale_trial_ids(study._study_id):  # the reason, while still RUNNING
-            try:
-                storage.set_trial_user_attr(trial_id, "masklab.failure", "no heartbeat: the worker was lost")
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass
-        optuna.storages.fail_stale_trials(study)  # calls RetryTrial for each trial it fails
-        reaped += [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                   if t.number not in before]
+    storage = storage if storage is not None else study_storage(study)
+    reaped = _reap_dead_workers(study, storage) + _reap_stale(study, storage)
     if reaped and tracking_uri:
         _fail_runs(study, reaped, tracking_uri)
     return reaped
 
 
-def _fail(storage, trial_id: int, reason: str) -> bool:
+def _reap_dead_workers(study: optuna.Study, storage: BaseStorage) -> list[int]:
+    """FAIL (and retry) the RUNNING trials of workers on this host that no longer run."""
+    reaped = []
+    host = socket.gethostname()
+    retry = retry_callback(storage)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        a = t.user_attrs
+        if a.get(keys.HOST) == host and a.get(keys.PID) and not _alive(a[keys.PID]):
+            reason = f"worker process {a[keys.PID]} on {host} died while the trial ran"
+            tid = trial_id(storage, study.study_name, t.number)
+            if _fail(storage, tid, reason):
+                retry(study, storage.get_trial(tid))
+                reaped.append(t.number)
+    return reaped
+
+
+def _reap_stale(study: optuna.Study, storage: BaseStorage) -> list[int]:
+    """FAIL (and retry) the RUNNING trials without a heartbeat for the grace period."""
+    if heartbeat_interval(storage) is None:
+        return []
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    for tid in stale_trial_ids(storage, study.study_name):  # the reason, while still RUNNING
+        try:
+            storage.set_trial_user_attr(tid, keys.FAILURE, "no heartbeat: the worker was lost")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+    optuna.storages.fail_stale_trials(study)  # calls RetryTrial for each trial it fails
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number not in before]
+
+
+def _fail(storage: BaseStorage, tid: int, reason: str) -> bool:
     """FAIL a RUNNING trial; False when another worker got there first."""
     try:
-        storage.set_trial_user_attr(trial_id, "masklab.failure", reason)
-        return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
+        storage.set_trial_user_attr(tid, keys.FAILURE, reason)
+        return bool(storage.set_trial_state_values(tid, TrialState.FAIL))
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
 
@@ -249,10 +284,10 @@ def _fail_runs(study: optuna.Study, numbers: list[int], tracking_uri: str) -> No
 
     client = MlflowClient(tracking_uri=tracking_uri)
     for t in study.get_trials(deepcopy=False):
-        run_id = t.user_attrs.get("masklab.mlflow_run_id")
+        run_id = t.user_attrs.get(keys.RUN_ID)
         if t.number in numbers and run_id:
             try:
-                client.set_tag(run_id, "masklab.failure", t.user_attrs.get("masklab.failure", "worker lost"))
+                client.set_tag(run_id, keys.FAILURE, t.user_attrs.get(keys.FAILURE, "worker lost"))
                 client.set_terminated(run_id, "FAILED")
             except Exception:  # noqa: BLE001 - the run may not have reached the store
                 pass
@@ -263,15 +298,15 @@ def enqueue_grid(study: optuna.Study, spec: StudySpec) -> int:
     Call it under :func:`~studies.coordination.study_lock` when workers share the study."""
     have = set()
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)):
-        if "masklab.grid_key" in t.user_attrs:
-            have.add((t.user_attrs["masklab.grid_key"], t.user_attrs["masklab.replicate"]))
+        if keys.GRID_KEY in t.user_attrs:
+            have.add((t.user_attrs[keys.GRID_KEY], t.user_attrs[keys.REPLICATE]))
     added = 0
     for point, seed in spec.grid_points():
         key = grid_key(point)
         if (key, seed) in have:
             continue
         study.enqueue_trial({**point, "seed": seed},
-                            user_attrs={"masklab.grid_key": key, "masklab.replicate": seed},
+                            user_attrs={keys.GRID_KEY: key, keys.REPLICATE: seed},
                             skip_if_exists=False)
         added += 1
     return added
@@ -294,13 +329,14 @@ def search_budget_used(study: optuna.Study) -> int:
     return sum(1 for t in trials if t.number not in retried)
 
 
-def claim_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
+def claim_trial(study: optuna.Study, spec: StudySpec, storage: BaseStorage | None = None) -> optuna.Trial | None:
     """The next trial for this worker, or None when there is none to claim now.
 
     Under the study lock: a grid claims a WAITING trial (never samples a new one); a
     search claims a WAITING retry first, else samples a new trial while the budget lasts.
+    ``storage``: the study's storage, as opened (found through the study when not given).
     """
-    with study_lock(study._storage, spec.name):
+    with study_lock(storage if storage is not None else study_storage(study), spec.name):
         if spec.kind == "grid":
             if not _waiting(study):
                 return None
@@ -351,61 +387,83 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> tuple[dict, int | None]:
 def run_trial(trial: optuna.Trial, spec: StudySpec, workspace: Workspace, tracking_uri: str, parent_id: str,
               progress_bar: bool) -> tuple[TrialState, float | None, str]:
     """Train, validate and ablate one trial; returns its final state, value and a note."""
-    from optuna_integration import PyTorchLightningPruningCallback
-
-    from lit_modules.ablation import AblationOptions
     from lit_modules.config import run_config_from_dict
 
-    from .train import Resume, Tracking, train_run
+    from .train import train_run
 
-    trial.set_user_attr("masklab.host", socket.gethostname())
-    trial.set_user_attr("masklab.pid", os.getpid())
+    trial.set_user_attr(keys.HOST, socket.gethostname())
+    trial.set_user_attr(keys.PID, os.getpid())
     params, seed = suggest(trial, spec)
     cfg = run_config_from_dict(spec.run_config_dict(params, seed))
-    trial.set_user_attr("masklab.config_hash", cfg.hash())
+    trial.set_user_attr(keys.CONFIG_HASH, cfg.hash())
     name = trial_name(spec, params, cfg.seed)
-    trial.set_user_attr("masklab.name", name)
-    tracking = Tracking(
-        tracking_uri=tracking_uri, experiment=spec.name, run_name=name,
-        parent_run_id=parent_id,
-        tags={"masklab.role": "trial", "masklab.study": spec.name, "masklab.trial": str(trial.number),
-              "masklab.overrides": " ".join(spec.overrides)},
-        artifacts=(Path(spec.source),) if spec.source else (),
-    )
-    callbacks = [PyTorchLightningPruningCallback(trial, monitor=spec.objective.metric)]
-    if progress_bar and cfg.trainer.progress_bar and sys.stderr.isatty():
-        from lightning.pytorch.callbacks import TQDMProgressBar
-
-        callbacks.append(TQDMProgressBar(process_position=1, leave=False))
-    ablation = AblationOptions(**asdict(spec.ablation))
-    attrs = trial.user_attrs
-    resume = None
-    if "masklab.retry_of_trial" in attrs:  # a retry: resume the dead attempt's run
-        ckpt = attrs.get("masklab.resume_checkpoint")
-        resume = Resume(attrs.get("masklab.retry_of_run"), Path(ckpt) if ckpt else None,
-                        tags={"masklab.retry_of_trial": str(attrs["masklab.retry_of_trial"])})
+    trial.set_user_attr(keys.NAME, name)
 
     def on_run(run_id: str) -> None:
-        trial.set_user_attr("masklab.mlflow_run_id", run_id)
+        trial.set_user_attr(keys.RUN_ID, run_id)
         if cfg.trainer.checkpoint:
-            trial.set_user_attr("masklab.checkpoint", str(workspace.checkpoint_dir / run_id / "last.ckpt"))
+            trial.set_user_attr(keys.CHECKPOINT, str(workspace.checkpoint_dir / run_id / "last.ckpt"))
 
     try:
-        result = train_run(cfg, workspace, tracking, ablation, callbacks, on_run=on_run, resume=resume)
+        result = train_run(cfg, workspace, _trial_tracking(trial, spec, tracking_uri, parent_id, name),
+                           spec.ablation, _trial_callbacks(trial, spec, progress_bar and cfg.trainer.progress_bar),
+                           on_run=on_run, resume=_resume_of(trial))
     except optuna.TrialPruned as e:
-        trial.set_user_attr("masklab.failure", f"pruned: {e}")
+        trial.set_user_attr(keys.FAILURE, f"pruned: {e}")
         return TrialState.PRUNED, None, "pruned"
     except KeyboardInterrupt:
-        trial.set_user_attr("masklab.failure", "interrupted (Ctrl-C)")
+        trial.set_user_attr(keys.FAILURE, "interrupted (Ctrl-C)")
         raise
     except Exception as e:  # the trial fails; the study goes on
         reason = _one_line(e)
-        trial.set_user_attr("masklab.failure", reason)
+        trial.set_user_attr(keys.FAILURE, reason)
         return TrialState.FAIL, None, reason
-    value = result.metrics.get(spec.objective.metric)
+    return _outcome(trial, spec, result.metrics)
+
+
+def _trial_tracking(trial: optuna.Trial, spec: StudySpec, tracking_uri: str, parent_id: str, name: str):
+    """Where the trial's run is recorded: a child of the study's parent run, named ``name``."""
+    from .train import Tracking
+
+    return Tracking(
+        tracking_uri=tracking_uri, experiment=spec.name, run_name=name,
+        parent_run_id=parent_id,
+        tags={keys.ROLE: keys.ROLE_TRIAL, keys.STUDY: spec.name, keys.TRIAL: str(trial.number),
+              keys.OVERRIDES: " ".join(spec.overrides)},
+        artifacts=(Path(spec.source),) if spec.source else (),
+    )
+
+
+def _trial_callbacks(trial: optuna.Trial, spec: StudySpec, progress_bar: bool) -> list:
+    """The pruner's callback, and a progress bar for the trial's steps on a terminal."""
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    callbacks = [PyTorchLightningPruningCallback(trial, monitor=spec.objective.metric)]
+    if progress_bar and sys.stderr.isatty():
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar(process_position=1, leave=False))
+    return callbacks
+
+
+def _resume_of(trial: optuna.Trial):
+    """For a retry, the dead attempt's run and checkpoint to resume from; else None."""
+    from .train import Resume
+
+    attrs = trial.user_attrs
+    if keys.RETRY_OF_TRIAL not in attrs:
+        return None
+    ckpt = attrs.get(keys.RESUME_CHECKPOINT)
+    return Resume(attrs.get(keys.RETRY_OF_RUN), Path(ckpt) if ckpt else None,
+                  tags={keys.RETRY_OF_TRIAL: str(attrs[keys.RETRY_OF_TRIAL])})
+
+
+def _outcome(trial: optuna.Trial, spec: StudySpec, metrics: dict[str, float]) -> tuple[TrialState, float | None, str]:
+    """COMPLETE with the objective's final value; FAIL when it is missing or not finite."""
+    value = metrics.get(spec.objective.metric)
     if value is None or not math.isfinite(value):
-        reason = f"objective {spec.objective.metric} = {value} (available: {', '.join(sorted(result.metrics))})"
-        trial.set_user_attr("masklab.failure", reason)
+        reason = f"objective {spec.objective.metric} = {value} (available: {', '.join(sorted(metrics))})"
+        trial.set_user_attr(keys.FAILURE, reason)
         return TrialState.FAIL, None, reason
     return TrialState.COMPLETE, value, f"{spec.objective.metric}={value:.4f}"
 
@@ -442,82 +500,113 @@ def run_study(
     ``report_once`` only if no report covers the study's current trials (so of several
     workers finishing together, one writes it).
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     storage_url = storage_url or default_storage(workspace)
     tracking_uri = tracking_uri or workspace.tracking_uri
-    study = open_study(spec, storage_url, tracking_uri, heartbeat, grace)
-    parent_id = parent_run(study, spec, tracking_uri, workspace)
-    with study_lock(study._storage, spec.name):
-        reaped = reap_dead_trials(study, tracking_uri)
-        if spec.kind == "grid":
-            enqueue_grid(study, spec)
-    if reaped:
-        log(f"marked FAIL: trials {reaped} (their worker died); retries are queued")
-    todo = remaining(study, spec)
-    if max_trials is not None:
-        todo = min(todo, max_trials)
+    _quiet_optuna()
+    storage = make_storage(storage_url, heartbeat, grace)
+    study = open_study(spec, storage_url, tracking_uri, storage=storage)
+    parent_id = parent_run(study, storage, spec, tracking_uri, workspace)
+    worker = _Worker(study, storage, spec, workspace, tracking_uri, parent_id,
+                     log or (lambda msg: print(msg, file=sys.stderr, flush=True)), progress)
+    worker.prepare()
+    todo = remaining(study, spec) if max_trials is None else min(remaining(study, spec), max_trials)
     bar = _bar(todo, spec.name, progress)
-    ran, failures = 0, []
-    status = "FINISHED"
     try:
-        while max_trials is None or ran < max_trials:
-            trial = claim_trial(study, spec)
-            if trial is None:
-                if not (wait and _busy(study)):
-                    break
-                time.sleep(POLL_SECONDS)
-                # Under the lock: a retry must be queued before anyone enqueues the grid.
-                with study_lock(study._storage, spec.name):
-                    if reap_dead_trials(study, tracking_uri):
-                        log("a worker died: its trial is queued again")
-                continue
-            try:
-                # Optuna records heartbeats only inside Study.optimize; ask/tell runs them here.
-                with get_heartbeat_thread(trial._trial_id, study._storage):
-                    state, value, note = run_trial(trial, spec, workspace, tracking_uri, parent_id, progress)
-            except KeyboardInterrupt:
-                study.tell(trial, state=TrialState.FAIL)
-                status = "KILLED"
-                log(f"interrupted: trial {trial.number} marked FAIL; finished trials are kept")
-                raise
-            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-            if state == TrialState.FAIL:
-                failures.append(f"trial {trial.number}: {note}")
-            ran += 1
-            _bar_step(bar, trial_line(trial, state, note), log)
+        worker.work(max_trials, wait, bar)
     finally:
         if bar is not None:
             bar.close()
-        _close_parent(tracking_uri, parent_id, study, status)
-    counts = _counts(study)
-    result = StudyResult(spec.name, counts, ran, parent_run_id=parent_id, failures=failures)
-    if report and (_claim_report(study, spec) if report_once else not _busy(study)):
+        _close_parent(tracking_uri, parent_id, study, worker.status)
+    result = StudyResult(spec.name, _counts(study), worker.ran, parent_run_id=parent_id, failures=worker.failures)
+    if report and (_claim_report(study, storage, spec) if report_once else not _busy(study)):
         result.report_md, result.report_html = write_study_report(spec.name, storage_url, tracking_uri, workspace,
                                                                   parent_id)
     return result
+
+
+@dataclass
+class _Worker:
+    """This process's share of a study: it claims trials and runs them one at a time."""
+
+    study: optuna.Study
+    storage: BaseStorage  # the study's storage, as opened
+    spec: StudySpec
+    workspace: Workspace
+    tracking_uri: str
+    parent_id: str
+    log: Callable[[str], None]
+    progress: bool
+    ran: int = 0
+    failures: list[str] = field(default_factory=list)
+    status: str = "FINISHED"  # what the parent run is closed with when this worker stops
+
+    def prepare(self) -> None:
+        """Under the lock: retry the trials of dead workers, and (grid) enqueue every point."""
+        with study_lock(self.storage, self.spec.name):
+            reaped = reap_dead_trials(self.study, self.tracking_uri, self.storage)
+            if self.spec.kind == "grid":
+                enqueue_grid(self.study, self.spec)
+        if reaped:
+            self.log(f"marked FAIL: trials {reaped} (their worker died); retries are queued")
+
+    def work(self, max_trials: int | None, wait: bool, bar) -> None:
+        """Claim and run trials until there is none to claim (with ``wait``: until no
+        other worker's trial is left either) or ``max_trials`` have run."""
+        while max_trials is None or self.ran < max_trials:
+            trial = claim_trial(self.study, self.spec, self.storage)
+            if trial is None:
+                if not (wait and _busy(self.study)):
+                    return
+                self._poll()
+                continue
+            state, note = self._run(trial)
+            _bar_step(bar, trial_line(trial, state, note), self.log)
+
+    def _poll(self) -> None:
+        time.sleep(POLL_SECONDS)
+        # Under the lock: a retry must be queued before anyone enqueues the grid.
+        with study_lock(self.storage, self.spec.name):
+            if reap_dead_trials(self.study, self.tracking_uri, self.storage):
+                self.log("a worker died: its trial is queued again")
+
+    def _run(self, trial: optuna.Trial) -> tuple[TrialState, str]:
+        try:
+            with keep_alive(self.storage, self.study.study_name, trial.number):
+                state, value, note = run_trial(trial, self.spec, self.workspace, self.tracking_uri, self.parent_id,
+                                               self.progress)
+        except KeyboardInterrupt:
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.status = "KILLED"
+            self.log(f"interrupted: trial {trial.number} marked FAIL; finished trials are kept")
+            raise
+        self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        if state == TrialState.FAIL:
+            self.failures.append(f"trial {trial.number}: {note}")
+        self.ran += 1
+        return state, note
 
 
 def trial_line(trial: optuna.Trial, state: TrialState, note: str) -> str:
     """The terminal's line for a finished trial: ``trial 3 depth=4 p_bw=0.05 seed=1:
     complete val/fw_loss=5.1234`` (the reason, cut short, for a failed one)."""
     attrs = trial.user_attrs
-    name = attrs.get("masklab.name") or " ".join(f"{k}={v}" for k, v in trial.params.items())
-    retry = f" (retry of trial {attrs['masklab.retry_of_trial']})" if "masklab.retry_of_trial" in attrs else ""
+    name = attrs.get(keys.NAME) or " ".join(f"{k}={v}" for k, v in trial.params.items())
+    retry = f" (retry of trial {attrs[keys.RETRY_OF_TRIAL]})" if keys.RETRY_OF_TRIAL in attrs else ""
     head = f"trial {trial.number} {name}{retry}: {state.name.lower()}"
     return f"{head} {note}"[: max(160, len(head) + 60)]
 
 
-def _claim_report(study: optuna.Study, spec: StudySpec) -> bool:
+def _claim_report(study: optuna.Study, storage: BaseStorage, spec: StudySpec) -> bool:
     """True for the one worker that should write the report now: the study has nothing
     left to run and no report covers its current trials yet."""
-    with study_lock(study._storage, spec.name):
+    with study_lock(storage, spec.name):
         if _busy(study):
             return False
         done = len(study.get_trials(deepcopy=False))
-        fresh = optuna.load_study(study_name=spec.name, storage=study._storage)
-        if fresh.user_attrs.get("masklab.reported_trials") == done:
+        # Read from the storage: another worker may have just claimed it.
+        if study.user_attrs.get(keys.REPORTED_TRIALS) == done:
             return False
-        study.set_user_attr("masklab.reported_trials", done)
+        study.set_user_attr(keys.REPORTED_TRIALS, done)
         return True
 
 
@@ -545,7 +634,7 @@ def _close_parent(tracking_uri: str, parent_id: str, study: optuna.Study, status
 def write_study_report(name: str, storage_url: str, tracking_uri: str, workspace: Workspace,
                        parent_id: str | None = None) -> tuple[Path, Path]:
     """Regenerate the report from the stores; attach it to the parent run."""
-    from reports.loader import StudyNotFoundError, load_study
+    from reports.loader import load_study
     from reports.study_report import write_report
 
     try:
@@ -577,4 +666,3 @@ def _bar_step(bar, note: str, log: Callable[[str], None]) -> None:
         return
     bar.write(note)
     bar.update(1)
-

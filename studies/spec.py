@@ -23,16 +23,22 @@ torch.
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from lit_modules.config import apply_overrides, config_hash, load_yaml, parse_override
+from lit_modules.config import (
+    AblationOptions,
+    apply_overrides,
+    config_hash,
+    load_yaml,
+    parse_override,
+)
 from lit_modules.config_errors import ConfigError
+from stores.grid import expand_grid, grid_key
 
 KEYS = ("name", "description", "model", "data", "fixed", "grid", "replicates", "baseline", "search", "n_trials",
         "sampler", "pruner", "seed", "objective", "ablation")
@@ -47,16 +53,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class Objective:
     metric: str = "val/fw_loss"
     direction: str = "minimize"
-
-
-@dataclass(frozen=True)
-class AblationSpec:
-    """Which layer-removal variants every trial runs (see lit_modules/ablation.py)."""
-
-    truncate: bool = True
-    drop_one: bool = True
-    similarity: bool = True
-    max_batches: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,7 @@ class StudySpec:
     data: str
     fixed: Mapping[str, Any]
     objective: Objective
-    ablation: AblationSpec = AblationSpec()
+    ablation: AblationOptions = AblationOptions()
     grid: Mapping[str, tuple] | None = None
     replicates: int = 1
     # The level each factor's other levels are compared with in the report (default:
@@ -114,10 +110,9 @@ class StudySpec:
     def grid_points(self) -> Iterator[tuple[dict[str, Any], int]]:
         """Every (grid point, replicate seed), in a stable order."""
         assert self.grid is not None
-        paths = list(self.grid)
-        for values in itertools.product(*(self.grid[p] for p in paths)):
+        for point in expand_grid(self.grid):
             for seed in range(self.replicates):
-                yield dict(zip(paths, values)), seed
+                yield dict(point), seed
 
     def run_config_dict(self, params: Mapping[str, Any], seed: int | None = None) -> dict:
         """The nested run config of one trial: ``fixed`` with ``params`` set."""
@@ -131,11 +126,6 @@ class StudySpec:
         d["search"] = [asdict(p) for p in self.search]
         d["grid"] = {k: list(v) for k, v in self.grid.items()} if self.grid is not None else None
         return json.loads(json.dumps(d, default=list))
-
-
-def grid_key(point: Mapping[str, Any]) -> str:
-    """The identity of a grid point (shared by its replicates)."""
-    return json.dumps(dict(sorted(point.items())), sort_keys=True)
 
 
 # ---------------------------------------------------------------- loading
@@ -374,12 +364,12 @@ def _objective(raw: Any) -> Objective:
     return Objective(metric, direction)
 
 
-def _ablation(raw: Any) -> AblationSpec:
+def _ablation(raw: Any) -> AblationOptions:
     if raw is None:
-        return AblationSpec()
+        return AblationOptions()
     if not isinstance(raw, Mapping):
         raise ConfigError("ablation", raw, "must be a mapping {truncate, drop_one, similarity, max_batches}")
-    names = [f for f in AblationSpec.__dataclass_fields__]
+    names = [f.name for f in fields(AblationOptions)]
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(f"ablation.{unknown[0]}", raw[unknown[0]], f"unknown key (allowed: {', '.join(names)})")
@@ -387,7 +377,7 @@ def _ablation(raw: Any) -> AblationSpec:
     for k in raw:
         tp = int if k == "max_batches" else bool
         kw[k] = _typed(raw, k, tp, prefix="ablation.")
-    return AblationSpec(**kw)
+    return AblationOptions(**kw)
 
 
 # ---------------------------------------------------------------- run-config validation
@@ -421,8 +411,6 @@ def _check_point(spec: StudySpec, point: Mapping, where: str, build) -> None:
 
 def _known_paths(spec: StudySpec) -> set[str]:
     """Every dotted path the run config of this spec accepts."""
-    from dataclasses import fields as dc_fields
-
     from lit_modules.config import OptimConfig, TrainerConfig
     from lit_modules.registry import DATASETS, MASKINGS, MODELS
 
@@ -433,7 +421,7 @@ def _known_paths(spec: StudySpec) -> set[str]:
         if name is None:
             raise ConfigError(f"fixed.{section}.name", None, f"required; allowed: {', '.join(registry.names())}")
         cls = registry.config(name, f"fixed.{section}.name")
-        paths |= {f"{section}.{f.name}" for f in dc_fields(cls) if f.init}
-    paths |= {f"optim.{f.name}" for f in dc_fields(OptimConfig)}
-    paths |= {f"trainer.{f.name}" for f in dc_fields(TrainerConfig)}
+        paths |= {f"{section}.{f.name}" for f in fields(cls) if f.init}
+    paths |= {f"optim.{f.name}" for f in fields(OptimConfig)}
+    paths |= {f"trainer.{f.name}" for f in fields(TrainerConfig)}
     return paths

@@ -10,11 +10,17 @@ import optuna
 import pandas as pd
 
 from lit_modules.config_errors import ConfigError
+from stores import keys
+from stores.storage import (
+    StudyNotFoundError,
+    list_studies,
+    open_storage,
+    trial_params,
+    trial_seconds,
+)
 
 
 def load_trials(name: str, storage_url: str) -> tuple[optuna.Study, pd.DataFrame]:
-    from reports.loader import StudyNotFoundError, list_studies, open_storage
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         storage = open_storage(storage_url)  # sqlite, PostgreSQL or journal file
@@ -25,27 +31,25 @@ def load_trials(name: str, storage_url: str) -> tuple[optuna.Study, pd.DataFrame
     except KeyError:
         known = list_studies(storage)
         raise ConfigError("study", name, f"not in {storage_url} (studies there: {', '.join(known) or 'none'})") from None
-    swept = study.user_attrs.get("masklab.swept", [])
+    swept = study.user_attrs.get(keys.SWEPT, [])
     rows = []
     for t in study.get_trials(deepcopy=False):
-        # A queued (WAITING) grid trial has its values in the enqueued fixed params.
-        params = t.params or t.system_attrs.get("fixed_params", {})
+        params = trial_params(t)  # a queued (WAITING) grid trial: the values it was enqueued with
         row = {"trial": t.number, **{p.split(".")[-1]: params.get(p) for p in swept}}
         if "seed" in params:
             row["seed"] = params["seed"]
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        note = t.user_attrs.get("masklab.failure", "")
-        if "masklab.retry_of_trial" in t.user_attrs:  # a trial whose worker died, run again
-            note = f"retry of trial {t.user_attrs['masklab.retry_of_trial']}" + (f"; {note}" if note else "")
-        row.update(state=t.state.name, value=t.value, seconds=duration, note=note)
+        note = t.user_attrs.get(keys.FAILURE, "")
+        if keys.RETRY_OF_TRIAL in t.user_attrs:  # a trial whose worker died, run again
+            note = f"retry of trial {t.user_attrs[keys.RETRY_OF_TRIAL]}" + (f"; {note}" if note else "")
+        row.update(state=t.state.name, value=t.value, seconds=trial_seconds(t), note=note)
         rows.append(row)
     return study, pd.DataFrame(rows)
 
 
 def study_status(name: str, storage_url: str) -> str:
     study, df = load_trials(name, storage_url)
-    objective = study.user_attrs.get("masklab.objective", "value")
-    head = f"study {name} ({study.user_attrs.get('masklab.kind', '?')}, {study.direction.name.lower()} {objective})"
+    objective = study.user_attrs.get(keys.OBJECTIVE, "value")
+    head = f"study {name} ({study.user_attrs.get(keys.KIND, '?')}, {study.direction.name.lower()} {objective})"
     if df.empty:
         return head + ": no trials yet"
     counts = df["state"].value_counts().to_dict()

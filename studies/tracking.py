@@ -23,6 +23,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from lit_modules.config import flatten
+from stores import keys
+from stores.urls import is_local_store
+
 # MLflow's log_batch accepts at most 1000 metrics, 100 params and 100 tags per call.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -183,15 +187,9 @@ class _BatchSender:
                 self._queue.task_done()
 
 
-def flat_params(params: Mapping, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in params.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flat_params(v, key + "."))
-        else:
-            out[key] = str(list(v) if isinstance(v, tuple) else v)[:MAX_PARAM_LENGTH]
-    return out
+def flat_params(params: Mapping) -> dict[str, str]:
+    """Dotted MLflow params, as strings no longer than MLflow takes."""
+    return {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()}
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str], logged: dict[str, str] | None = None) -> None:
@@ -213,39 +211,43 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def artifact_root(tracking_uri: str, workspace) -> Path | None:
+    """Local stores keep artifacts in the output dir (a ``Workspace``); a server
+    chooses its own."""
+    return workspace.artifact_dir if is_local_store(tracking_uri) else None
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
     """The experiment ``name``, created if absent, tagged as model training
     (``mlflow.experimentKind``: the UI opens it on its runs, not the GenAI overview, when
     its workflow switch is off; links carry ``?workflowType=machine_learning`` for the rest)."""
-    from .ui import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
-
     exp = client.get_experiment_by_name(name)
     if exp is None:
         location = (artifact_root / name).as_uri() if artifact_root is not None else None
         try:
             return client.create_experiment(name, artifact_location=location,
-                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                                            tags={keys.EXPERIMENT_KIND_TAG: keys.EXPERIMENT_KIND})
         except Exception:
             # Another worker created it between our lookup and our create.
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
-    if EXPERIMENT_KIND_TAG not in exp.tags:  # made before masklab tagged experiments
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if keys.EXPERIMENT_KIND_TAG not in exp.tags:  # made before masklab tagged experiments
+        client.set_experiment_tag(exp.experiment_id, keys.EXPERIMENT_KIND_TAG, keys.EXPERIMENT_KIND)
     return exp.experiment_id
 
 
 def provenance_tags() -> dict[str, str]:
     """Git commit (and whether the tree was dirty) and the versions of the stack."""
-    tags = {"masklab.git_commit": "unknown", "masklab.git_dirty": "unknown"}
+    tags = {keys.GIT_COMMIT: "unknown", keys.GIT_DIRTY: "unknown"}
     src = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
-            tags["masklab.git_commit"] = commit.stdout.strip()
+            tags[keys.GIT_COMMIT] = commit.stdout.strip()
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
                                    capture_output=True, text=True, timeout=10)
-            tags["masklab.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+            tags[keys.GIT_DIRTY] = str(bool(dirty.stdout.strip())).lower()
     except (OSError, subprocess.SubprocessError):
         pass
     for pkg in PACKAGES:

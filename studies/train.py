@@ -17,13 +17,16 @@ from pathlib import Path
 import pandas as pd
 import yaml
 from lightning.pytorch.callbacks import Callback
+from mlflow.tracking import MlflowClient
 
-from lit_modules.ablation import AblationOptions, layer_removal
-from lit_modules.config import RunConfig
+from lit_modules.ablation import layer_removal
+from lit_modules.config import AblationOptions, RunConfig
 from lit_modules.paths import Workspace
+from stores import keys
 
 from .tracking import (
     BufferedMLflowLogger,
+    artifact_root,
     get_or_create_experiment,
     log_metric_series,
     log_params,
@@ -126,103 +129,164 @@ def train_run(
     nothing half-recorded. Any failure during training marks the run FAILED with the
     reason in the tag ``masklab.failure`` and re-raises.
     """
-    from mlflow.tracking import MlflowClient
-
-    from lit_modules.run import build_datamodule, build_model, build_trainer
-
     start = time.monotonic()
     _quiet_lightning()
+    dm, model = _build(cfg, workspace)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri)
+    run = _create_run(client, cfg, workspace, tracking, resume)
+    try:
+        if on_run is not None:
+            on_run(run.run_id)
+        params = {**cfg.flat(), **dm.info, "model.parameters": sum(p.numel() for p in model.parameters())}
+        log_params(client, run.run_id, {k: str(v) for k, v in params.items()}, run.logger._params)
+        trainer, metrics = _fit(run, cfg, workspace, dm, model, callbacks, tracking.artifacts)
+        table = _ablate(run, model, dm, trainer, metrics, ablation or AblationOptions())
+        run.logger.close()
+        checkpoint = _save_last(cfg, trainer, workspace.checkpoint_dir / run.run_id)
+        client.set_terminated(run.run_id, "FINISHED")
+    except BaseException as e:
+        _record_failure(run, e)
+        raise
+    return RunResult(run.run_id, metrics, table, checkpoint, time.monotonic() - start, params)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The MLflow run being recorded, and where training starts from."""
+
+    client: MlflowClient
+    run_id: str
+    logger: BufferedMLflowLogger
+    checkpoint: Path | None = None  # the checkpoint a resumed run continues from
+    step: int = 0  # ... and its global step
+    previous_run_id: str | None = None  # the run of the attempt it resumes
+
+
+def _build(cfg: RunConfig, workspace: Workspace):
+    """The datamodule and the model (with its stage-1 weights, for a second stage)."""
+    from lit_modules.run import build_datamodule, build_model
+
     dm = build_datamodule(cfg, workspace)
     model = build_model(cfg)
     init_from = getattr(cfg.model, "init_from", "")
     if init_from:  # a bad or unsafe stage-1 checkpoint is refused before the run exists
         model.load_pretrained(init_from)
+    return dm, model
 
-    client = MlflowClient(tracking_uri=tracking.tracking_uri)
-    exp_id = get_or_create_experiment(client, tracking.experiment, _artifact_root(tracking.tracking_uri, workspace))
+
+def _create_run(client: MlflowClient, cfg: RunConfig, workspace: Workspace, tracking: Tracking,
+                resume: Resume | None) -> _Run:
+    """The run, tagged with what produced it (and, resuming, what it continues)."""
+    exp_id = get_or_create_experiment(client, tracking.experiment, artifact_root(tracking.tracking_uri, workspace))
+    tags = _provenance(cfg, tracking)
+    checkpoint, step = None, 0
+    if resume is not None:
+        checkpoint, step, resumed = _resume_point(resume)
+        tags.update(resumed)
+    run_id = client.create_run(exp_id, run_name=tracking.run_name, tags=tags).info.run_id
+    return _Run(client, run_id, BufferedMLflowLogger(client, run_id), checkpoint, step,
+                resume.previous_run_id if resume is not None else None)
+
+
+def _provenance(cfg: RunConfig, tracking: Tracking) -> dict[str, str]:
+    """The tags of a new run: provenance, the run config's identity, the caller's tags."""
     tags = {
         **provenance_tags(),
-        "masklab.config_hash": cfg.hash(),
-        "masklab.seed": str(cfg.seed),
-        "masklab.model": cfg.model.name,
-        "masklab.dataset": cfg.data.name,
-        "masklab.masking": cfg.masking.name,
+        keys.CONFIG_HASH: cfg.hash(),
+        keys.SEED: str(cfg.seed),
+        keys.MODEL: cfg.model.name,
+        keys.DATASET: cfg.data.name,
+        keys.MASKING: cfg.masking.name,
         **tracking.tags,
     }
     if tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = tracking.parent_run_id
+        tags[keys.PARENT_RUN_TAG] = tracking.parent_run_id
+    init_from = getattr(cfg.model, "init_from", "")
     if init_from:  # a second stage: link the run to the one whose checkpoint it starts from
-        tags["masklab.init_from"] = str(Path(init_from).resolve())
-        tags["masklab.init_from_run"] = Path(init_from).resolve().parent.name
-    ckpt_path, resumed_step = None, 0
-    if resume is not None:
-        tags.update(resume.tags)
-        if resume.previous_run_id:
-            tags["masklab.retry_of_run"] = resume.previous_run_id
-        if resume.checkpoint is not None and Path(resume.checkpoint).is_file():
-            ckpt_path = Path(resume.checkpoint)
-            resumed_step = checkpoint_step(ckpt_path)
-            for partial in ckpt_path.parent.glob(".*.partial"):  # the attempt died mid-save
-                partial.unlink(missing_ok=True)
-            tags["masklab.resumed_from"] = str(ckpt_path.resolve())
-            tags["masklab.resumed_at_step"] = str(resumed_step)
-    run = client.create_run(exp_id, run_name=tracking.run_name, tags=tags)
-    run_id = run.info.run_id
-    logger = BufferedMLflowLogger(client, run_id)
+        tags[keys.INIT_FROM] = str(Path(init_from).resolve())
+        tags[keys.INIT_FROM_RUN] = Path(init_from).resolve().parent.name
+    return tags
+
+
+def _resume_point(resume: Resume) -> tuple[Path | None, int, dict[str, str]]:
+    """The checkpoint a retry resumes from (None if the attempt saved none), its step,
+    and the tags that link the new run to the attempt."""
+    tags = dict(resume.tags)
+    if resume.previous_run_id:
+        tags[keys.RETRY_OF_RUN] = resume.previous_run_id
+    if resume.checkpoint is None or not Path(resume.checkpoint).is_file():
+        return None, 0, tags
+    checkpoint = Path(resume.checkpoint)
+    step = checkpoint_step(checkpoint)
+    for partial in checkpoint.parent.glob(".*.partial"):  # the attempt died mid-save
+        partial.unlink(missing_ok=True)
+    tags[keys.RESUMED_FROM] = str(checkpoint.resolve())
+    tags[keys.RESUMED_AT_STEP] = str(step)
+    return checkpoint, step, tags
+
+
+def _fit(run: _Run, cfg: RunConfig, workspace: Workspace, dm, model, callbacks: Sequence,
+         artifacts: Sequence[Path]):
+    """Train (from the resume checkpoint, if any) and validate the final step; returns
+    the trainer and the final ``val/*`` metrics."""
+    from lit_modules.run import build_trainer
+
+    seen = _ValidatedAt()
+    trainer = build_trainer(cfg, run.logger, [*callbacks, seen], workspace.checkpoint_dir / run.run_id)
+    set_tags(run.client, run.run_id, {keys.DEVICE: _device_name(trainer.strategy.root_device)})
+    _log_config_artifacts(run.client, run.run_id, cfg, artifacts)
+    if run.checkpoint is not None and run.previous_run_id:
+        copy_history(run.client, run.previous_run_id, run.run_id, run.step)
     try:
-        if on_run is not None:
-            on_run(run_id)
-        params = {**cfg.flat(), **dm.info, "model.parameters": sum(p.numel() for p in model.parameters())}
-        log_params(client, run_id, {k: str(v) for k, v in params.items()}, logger._params)
-        ckpt_dir = workspace.checkpoint_dir / run_id
-        seen = _ValidatedAt()
-        trainer = build_trainer(cfg, logger, [*callbacks, seen], ckpt_dir)
-        set_tags(client, run_id, {"masklab.device": _device_name(trainer.strategy.root_device)})
-        _log_config_artifacts(client, run_id, cfg, tracking.artifacts)
-        if ckpt_path is not None and resume.previous_run_id:
-            copy_history(client, resume.previous_run_id, run_id, resumed_step)
+        # weights_only: checkpoint_step has already checked the file holds plain data only.
+        trainer.fit(model, datamodule=dm, ckpt_path=run.checkpoint, weights_only=True if run.checkpoint else None)
+    except SystemExit as e:  # Lightning ends a Ctrl-C'd fit with SystemExit(1)
+        raise KeyboardInterrupt("interrupted during training") from e
+    if seen.step != trainer.global_step:
+        trainer.validate(model, datamodule=dm, verbose=False)  # the final step's val
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return trainer, metrics
 
-        try:
-            # weights_only: checkpoint_step has already checked the file holds plain data only.
-            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
-        except SystemExit as e:  # Lightning ends a Ctrl-C'd fit with SystemExit(1)
-            raise KeyboardInterrupt("interrupted during training") from e
-        if seen.step != trainer.global_step:
-            trainer.validate(model, datamodule=dm, verbose=False)  # the final step's val
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
-        table = layer_removal(model, dm.val_dataloader(), ablation or AblationOptions())
-        if hasattr(dm, "probe_dataloaders") and hasattr(model, "features"):
-            # Representation quality: a linear probe on frozen features, per blocks removed.
-            from lit_modules.probe import probe_table
+def _ablate(run: _Run, model, dm, trainer, metrics: dict[str, float], ablation: AblationOptions) -> pd.DataFrame:
+    """Layer removal (and, where the model and data offer one, a linear probe per blocks
+    removed), logged as metric series and as the ``ablation.csv`` artifact."""
+    table = layer_removal(model, dm.val_dataloader(), ablation)
+    if hasattr(dm, "probe_dataloaders") and hasattr(model, "features"):
+        # Representation quality: a linear probe on frozen features, per blocks removed.
+        from lit_modules.probe import probe_table
 
-            probe = probe_table(model, dm)
-            table = pd.concat([table, probe], ignore_index=True)
-            metrics["val/probe_acc"] = float(probe.loc[probe.removed == 0, "value"].iloc[0])
-            client.log_metric(run_id, "val/probe_acc", metrics["val/probe_acc"], step=trainer.global_step)
-        log_metric_series(client, run_id, ablation_points(table) + ablation_summary(table))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "ablation.csv"
-            table.to_csv(path, index=False)
-            client.log_artifact(run_id, str(path))
-        logger.close()
-        checkpoint = None
-        if cfg.trainer.checkpoint:
-            # The weights after the last step (the callback saves only at validations).
-            checkpoint = ckpt_dir / "last.ckpt"
-            trainer.save_checkpoint(checkpoint, weights_only=False)
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException as e:
-        try:
-            logger.close()
-        except Exception:  # noqa: BLE001 - the training error is the one to report
-            pass
-        reason = f"{type(e).__name__}: {e}".splitlines()[0][:5000] if str(e) else type(e).__name__
-        pruned = type(e).__name__ == "TrialPruned"  # optuna's, raised by the pruning callback
-        set_tags(client, run_id, {"masklab.pruned" if pruned else "masklab.failure": reason})
-        client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) or pruned else "FAILED")
-        raise
-    return RunResult(run_id, metrics, table, checkpoint, time.monotonic() - start, params)
+        probe = probe_table(model, dm)
+        table = pd.concat([table, probe], ignore_index=True)
+        metrics["val/probe_acc"] = float(probe.loc[probe.removed == 0, "value"].iloc[0])
+        run.client.log_metric(run.run_id, "val/probe_acc", metrics["val/probe_acc"], step=trainer.global_step)
+    log_metric_series(run.client, run.run_id, ablation_points(table) + ablation_summary(table))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ablation.csv"
+        table.to_csv(path, index=False)
+        run.client.log_artifact(run.run_id, str(path))
+    return table
+
+
+def _save_last(cfg: RunConfig, trainer, ckpt_dir: Path) -> Path | None:
+    """The weights after the last step (the callback saves only at validations)."""
+    if not cfg.trainer.checkpoint:
+        return None
+    checkpoint = ckpt_dir / "last.ckpt"
+    trainer.save_checkpoint(checkpoint, weights_only=False)
+    return checkpoint
+
+
+def _record_failure(run: _Run, e: BaseException) -> None:
+    """Mark the run FAILED (KILLED when interrupted or pruned), the reason as a tag."""
+    try:
+        run.logger.close()
+    except Exception:  # noqa: BLE001 - the training error is the one to report
+        pass
+    reason = f"{type(e).__name__}: {e}".splitlines()[0][:5000] if str(e) else type(e).__name__
+    pruned = type(e).__name__ == "TrialPruned"  # optuna's, raised by the pruning callback
+    set_tags(run.client, run.run_id, {keys.PRUNED if pruned else keys.FAILURE: reason})
+    run.client.set_terminated(run.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) or pruned else "FAILED")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -265,13 +329,6 @@ class _ValidatedAt(Callback):
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
             self.step = trainer.global_step
-
-
-def _artifact_root(tracking_uri: str, workspace: Workspace) -> Path | None:
-    """Local stores keep artifacts in the output dir; a server chooses its own."""
-    if tracking_uri.startswith(("sqlite:", "file:", "/")) or "://" not in tracking_uri:
-        return workspace.artifact_dir
-    return None
 
 
 def _device_name(device) -> str:

@@ -32,12 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lit_modules.config_errors import ConfigError
+from stores.urls import is_server_uri, sqlite_path
 
 HOST = "127.0.0.1"
 # The address parameter that opens an experiment on its runs table (MLflow 3.x).
 RUNS_VIEW = "workflowType=machine_learning"
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
 # `mlflow ui` with one worker and no job runner was healthy in ~12 s on a 2-core machine;
 # the margin covers a busy one (the first start also migrates the store's schema).
 HEALTH_TIMEOUT = 180.0
@@ -48,18 +47,6 @@ def runs_view_url(base: str, experiment_id: str | None = None) -> str:
     base = base.rstrip("/")
     where = f"experiments/{experiment_id}" if experiment_id is not None else "experiments"
     return f"{base}/#/{where}?{RUNS_VIEW}"
-
-
-def is_server_uri(tracking_uri: str) -> bool:
-    """A tracking URI that is itself a tracking server (whose UI is at the same address)."""
-    return tracking_uri.startswith(("http://", "https://"))
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The file of a ``sqlite:///`` tracking URI (None for other stores)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(urllib.parse.unquote(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]))
 
 
 def experiments_in_sqlite(path: Path) -> dict[str, str]:

@@ -453,13 +453,17 @@ print("ok")
 
 
 def test_reports_import_no_torch_lightning_or_mlflow(tmp_path):
-    """``import reports.loader, reports.study_report`` pulls in none of torch, Lightning,
-    lit_modules or MLflow; an Optuna-only load (journal storage) keeps MLflow out too."""
+    """``import reports.loader, reports.study_report`` pulls in none of torch, Lightning
+    or MLflow, and of lit_modules only its torch-free config (the one ``flatten``); an
+    Optuna-only load (journal storage) keeps MLflow out too."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", STATUS_SCRIPT, str(tmp_path / "j.log")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
-    mods = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
-    assert not mods & {"torch", "lightning", "pytorch_lightning", "lit_modules", "mlflow"}
+    full = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    mods = {m.split(".")[0] for m in full}
+    assert not mods & {"torch", "lightning", "pytorch_lightning", "mlflow"}
+    assert {m for m in full if m.split(".")[0] == "lit_modules"} <= {
+        "lit_modules", "lit_modules.config", "lit_modules.config_errors"}
 
 
 def test_study_without_trials_and_missing_journal(tmp_path):

@@ -417,8 +417,9 @@ def test_stale_trial_is_failed_and_retried_with_its_checkpoint(tmp_path):
 def test_study_lock_excludes_and_stale_locks_are_broken(tmp_path):
     import threading
 
+    from stores.storage import LOCK_SUFFIX
     from studies import coordination
-    from studies.coordination import LOCK_SUFFIX, make_storage, study_lock
+    from studies.coordination import make_storage, study_lock
 
     storage = make_storage(f"sqlite:///{tmp_path / 'o.db'}")
     inside, order = threading.Event(), []
