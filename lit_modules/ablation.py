@@ -32,13 +32,6 @@ from .masking import MaskedBatch
 COLUMNS = ["variant", "removed", "block", "metric", "value"]
 
 
-def _to_device(batch, device):
-    """A tensor or a dict of tensors (the masked-LM layout) on ``device``."""
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    return batch.to(device)
-
-
 def hidden_states(model, masked: MaskedBatch) -> list[Tensor]:
     """[x_0, x_1, ..., x_L]: the input of block 0 and the output of every block."""
     h = model.ablation_embed(masked)
@@ -78,8 +71,9 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def layer_removal(model, batches: Iterable[Tensor], options: AblationOptions = AblationOptions()) -> pd.DataFrame:
-    """Run the layer-removal variants over ``batches`` (the validation loader)."""
+def layer_removal(model, batches: Iterable, options: AblationOptions = AblationOptions()) -> pd.DataFrame:
+    """Run the layer-removal variants over ``batches`` (the validation loader's
+    ``EvalItem`` s: the model stacks their evaluation masks)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -89,7 +83,7 @@ def layer_removal(model, batches: Iterable[Tensor], options: AblationOptions = A
         for i, batch in enumerate(batches):
             if options.max_batches and i >= options.max_batches:
                 break
-            masked = model.ablation_batch(_to_device(batch, device))
+            masked = model.ablation_batch(batch.to(device))
             states = hidden_states(model, masked)
             if options.truncate:
                 for k in range(n_blocks + 1):
@@ -103,8 +97,7 @@ def layer_removal(model, batches: Iterable[Tensor], options: AblationOptions = A
             if options.similarity:
                 # Tokens compared between blocks: the scored ones, unless the model says
                 # otherwise (an MAE's hidden states are the visible patches, not the scored).
-                token_mask = (model.ablation_token_mask(masked, states[0]) if hasattr(model, "ablation_token_mask")
-                              else masked.loss_mask)
+                token_mask = model.ablation_token_mask(masked, states[0])
                 _similarity(states, token_mask, acc)
     finally:
         model.train(was_training)

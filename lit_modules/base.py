@@ -1,19 +1,29 @@
-"""Shared LightningModule base: hyperparameters, the shared step, optimizers, logging.
+"""Shared LightningModule base: hyperparameters, the shared step, optimizers, logging,
+and the contract every model family fulfils.
 
-A model family subclasses ``MaskedModelBase``, builds its network in ``__init__`` and
-implements ``_shared_step(batch, stage)`` plus the layer-removal protocol used by
-``lit_modules.ablation``:
+A model family subclasses ``MaskedModelBase``, names its config class (``Config``, in
+``model_configs.py``: it declares the batch kind the family consumes), builds its
+network in ``__init__``, and implements:
 
-- ``blocks``: the ``nn.ModuleList`` of transformer blocks, removed from the back;
-- ``ablation_batch(batch) -> MaskedBatch``: the masked inputs evaluated;
-- ``ablation_embed(masked) -> (B, T, D)``: the input of the first block;
-- ``ablation_score(h, masked) -> {metric: (sum, count)}``: final norm + head + metrics
-  applied to a hidden state ``h`` taken after any block.
+- ``_shared_step(item, stage)``: ``item`` is a ``TrainItem`` (training) or ``EvalItem``
+  (validation) from the data pipeline, its masks already drawn by ``mask_plan``;
+- the layer-removal protocol used by ``lit_modules.ablation``:
+  ``blocks`` (the ``nn.ModuleList`` removed from the back),
+  ``ablation_batch(item) -> MaskedBatch`` (the masked inputs evaluated),
+  ``ablation_embed(masked) -> (B, T, D)`` (the input of the first block),
+  ``ablation_score(h, masked) -> {metric: (sum, count)}`` (final norm + head + metrics
+  applied to a hidden state ``h`` taken after any block).
+
+Optional hooks, with their defaults here: ``mask_plan`` (how batches are masked),
+``masked_steps`` (the steps that train on masks), ``ablation_token_mask`` (the tokens
+compared between blocks), ``features`` (frozen features for a linear probe; None = no
+probe), ``data_layout`` (how the text data module lays out rows).
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -21,6 +31,8 @@ from torch import Tensor, nn
 
 from .config import RunConfig, run_config_from_dict
 from .masking import MaskedBatch
+from .masking.batches import Movable
+from .masking.plan import COMMON, EvalItem, MaskPlan, TrainItem
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,6 +40,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class MaskedModelBase(L.LightningModule):
+    Config: ClassVar[type]
+    # How the text data module lays out rows: "windows" (causal LM) or "mlm" (padded
+    # rows with [CLS]/[SEP] and word starts). Other data kinds ignore it.
+    data_layout: ClassVar[str] = "windows"
+
     def __init__(self, config: dict):
         super().__init__()
         # The plain nested dict is the checkpoint's hparams: load_from_checkpoint(path)
@@ -40,11 +57,11 @@ class MaskedModelBase(L.LightningModule):
     # ------------------------------------------------------------ to implement
     blocks: nn.ModuleList
 
-    def _shared_step(self, batch: Tensor, stage: str) -> tuple[Tensor, dict[str, tuple[Tensor, int]]]:
+    def _shared_step(self, item: TrainItem | EvalItem, stage: str) -> tuple[Tensor, dict[str, tuple[Tensor, int]]]:
         """Return (loss to optimize, {metric name: (value, weight)})."""
         raise NotImplementedError
 
-    def ablation_batch(self, batch: Tensor) -> MaskedBatch:
+    def ablation_batch(self, item: EvalItem) -> MaskedBatch:
         raise NotImplementedError
 
     def ablation_embed(self, masked: MaskedBatch) -> Tensor:
@@ -53,21 +70,38 @@ class MaskedModelBase(L.LightningModule):
     def ablation_score(self, h: Tensor, masked: MaskedBatch) -> dict[str, tuple[Tensor, Tensor]]:
         raise NotImplementedError
 
-    # ------------------------------------------------------------ mask-ratio schedules
-    def masked_steps(self) -> tuple[int, int]:
+    # ------------------------------------------------------------ optional hooks
+    @classmethod
+    def mask_plan(cls, cfg: RunConfig, steps_per_epoch: int) -> MaskPlan:
+        """How the run's batches are masked: the training strategy at every masked step,
+        and the same strategy (at its evaluation setting) as the common evaluation task
+        with ``model.eval_masks`` fixed masks."""
+        return MaskPlan(seed=cfg.seed, train=cfg.masking, evaluation=((COMMON, cfg.masking),),
+                        eval_masks=getattr(cfg.model, "eval_masks", 1), steps_per_epoch=steps_per_epoch,
+                        masked_steps=cls.masked_steps(cfg), grid=getattr(cfg.model, "grid", None))
+
+    @classmethod
+    def masked_steps(cls, cfg: RunConfig) -> tuple[int, int]:
         """The first and last training step that trains on masks (default: every step).
-        A model with a phase after masked training narrows it."""
-        return 0, self.run_config.trainer.max_steps - 1
+        A mask-ratio schedule spans them: ``mask_ratio`` on the first, ``final_mask_ratio``
+        on the last. A family with a phase after masked training narrows them."""
+        return 0, cfg.trainer.max_steps - 1
 
-    def schedule_clock(self) -> tuple[int, int]:
-        """(step, total_steps) for a training mask-ratio schedule at the current step.
+    def ablation_token_mask(self, masked: MaskedBatch, h: Tensor) -> Tensor:
+        """(B, T) bool: the tokens whose block-to-block similarity is measured (default:
+        the scored ones)."""
+        return masked.loss_mask
 
-        The schedule spans the masked-training steps: it is at ``mask_ratio`` on the first
-        of them and reaches ``final_mask_ratio`` exactly on the last (schedules reach
-        ``final`` at ``step >= total``, so total = last - first).
-        """
-        first, last = self.masked_steps()
-        return self.global_step - first, max(1, last - first)
+    def features(self, inputs: Tensor, blocks: int | None = None) -> Tensor | None:
+        """Frozen features (B, D) after the first ``blocks`` blocks, for a linear probe;
+        None: the family has no probe."""
+        return None
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """Our batches and items move themselves (frozen dataclasses of tensors)."""
+        if isinstance(batch, Movable):
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:

@@ -27,11 +27,13 @@ from torch import Tensor, nn
 from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
 from .config_errors import ConfigError
-from .data.mlm import FIRST_PIECE, MASK
 from .masking import MaskedBatch
 from .masking.attention import Attention, padding
+from .masking.plan import COMMON, EvalItem, MaskPlan, TrainItem
 from .model_configs import BERTConfig
 from .registry import MASKINGS, MODELS
+
+OWN = "own"  # the evaluation task of the model's own training strategy
 
 
 class BERT(nn.Module):
@@ -77,39 +79,29 @@ class LitBERT(MaskedModelBase):
     """Bidirectional encoder trained on masked-LM (BERT)."""
 
     Config = BERTConfig
-    data_layout = "mlm"  # padded sequences with [CLS]/[SEP], word starts, mask token
+    data_layout = "mlm"  # padded rows with [CLS]/[SEP], word starts, mask token
 
     def __init__(self, config: dict):
         super().__init__(config)
         self.model = BERT(self.run_config.model, self.run_config.data.vocab_size)
-        cfg = self.run_config.model
-        # The common evaluation task (the same for every trial) and, when it differs, the
-        # model's own training task at the evaluation ratio.
-        self.eval_masking = MASKINGS.get(cfg.eval_masking, "model.eval_masking")(mask_ratio=cfg.eval_mask_ratio)
-        own = dataclasses.replace(self.masking, mask_ratio=cfg.eval_mask_ratio, static_masks=0)
-        self.own_masking = None if own == self.eval_masking else own
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.blocks
 
     # ------------------------------------------------------------ masking
-    def mask(self, batch: dict, stage: str, k: int | None = None, strategy=None) -> MaskedBatch:
-        """Mask a batch: training uses the epoch's mask index; evaluation mask k of the
-        common evaluation task (or of ``strategy``)."""
-        from .masking.mlm import epoch_mask_index, eval_mask_indices
-
-        tokens = batch["tokens"]
-        if stage == "train":
-            index, strategy = epoch_mask_index(self.current_epoch, self.masking.static_masks), self.masking
-        else:
-            index = eval_mask_indices(self.run_config.model.eval_masks)[k or 0]
-            strategy = strategy or self.eval_masking
-        return strategy(
-            tokens, seed=self.run_config.seed, mask_index=index, eligible=batch["eligible"],
-            word_start=batch.get("word_start"), valid=batch["valid"], vocab_size=self.run_config.data.vocab_size,
-            mask_token_id=MASK, random_low=FIRST_PIECE,
-        )
+    @classmethod
+    def mask_plan(cls, cfg, steps_per_epoch: int) -> MaskPlan:
+        """Training masks of the configured strategy (mask index = epoch, or epoch % K for
+        static masks); evaluation on the common task (``model.eval_masking`` at
+        ``model.eval_mask_ratio``, its default 80/10/10) and, when it differs, on the
+        model's own strategy at the evaluation ratio (task ``own``)."""
+        m = cfg.model
+        common = MASKINGS.get(m.eval_masking, "model.eval_masking")(mask_ratio=m.eval_mask_ratio)
+        own = dataclasses.replace(cfg.masking, mask_ratio=m.eval_mask_ratio, static_masks=0)
+        tasks = ((COMMON, common),) if own == common else ((COMMON, common), (OWN, own))
+        plan = super().mask_plan(cfg, steps_per_epoch)
+        return dataclasses.replace(plan, evaluation=tasks)
 
     def _loss(self, masked: MaskedBatch, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.model.encode(masked.inputs, valid)
@@ -119,30 +111,31 @@ class LitBERT(MaskedModelBase):
         correct = (logits.argmax(-1) == targets).sum()
         return ce, correct.float(), masked.loss_mask.sum().float()
 
-    def _shared_step(self, batch: dict, stage: str):
+    def _shared_step(self, item: TrainItem | EvalItem, stage: str):
+        valid = item.batch.valid
         if stage == "train":
-            ce, correct, n = self._loss(self.mask(batch, "train"), batch["valid"])
+            ce, correct, n = self._loss(item.masked, valid)
             loss = ce / n.clamp(min=1)
             return loss, {"mlm_loss": (loss.detach(), int(n)), "mlm_acc": ((correct / n.clamp(min=1)), int(n))}
-        loss, metrics = self._eval_task(batch, stage, self.eval_masking, "mlm")
-        if self.own_masking is not None:
-            metrics.update(self._eval_task(batch, stage, self.own_masking, "own_mlm")[1])
+        loss, metrics = self._eval_task(item.views[COMMON], valid, "mlm")
+        if OWN in item.views:
+            metrics.update(self._eval_task(item.views[OWN], valid, "own_mlm")[1])
         return loss, metrics
 
-    def _eval_task(self, batch: dict, stage: str, strategy, prefix: str):
-        """Loss and {prefix_loss, prefix_acc} over the K evaluation masks of ``strategy``."""
+    def _eval_task(self, views, valid: Tensor, prefix: str):
+        """Loss and {prefix_loss, prefix_acc} over the K evaluation masks of one task."""
         ce = correct = n = 0.0
-        for k in range(self.run_config.model.eval_masks):
-            c, a, m = self._loss(self.mask(batch, stage, k, strategy), batch["valid"])
+        for masked in views:
+            c, a, m = self._loss(masked, valid)
             ce, correct, n = ce + c, correct + a, n + m
         n_ = max(float(n), 1.0)
         return ce / n_, {f"{prefix}_loss": (ce / n_, int(n)), f"{prefix}_acc": (correct / n_, int(n))}
 
     # ------------------------------------------------------------ layer removal
-    def ablation_batch(self, batch: dict) -> MaskedBatch:
-        """The K evaluation masks, stacked along the batch."""
-        views = [self.mask(batch, "val", k) for k in range(self.run_config.model.eval_masks)]
-        valid = batch["valid"].repeat(len(views), 1)
+    def ablation_batch(self, item: EvalItem) -> MaskedBatch:
+        """The K masks of the common evaluation task, stacked along the batch."""
+        views = item.common
+        valid = item.batch.valid.repeat(len(views), 1)
         return MaskedBatch(
             inputs=torch.cat([v.inputs for v in views]), targets=torch.cat([v.targets for v in views]),
             loss_mask=torch.cat([v.loss_mask for v in views]), attention=Attention(mask=padding(valid)),

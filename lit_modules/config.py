@@ -19,18 +19,23 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from .config_errors import ConfigError
+
+if TYPE_CHECKING:
+    from .data.configs import DataConfig
+    from .masking import MaskingStrategy
+    from .model_configs import ModelConfig
 
 SECTIONS = ("data", "model", "masking", "optim", "trainer")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"
+    name: Literal["adamw"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -38,12 +43,10 @@ class OptimConfig:
     warmup_steps: int = 10
     # Cosine decay to 10% of the peak rate (the nanoGPT / Chinchilla default).
     min_lr_ratio: float = 0.1
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        if self.name != "adamw":
-            raise ConfigError("name", self.name, "allowed: adamw")
         if not self.lr > 0:
             raise ConfigError("lr", self.lr, "must be > 0")
         if self.weight_decay < 0:
@@ -55,8 +58,6 @@ class OptimConfig:
             raise ConfigError("warmup_steps", self.warmup_steps, "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError("schedule", self.schedule, "allowed: constant, cosine")
         if self.grad_clip < 0:
             raise ConfigError("grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
 
@@ -66,10 +67,10 @@ class TrainerConfig:
     max_steps: int = 60
     val_every: int = 30
     log_every: int = 10
-    accelerator: str = "auto"
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
     devices: int = 1
     # "auto": bf16-mixed on a CUDA device that supports it, else 32-true.
-    precision: str = "auto"
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
     progress_bar: bool = True
     checkpoint: bool = True
 
@@ -80,13 +81,8 @@ class TrainerConfig:
             raise ConfigError("val_every", self.val_every, "must be an integer >= 1")
         if self.log_every < 1:
             raise ConfigError("log_every", self.log_every, "must be an integer >= 1")
-        if self.accelerator not in ("auto", "cpu", "cuda", "gpu", "mps"):
-            raise ConfigError("accelerator", self.accelerator, "allowed: auto, cpu, cuda, gpu, mps")
         if self.devices < 1:
             raise ConfigError("devices", self.devices, "must be an integer >= 1")
-        allowed = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
-        if self.precision not in allowed:
-            raise ConfigError("precision", self.precision, f"allowed: {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -102,9 +98,13 @@ class AblationOptions:
 
 @dataclass(frozen=True)
 class RunConfig:
-    data: Any
-    model: Any
-    masking: Any
+    """A run: its sections, each a frozen dataclass chosen by name from a registry (data
+    and model configs in ``data/configs.py`` and ``model_configs.py``; a masking section
+    is the strategy itself)."""
+
+    data: DataConfig
+    model: ModelConfig
+    masking: MaskingStrategy
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
@@ -204,10 +204,14 @@ def run_config_from_dict(data: Mapping, source: str | None = None) -> RunConfig:
                 raise ConfigError(f"{name}.name", None, f"required; allowed: {', '.join(registry.names())}")
             sections[name] = from_dict(registry.config(section["name"], f"{name}.name"), section, name)
         model_entry = type(sections["model"])  # its config says what the family trains on
-        if sections["masking"].name not in model_entry.maskings:
+        if type(sections["masking"]).accepts is not model_entry.consumes:
+            from .masking.batches import kind_name
+            from .model_configs import maskings_for
+
             raise ConfigError(
                 "masking.name", sections["masking"].name,
-                f"model {sections['model'].name} accepts: {', '.join(model_entry.maskings)}",
+                f"model {sections['model'].name} consumes {kind_name(model_entry.consumes)}; the maskings that "
+                f"accept them: {', '.join(maskings_for(model_entry.consumes))}",
             )
         if sections["data"].kind not in model_entry.data_kinds:
             raise ConfigError(
@@ -261,6 +265,11 @@ def from_dict(cls: type, data: Mapping, prefix: str) -> Any:
 def check_type(value: Any, tp: Any, field_name: str) -> Any:
     """Check (and lightly coerce: int -> float, list -> tuple) a YAML value against ``tp``."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool) or not any(value == a and type(value) is type(a) for a in allowed):
+            raise ConfigError(field_name, value, f"allowed: {', '.join(map(str, allowed))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -23,6 +23,7 @@ from .config_errors import ConfigError
 from .masking import MaskedBatch
 from .masking.attention import Attention
 from .masking.causal_lm import DIRECTIONS, reading_order
+from .masking.plan import EvalItem, TrainItem
 from .model_configs import GPTConfig
 from .registry import MODELS
 
@@ -79,10 +80,10 @@ class LitGPT(MaskedModelBase):
     def blocks(self) -> nn.ModuleList:
         return self.model.blocks
 
-    def _shared_step(self, batch: Tensor, stage: str):
-        """batch (B, T+1) token windows. Validation always scores both directions."""
-        with_bw = stage != "train" or self.masking.use_backward(self.run_config.seed, self.global_step)
-        masked = self.masking(batch, ("fw", "bw") if with_bw else ("fw",))
+    def _shared_step(self, item: TrainItem | EvalItem, stage: str):
+        """Training: the step's windows, forward and (when the step's coin came up)
+        backward, stacked by the data pipeline. Validation always scores both."""
+        masked = item.masked if stage == "train" else item.common[0]
         logits = self.model(masked.inputs, masked.direction, masked.attention)  # (nB, T, V)
         loss_sum, correct, count = token_stats(logits, masked.targets, masked.loss_mask, masked.direction,
                                                N_DIRECTIONS, accuracy=stage != "train")
@@ -95,6 +96,7 @@ class LitGPT(MaskedModelBase):
                 if stage != "train":
                     metrics[f"{name}_acc"] = (correct[d] / count[d], n)
         if stage == "train":
+            with_bw = masked.inputs.shape[0] > item.batch.size  # both directions stacked
             self.bw_steps += int(with_bw)
             metrics["bw_steps"] = (self.bw_steps.float(), 1)
         # Sum of the per-direction mean losses: each direction counts fully when present.
@@ -113,8 +115,8 @@ class LitGPT(MaskedModelBase):
         return reading_order(logits, direction)
 
     # ------------------------------------------------------------ layer removal
-    def ablation_batch(self, batch: Tensor) -> MaskedBatch:
-        return self.masking(batch, ("fw", "bw"))
+    def ablation_batch(self, item: EvalItem) -> MaskedBatch:
+        return item.common[0]  # both directions
 
     def ablation_embed(self, masked: MaskedBatch) -> Tensor:
         return self.model.embed(masked.inputs, masked.direction)

@@ -16,62 +16,18 @@ quality is measured after training by a linear probe on frozen encoder features 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
 from .config_errors import ConfigError
 from .masking import MaskedBatch
 from .masking.attention import Attention
+from .masking.plan import EvalItem, TrainItem
 from .model_configs import MAEConfig
+from .patch_base import PatchModelBase
+from .patchify import gather_rows, head, normalize_patches, patchify, sincos_2d, unpatchify
 from .registry import MODELS
-
-
-@dataclass(frozen=True)
-class PatchBatch(MaskedBatch):
-    """MaskedBatch of an image batch: inputs (B, 3, H, W) images, targets (B, N, P)
-    patch pixels, loss_mask (B, N) True = masked; keep_idx (B, N_keep) visible patches."""
-
-    keep_idx: Tensor | None = None
-    ratio: float | None = None  # the mask ratio the masks were drawn at
-
-
-def sincos_2d(width: int, grid: tuple[int, int]) -> Tensor:
-    """Fixed 2-D sin-cos position embeddings (N, D): half the channels encode the row,
-    half the column, each as sin/cos at geometric frequencies (MAE's get_2d_sincos)."""
-    assert width % 4 == 0, "sin-cos 2-D embedding needs width divisible by 4"
-    h, w = grid
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
-
-    def emb(pos: Tensor) -> Tensor:
-        out = pos.reshape(-1, 1) * omega[None]  # (N, D/4)
-        return torch.cat([out.sin(), out.cos()], dim=1)  # (N, D/2)
-
-    return torch.cat([emb(ys), emb(xs)], dim=1).float()  # (N, D)
-
-
-def patchify(images: Tensor, p: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: Tensor, p: int, grid: tuple[int, int], c: int = 3) -> Tensor:
-    """(B, N, p*p*C) -> (B, C, H, W)."""
-    b = patches.shape[0]
-    gh, gw = grid
-    x = patches.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, c, gh * p, gw * p)
-
-
-def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """x (B, N, D), idx (B, K) -> (B, K, D)."""
-    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
 class MAE(nn.Module):
@@ -123,10 +79,7 @@ class MAE(nn.Module):
 
     def target(self, images: Tensor) -> Tensor:
         t = patchify(images, self.cfg.patch_size)
-        if self.cfg.norm_pix_loss:
-            mean, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
-            t = (t - mean) / (var + 1e-6).sqrt()
-        return t
+        return normalize_patches(t) if self.cfg.norm_pix_loss else t
 
     @staticmethod
     def loss_sums(pred: Tensor, target: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,7 +90,7 @@ class MAE(nn.Module):
 
 
 @MODELS.register("mae")
-class LitMAE(MaskedModelBase):
+class LitMAE(PatchModelBase):
     """Masked autoencoder on image patches; the encoder sees visible patches only."""
 
     Config = MAEConfig
@@ -150,54 +103,21 @@ class LitMAE(MaskedModelBase):
     def blocks(self) -> nn.ModuleList:
         return self.model.blocks
 
-    # ------------------------------------------------------------ masking
-    def mask(self, batch: dict, stage: str, k: int = 0) -> PatchBatch:
-        from .masking.mlm import eval_mask_indices
+    def view_loss(self, masked: MaskedBatch) -> tuple[Tensor, Tensor]:
+        pred = self.model.decode(self.model.encode(masked.inputs, masked.keep_idx), masked.keep_idx)
+        return self.model.loss_sums(pred, self.model.target(masked.targets), masked.loss_mask)
 
-        if stage == "train":
-            index, (step, total) = self.global_step, self.schedule_clock()
-        else:
-            index, step, total = eval_mask_indices(self.run_config.model.eval_masks)[k], None, None
-        pm = self.masking(batch["keys"], self.run_config.model.grid, seed=self.run_config.seed, mask_index=index,
-                          step=step, total_steps=total, stage=stage)
-        images = batch["images"]
-        return PatchBatch(inputs=images, targets=self.model.target(images), loss_mask=pm.masked,
-                          attention=Attention(), keep_idx=pm.keep_idx, ratio=pm.ratio)
-
-    def _shared_step(self, batch: dict, stage: str):
-        views = [self.mask(batch, "train")] if stage == "train" else [
-            self.mask(batch, stage, k) for k in range(self.run_config.model.eval_masks)]
-        total = count = 0.0
-        for v in views:
-            pred = self.model.decode(self.model.encode(v.inputs, v.keep_idx), v.keep_idx)
-            s, n = self.model.loss_sums(pred, v.targets, v.loss_mask)
-            total, count = total + s, count + n
-        loss = total / max(float(count), 1.0)
-        metrics = {"recon_loss": (loss.detach(), int(count))}
-        if stage == "train":
-            metrics["mask_ratio"] = (torch.tensor(views[0].ratio), 1)  # the ratio this step trained on
-        return loss, metrics
+    def _shared_step(self, item: TrainItem | EvalItem, stage: str):
+        return self.masked_loss([item.masked] if stage == "train" else item.common, stage)
 
     # ------------------------------------------------------------ layer removal
-    def ablation_batch(self, batch: dict) -> PatchBatch:
-        views = [self.mask(batch, "val", k) for k in range(self.run_config.model.eval_masks)]
-        return PatchBatch(
-            inputs=torch.cat([v.inputs for v in views]), targets=torch.cat([v.targets for v in views]),
-            loss_mask=torch.cat([v.loss_mask for v in views]), attention=Attention(),
-            keep_idx=torch.cat([v.keep_idx for v in views]),
-        )
-
-    def ablation_embed(self, masked: PatchBatch) -> Tensor:
+    def ablation_embed(self, masked: MaskedBatch) -> Tensor:
         return self.model.embed(masked.inputs, masked.keep_idx)
 
-    def ablation_token_mask(self, masked: PatchBatch, h: Tensor) -> Tensor:
-        """Tokens whose block-to-block similarity is measured: all encoder tokens."""
-        return torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-
-    def ablation_score(self, h: Tensor, masked: PatchBatch) -> dict[str, tuple[Tensor, Tensor]]:
+    def ablation_score(self, h: Tensor, masked: MaskedBatch) -> dict[str, tuple[Tensor, Tensor]]:
         """Encoder truncated at h (final norm applied), the decoder kept."""
         pred = self.model.decode(self.model.norm(h), masked.keep_idx)
-        s, n = self.model.loss_sums(pred, masked.targets, masked.loss_mask)
+        s, n = self.model.loss_sums(pred, self.model.target(masked.targets), masked.loss_mask)
         return {"recon_loss": (s, n)}
 
     # ------------------------------------------------------------ representations
@@ -211,11 +131,11 @@ class LitMAE(MaskedModelBase):
         return self.model.norm(h)[:, 1:].mean(1)
 
     @torch.no_grad()
-    def reconstruction_grid(self, batch: dict, n: int = 8) -> Tensor:
+    def reconstruction_grid(self, item: EvalItem, n: int = 8) -> Tensor:
         """Rows original | masked | reconstruction | reconstruction with the visible
-        patches pasted back, for the first n validation images: (4n... ) as (3, 4H, nW)
-        in [0, 1], mask index = the first evaluation mask."""
-        v = self.mask({k: t[:n] for k, t in batch.items()}, "val", 0)
+        patches pasted back, for the first n validation images under the first
+        evaluation mask: (3, 4H, nW) in [0, 1]."""
+        v = head(item.common[0], n)
         images, p, grid = v.inputs, self.run_config.model.patch_size, self.run_config.model.grid
         pred = self.model.decode(self.model.encode(images, v.keep_idx), v.keep_idx)  # (n, N, P)
         orig = patchify(images, p)
@@ -229,12 +149,5 @@ class LitMAE(MaskedModelBase):
         lo, hi = grid_img.amin(), grid_img.amax()
         return ((grid_img - lo) / (hi - lo + 1e-8)).clamp(0, 1)
 
-    def on_validation_epoch_end(self) -> None:
-        log_image = getattr(self.logger, "log_image", None)
-        dm = getattr(self.trainer, "datamodule", None)
-        if log_image is None or dm is None or self.trainer.sanity_checking:
-            return
-        batch = next(iter(dm.val_dataloader()))
-        batch = {k: t.to(self.device) for k, t in batch.items()}
-        img = self.reconstruction_grid(batch)
-        log_image(f"reconstructions/step_{self.global_step:06d}.png", img, self.global_step)
+    def validation_image(self, item: EvalItem) -> Tensor:
+        return self.reconstruction_grid(item)

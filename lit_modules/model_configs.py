@@ -5,27 +5,32 @@ config from here. Keeping the configs apart from torch lets ``masklab`` validate
 or a ``--set`` value in well under a second, before torch or Lightning is imported; the
 registry (``registry.py``) finds a config by the family's name without importing the
 family. Each config also says what the family trains on: the masking strategies it
-accepts (``maskings``) and the data kinds (``data_kinds``).
+consumes (``consumes``, a batch kind of ``masking/batches.py``: a masking fits the family
+when it accepts that kind) and the data kinds (``data_kinds``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .config_errors import ConfigError, check_at_least, check_dropout, check_width
-from .registry import MODELS
+from .masking.batches import Clips, Images, TokenRows, TokenWindows
+from .registry import MASKINGS, MODELS
 
-# Video: what a clip holds, and what a run trains.
-CLIP_KINDS = ("pixels", "tokens")
-STAGES = ("pretrain", "autoregressive", "two-stage")
+
+def maskings_for(kind: type) -> list[str]:
+    """The registered maskings that accept batches of ``kind`` (derived, never listed)."""
+    return [n for n in MASKINGS.names() if MASKINGS.config(n).accepts is kind]
+
+
 
 
 @MODELS.register_config("gpt")
 @dataclass(frozen=True)
 class GPTConfig:
-    # What the family trains on: the masking strategies it accepts and the data kinds.
-    maskings: ClassVar[tuple[str, ...]] = ("causal-lm",)
+    # What the family trains on: the batch kind its maskings must accept, the data kinds.
+    consumes: ClassVar[type] = TokenWindows
     data_kinds: ClassVar[tuple[str, ...]] = ("text",)
     name: str = "gpt"
     depth: int = 2
@@ -45,7 +50,7 @@ class GPTConfig:
 @MODELS.register_config("bert")
 @dataclass(frozen=True)
 class BERTConfig:
-    maskings: ClassVar[tuple[str, ...]] = ("mlm-random", "mlm-whole-word", "mlm-span")
+    consumes: ClassVar[type] = TokenRows
     data_kinds: ClassVar[tuple[str, ...]] = ("text",)
     name: str = "bert"
     depth: int = 2
@@ -69,14 +74,15 @@ class BERTConfig:
             raise ConfigError("eval_masks", self.eval_masks, "must be an integer >= 1")
         if not 0.0 < self.eval_mask_ratio < 1.0:
             raise ConfigError("eval_mask_ratio", self.eval_mask_ratio, "must be in (0, 1)")
-        if self.eval_masking not in self.maskings:
-            raise ConfigError("eval_masking", self.eval_masking, f"allowed: {', '.join(self.maskings)}")
+        fits = maskings_for(self.consumes)
+        if self.eval_masking not in fits:
+            raise ConfigError("eval_masking", self.eval_masking, f"allowed: {', '.join(fits)}")
 
 
 @MODELS.register_config("mae")
 @dataclass(frozen=True)
 class MAEConfig:
-    maskings: ClassVar[tuple[str, ...]] = ("mae-random", "mae-block")
+    consumes: ClassVar[type] = Images
     data_kinds: ClassVar[tuple[str, ...]] = ("image",)
     name: str = "mae"
     image_size: int = 32
@@ -104,56 +110,100 @@ class MAEConfig:
         return g, g
 
 
-@MODELS.register_config("video")
 @dataclass(frozen=True)
 class VideoConfig:
-    maskings: ClassVar[tuple[str, ...]] = ("video-tube", "video-random", "video-frame")
+    """The fields of both video families (not registered itself).
+
+    stage: ``pretrain`` (masked pretraining), ``autoregressive`` (next-frame prediction
+    with frame-causal attention, from ``init_from`` or from scratch) or ``two-stage``
+    (masked pretraining for ``pretrain_steps`` steps, then autoregressive fine-tuning
+    for the rest, in one run; ``pretrain_steps: 0`` is autoregressive from scratch at
+    the same number of steps: the baseline).
+    """
+
+    consumes: ClassVar[type] = Clips
     data_kinds: ClassVar[tuple[str, ...]] = ("video",)
-    name: str = "video"
-    clip_kind: str = "pixels"
-    stage: str = "pretrain"
+    clip_kind: ClassVar[str] = "pixels"
+    name: str = ""
+    stage: Literal["pretrain", "autoregressive", "two-stage"] = "pretrain"
     init_from: str = ""  # stage-1 checkpoint for the autoregressive stage ("" = from scratch)
-    # "two-stage": masked pretraining for the first pretrain_steps steps, then
-    # autoregressive fine-tuning for the rest, in one run (0 = autoregressive from scratch).
     pretrain_steps: int = 0
     frames: int = 4
     image_size: int = 32  # pixels: H = W; tokens: the token grid side h = w
     tubelet_frames: int = 2
-    patch_size: int = 16  # tokens: 1
-    vocab_size: int = 0  # tokens only
+    patch_size: int = 16
     depth: int = 2
     width: int = 64
     heads: int = 2
-    decoder_depth: int = 1
-    decoder_width: int = 32
-    decoder_heads: int = 2
-    norm_pix_loss: bool = False
     eval_masks: int = 2
 
     def __post_init__(self):
-        if self.clip_kind not in CLIP_KINDS:
-            raise ConfigError("clip_kind", self.clip_kind, f"allowed: {', '.join(CLIP_KINDS)}")
-        if self.stage not in STAGES:
-            raise ConfigError("stage", self.stage, f"allowed: {', '.join(STAGES)}")
-        check_at_least(self, ("frames", "tubelet_frames", "patch_size", "depth", "heads", "decoder_depth",
-                              "decoder_heads", "eval_masks"))
+        check_at_least(self, ("frames", "tubelet_frames", "patch_size", "depth", "heads", "eval_masks"))
         if self.frames % self.tubelet_frames:
             raise ConfigError("frames", self.frames, f"must be a multiple of tubelet_frames ({self.tubelet_frames})")
         if self.image_size % self.patch_size:
             raise ConfigError("image_size", self.image_size, f"must be a multiple of patch_size ({self.patch_size})")
-        if self.clip_kind == "tokens" and (self.patch_size != 1 or self.tubelet_frames != 1 or self.vocab_size < 2):
-            raise ConfigError("vocab_size" if self.vocab_size < 2 else "patch_size",
-                              self.vocab_size if self.vocab_size < 2 else self.patch_size,
-                              "token clips need vocab_size >= 2, patch_size 1 and tubelet_frames 1")
         if self.pretrain_steps < 0:
             raise ConfigError("pretrain_steps", self.pretrain_steps, "must be >= 0")
         if self.stage != "pretrain" and self.frames // self.tubelet_frames < 2:
             raise ConfigError("frames", self.frames, "the autoregressive stage needs at least 2 time steps")
-        for w, h in (("width", "heads"), ("decoder_width", "decoder_heads")):
-            if getattr(self, w) < 4 or getattr(self, w) % getattr(self, h) or getattr(self, w) % 4:
-                raise ConfigError(w, getattr(self, w), f"must be a multiple of 4 and of {h} ({getattr(self, h)})")
+        _check_width4(self, "width", "heads")
 
     @property
     def grid(self) -> tuple[int, int, int]:
         g = self.image_size // self.patch_size
         return self.frames // self.tubelet_frames, g, g
+
+
+def _check_width4(cfg, w: str, h: str) -> None:
+    """A width for sin-cos positions (a multiple of 4) that splits into its heads."""
+    if getattr(cfg, w) < 4 or getattr(cfg, w) % getattr(cfg, h) or getattr(cfg, w) % 4:
+        raise ConfigError(w, getattr(cfg, w), f"must be a multiple of 4 and of {h} ({getattr(cfg, h)})")
+
+
+@MODELS.register_config("video-mae")
+@dataclass(frozen=True)
+class VideoMAEConfig(VideoConfig):
+    """VideoMAE on pixel clips: tubelets of ``tubelet_frames`` x ``patch_size`` x
+    ``patch_size``; a light decoder reconstructs the masked ones."""
+
+    name: str = "video-mae"
+    decoder_depth: int = 1
+    decoder_width: int = 32
+    decoder_heads: int = 2
+    norm_pix_loss: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_at_least(self, ("decoder_depth", "decoder_heads"))
+        _check_width4(self, "decoder_width", "decoder_heads")
+
+
+@MODELS.register_config("maskvit")
+@dataclass(frozen=True)
+class MaskViTConfig(VideoConfig):
+    """MaskViT on token clips (B, F, h, w) of a discrete tokenizer with ``vocab_size``
+    ids: masked positions enter as a learned [MASK] embedding."""
+
+    clip_kind: ClassVar[str] = "tokens"
+    name: str = "maskvit"
+    tubelet_frames: int = 1
+    patch_size: int = 1
+    vocab_size: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.vocab_size < 2:
+            raise ConfigError("vocab_size", self.vocab_size, "must be >= 2 (the ids of the token clips)")
+        if self.patch_size != 1 or self.tubelet_frames != 1:
+            raise ConfigError("patch_size" if self.patch_size != 1 else "tubelet_frames",
+                              self.patch_size if self.patch_size != 1 else self.tubelet_frames,
+                              "must be 1: a token clip is already one token per position")
+
+
+# Families renamed: the old name is a one-line error naming the new ones.
+MODELS.retire("video", "split into video-mae (VideoMAE, pixel clips) and maskvit (MaskViT, token clips); "
+                       "set model.name to one of them (a spec: model: video-mae)")
+
+
+ModelConfig = GPTConfig | BERTConfig | MAEConfig | VideoMAEConfig | MaskViTConfig

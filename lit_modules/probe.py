@@ -45,10 +45,10 @@ def _features(model, loader, blocks: list[int]) -> tuple[dict[int, Tensor], Tens
     feats: dict[int, list[Tensor]] = {k: [] for k in blocks}
     labels = []
     for batch in loader:
-        images = batch["images"].to(device)
+        images = batch.images.to(device)
         for k in blocks:
             feats[k].append(model.features(images, k).float().cpu())
-        labels.append(batch["labels"].cpu())
+        labels.append(batch.labels.cpu())
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
 
 

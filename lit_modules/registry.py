@@ -25,6 +25,7 @@ class Registry:
         self.kind = kind
         self._items: dict[str, Any] = {}
         self._configs: dict[str, Any] = {}
+        self._retired: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
         """Decorator: ``obj`` implements ``name``."""
@@ -34,9 +35,14 @@ class Registry:
         """Decorator: the config dataclass of each of ``names`` (torch-free modules only)."""
         return _adder(self._configs, f"{self.kind} config", names)
 
+    def retire(self, name: str, why: str) -> None:
+        """``name`` is no longer registered; looking it up is an error saying ``why``."""
+        self._retired[name] = why
+
     def get(self, name: str, field: str | None = None) -> Any:
         """The implementation registered as ``name`` (imports every implementation)."""
         ensure_registered()
+        self._check_retired(name, field)
         if name not in self._items:
             raise ConfigError(field or f"{self.kind}.name", name, f"allowed: {', '.join(self.names())}")
         return self._items[name]
@@ -44,10 +50,15 @@ class Registry:
     def config(self, name: str, field: str | None = None) -> Any:
         """The config dataclass of ``name``; imports no torch."""
         ensure_configs()
+        self._check_retired(name, field)
         found = self._configs.get(name, self._items.get(name))
         if found is None:
             raise ConfigError(field or f"{self.kind}.name", name, f"allowed: {', '.join(self.names())}")
         return getattr(found, "Config", found)
+
+    def _check_retired(self, name: str, field: str | None) -> None:
+        if name in self._retired:
+            raise ConfigError(field or f"{self.kind}.name", name, self._retired[name])
 
     def names(self) -> list[str]:
         ensure_configs()
@@ -76,11 +87,17 @@ DATASETS = Registry("dataset")
 
 
 def ensure_configs() -> None:
-    """Import the torch-free modules that register every config (idempotent)."""
-    from . import model_configs  # noqa: F401
+    """Import the torch-free modules that register every config (idempotent): the model
+    and data configs, and every module of ``lit_modules.masking`` (a new strategy is one
+    new file there, found without being listed)."""
+    import importlib
+    import pkgutil
+
+    from . import masking, model_configs  # noqa: F401
     from .data import configs  # noqa: F401
-    from .masking import causal_lm, mlm, patches  # noqa: F401
-    from .masking import video as masking_video  # noqa: F401  (aliased: data.video shares the name)
+
+    for info in pkgutil.iter_modules(masking.__path__):
+        importlib.import_module(f"{masking.__name__}.{info.name}")
 
 
 def ensure_registered() -> None:

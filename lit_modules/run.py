@@ -23,9 +23,11 @@ def build_datamodule(cfg: RunConfig, workspace: Workspace) -> L.LightningDataMod
     """The data module, already set up (tokenizer trained, corpus encoded): data errors
     surface here, before any run is recorded."""
     t = cfg.trainer
-    layout = getattr(MODELS.get(cfg.model.name), "data_layout", "windows")
+    family = MODELS.get(cfg.model.name)
+    steps_per_epoch = max(1, min(t.val_every, t.max_steps))  # one epoch = one validation interval
     dm = DATASETS.get(cfg.data.name)(cfg.data, getattr(cfg.model, "block_size", 0), cfg.seed, t.max_steps, workspace,
-                                     steps_per_epoch=t.val_every, layout=layout)
+                                     steps_per_epoch=steps_per_epoch, layout=family.data_layout,
+                                     plan=family.mask_plan(cfg, steps_per_epoch))
     dm.setup("fit")
     # Shapes the model is built for must be the data's (image and video models).
     for field in ("image_size", "frames", "clip_kind"):

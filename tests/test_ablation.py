@@ -1,4 +1,5 @@
-"""Layer removal: the single-pass fast path equals deleting blocks and re-running."""
+"""Layer removal: the single-pass fast path equals deleting blocks and re-running; with
+nothing removed it is every family's validation score."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from lit_modules.ablation import (
     truncation_curves,
 )
 from lit_modules.masking.attention import Attention
+from lit_modules.masking.causal_lm import stacked_views
+from lit_modules.registry import MODELS
 
 from .conftest import TINY
 
@@ -45,10 +48,15 @@ def model(tiny_config):
 
 
 @pytest.fixture
-def batches():
-    """Two batches of (B, T+1) windows of unequal size (the per-token mean is pooled)."""
+def batches(model):
+    """Two validation items of (B, T+1) windows of unequal size (the per-token mean is
+    pooled), their views drawn by the model's mask plan as the validation loader does."""
+    from lit_modules.masking.batches import TokenWindows
+
+    plan = type(model).mask_plan(model.run_config, steps_per_epoch=2)
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, VOCAB, (4, 17), generator=g), torch.randint(0, VOCAB, (2, 17), generator=g)]
+    windows = [torch.randint(0, VOCAB, (4, 17), generator=g), torch.randint(0, VOCAB, (2, 17), generator=g)]
+    return [plan.eval_item(TokenWindows(w)) for w in windows]
 
 
 def _with_blocks(model, keep: list[int]):
@@ -60,7 +68,7 @@ def _with_blocks(model, keep: list[int]):
 
 def _reference(model, batches) -> dict[str, float]:
     """Per-token loss and accuracy in both directions, through the public predict()."""
-    window = torch.cat(batches)
+    window = torch.cat([item.batch.windows for item in batches])
     ce = nn.functional.cross_entropy
     fw = model.predict(window[:, :-1], "fw")  # logits[:, t] predicts window[:, t+1]
     bw = model.predict(window[:, 1:], "bw")  # logits[:, t] predicts window[:, t]
@@ -113,7 +121,7 @@ def test_drop_one_equals_deleting_that_block(model, batches):
 
 def _by_hand_states(model, window: torch.Tensor) -> list[torch.Tensor]:
     """Block inputs/outputs for the fw and bw views, built without lit_modules.ablation."""
-    masked = model.masking(window, ("fw", "bw"))
+    masked = stacked_views(window, ("fw", "bw"))
     h = model.model.embed(masked.inputs, masked.direction)
     states = [h]
     for block in model.model.blocks:
@@ -129,7 +137,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def test_block_influence_and_angular_distance_by_hand(model, batches):
     df = layer_removal(model, batches, AblationOptions(truncate=False, drop_one=False))
-    per_batch = [_by_hand_states(model, w) for w in batches]
+    per_batch = [_by_hand_states(model, item.batch.windows) for item in batches]
     for i in range(DEPTH):
         cos = torch.cat([_cos(s[i], s[i + 1]).flatten() for s in per_batch])  # every token, fw and bw
         bi = (1 - cos).mean().item()
@@ -192,3 +200,29 @@ def test_max_batches_and_options(model, batches):
     pd.testing.assert_frame_equal(first, limited)
     only = layer_removal(model, batches, AblationOptions(truncate=False, drop_one=False, similarity=False))
     assert only.empty and list(only.columns) == COLUMNS
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_nothing_removed_is_the_validation_score(tiny_config, workspace, name):
+    """For every family, the intact model's layer-removal scores (k = 0) are its
+    validation metrics on the same item, and removing blocks changes them."""
+    from lit_modules.run import build_datamodule, build_model
+
+    cfg = tiny_config(name)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # off the init, where a block's residual branch is near zero
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / p[0].numel() ** 0.5))
+    item = next(iter(build_datamodule(cfg, workspace).val_dataloader()))
+    with torch.no_grad():
+        _, metrics = model._shared_step(item, "val")
+    df = layer_removal(model, [item], AblationOptions(drop_one=False, similarity=False))
+    intact = _values(df, "truncate", removed=0)
+    shared = set(intact) & set(metrics)
+    assert shared, (sorted(intact), sorted(metrics))
+    for metric in shared:
+        assert math.isclose(intact[metric], float(metrics[metric][0]), rel_tol=1e-5, abs_tol=1e-6), metric
+    removed = _values(df, "truncate", removed=len(model.blocks))
+    assert any(not math.isclose(removed[m], intact[m], rel_tol=1e-3) for m in shared)

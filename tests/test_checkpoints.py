@@ -55,7 +55,7 @@ def test_stage_one_weights_and_resume_checkpoints_refuse_it(crafted, tiny_config
     from studies.train import checkpoint_step
 
     path, marker = crafted
-    model = build_model(tiny_config("video", {"model.stage": "autoregressive"}))
+    model = build_model(tiny_config("video-mae", {"model.stage": "autoregressive"}))
     with pytest.raises(ConfigError, match="model.init_from = .*refused"):
         model.load_pretrained(str(path))
     with pytest.raises(ConfigError, match="resume checkpoint = .*refused"):

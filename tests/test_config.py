@@ -123,3 +123,58 @@ def test_shipped_specs_validate(path):
         load_spec(path)
     else:
         load_run_config(path)
+
+
+def test_the_old_video_family_name_names_the_new_ones():
+    data = copy.deepcopy(TINY["video-mae"])
+    data["model"]["name"] = "video"
+    with pytest.raises(ConfigError) as info:
+        load_run_config(data)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("model.name = 'video'")
+    assert "video-mae" in msg and "maskvit" in msg
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("optim.schedule", "linear", "cosine, constant"),
+    ("optim.name", "sgd", "adamw"),
+    ("trainer.precision", "fp8", "bf16-mixed"),
+    ("trainer.accelerator", "tpu", "cuda"),
+    ("data.tokenizer", "wordpiece", "bpe, unigram"),
+])
+def test_literal_choices_are_checked_by_the_loader(field, value, allowed):
+    with pytest.raises(ConfigError) as info:
+        load_run_config(_cfg(**{field: value}))
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{field} = {value!r}: allowed: ") and allowed in msg
+
+
+def test_model_stage_is_a_literal_choice():
+    data = copy.deepcopy(TINY["video-mae"])
+    data["model"]["stage"] = "three-stage"
+    with pytest.raises(ConfigError) as info:
+        load_run_config(data)
+    assert str(info.value).startswith("model.stage = 'three-stage': allowed: pretrain, autoregressive, two-stage")
+
+
+@pytest.mark.parametrize("model", sorted(TINY))
+def test_a_masking_of_another_batch_kind_is_refused_naming_those_that_fit(model):
+    """Compatibility is derived: a masking fits a model when it accepts the batch kind
+    the model consumes; any other is refused with the ones that fit."""
+    from lit_modules.masking.batches import kind_name
+    from lit_modules.model_configs import maskings_for
+    from lit_modules.registry import MASKINGS, MODELS
+
+    consumes = MODELS.config(model).consumes
+    fits = maskings_for(consumes)
+    assert TINY[model]["masking"]["name"] in fits
+    for other in MASKINGS.names():
+        if other in fits:
+            continue
+        data = copy.deepcopy(TINY[model])
+        data["masking"] = {"name": other}
+        with pytest.raises(ConfigError) as info:
+            load_run_config(data)
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(f"masking.name = '{other}'"), msg
+        assert kind_name(consumes) in msg and ", ".join(fits) in msg

@@ -1,4 +1,5 @@
-"""GPT: no leakage in either direction, predict() semantics, registry smoke tests."""
+"""GPT: no leakage in either direction, predict() semantics, the training step on the
+data pipeline's views; registry smoke tests of every model family."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ def _model(tiny_config, **over):
 
     model = build_model(tiny_config("gpt", {f"model.{k}": v for k, v in over.items()}))
     return model.eval()
+
+
+def _train_item(model, window: torch.Tensor, step: int = 0):
+    """What the data pipeline hands the training step for ``window`` (B, T+1) at ``step``."""
+    from lit_modules.masking.batches import TokenWindows
+
+    plan = type(model).mask_plan(model.run_config, steps_per_epoch=2)
+    return plan.train_item(TokenWindows(window), step)
 
 
 @pytest.mark.parametrize("direction", ["fw", "bw"])
@@ -61,9 +70,10 @@ def test_target_never_visible(tiny_config):
 def test_predict_matches_training_path(tiny_config):
     """predict() in original coordinates gives exactly the losses the training step
     computes on its stacked fw/bw batch."""
-    model = _model(tiny_config)
+    model = _model(tiny_config)  # p_bw = 1: every training step reads both directions
     window = torch.randint(0, VOCAB, (4, 17))  # (B, T+1)
-    masked = model.masking(window, ("fw", "bw"))
+    masked = _train_item(model, window).masked
+    assert masked.direction.tolist() == [0] * 4 + [1] * 4
     with torch.no_grad():
         logits = model.model(masked.inputs, masked.direction, masked.attention)
     ce = torch.nn.functional.cross_entropy
@@ -89,29 +99,42 @@ def test_every_model_is_covered():
 
 @pytest.mark.parametrize("name", MODELS.names())
 def test_model_smoke(tiny_config, workspace, name):
-    """Forward, backward, every parameter gets a finite gradient; metrics are named."""
+    """Forward, backward, every parameter gets a finite gradient; metrics are named. The
+    training item comes from the data module with its masks drawn; a validation item
+    is scored too."""
+    from lit_modules.masking.plan import EvalItem, TrainItem
     from lit_modules.run import build_datamodule, build_model
 
     cfg = tiny_config(name)
     model = build_model(cfg).train()
-    batch = next(iter(build_datamodule(cfg, workspace).train_dataloader()))
-    loss, metrics = model._shared_step(batch, "train")
+    dm = build_datamodule(cfg, workspace)
+    item = next(iter(dm.train_dataloader()))
+    assert isinstance(item, TrainItem) and item.step == 0 and item.masked is not None
+    assert isinstance(item.batch, cfg.model.consumes)
+    loss, metrics = model._shared_step(item, "train")
     assert torch.isfinite(loss)
     loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
     assert all(k.replace("_", "").isalnum() for k in metrics)
+    val = next(iter(dm.val_dataloader()))
+    assert isinstance(val, EvalItem) and len(val.common) == getattr(cfg.model, "eval_masks", 1)
+    with torch.no_grad():
+        vloss, vmetrics = model.eval()._shared_step(val, "val")
+    assert torch.isfinite(vloss) and vmetrics and all(k.replace("_", "").isalnum() for k in vmetrics)
 
 
 def test_backward_coin_sums_losses(tiny_config):
     """With p_bw = 1 the training loss is fw_loss + bw_loss; with p_bw = 0 only fw_loss."""
     window = torch.randint(0, VOCAB, (4, 17))
     for p_bw, expect_bw in ((1.0, True), (0.0, False)):
-        model = _model(tiny_config)
-        model.masking = type(model.masking)(p_bw=p_bw)
-        loss, metrics = model._shared_step(window, "train")
+        from lit_modules.run import build_model
+
+        model = build_model(tiny_config("gpt", {"masking.p_bw": p_bw}))
+        loss, metrics = model._shared_step(_train_item(model, window), "train")
         assert ("bw_loss" in metrics) == expect_bw
+        assert float(metrics["bw_steps"][0]) == float(expect_bw)
         total = metrics["fw_loss"][0] + (metrics["bw_loss"][0] if expect_bw else 0)
         assert torch.allclose(loss, total)
 

@@ -23,6 +23,7 @@ from lit_modules.data.images import (
     image_keys,
     resized_crop,
 )
+from lit_modules.masking.batches import Images
 from lit_modules.paths import Workspace
 from lit_modules.registry import DATASETS
 
@@ -34,6 +35,11 @@ def _dm(workspace, name="tiny-imagenet", seed=0, max_steps=6, steps_per_epoch=No
                             steps_per_epoch=steps_per_epoch)
     dm.setup("fit")
     return dm
+
+
+def _same(a: Images, b: Images) -> bool:
+    """Two image batches hold the same tensors (images, keys, labels, index)."""
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("images", "keys", "labels", "index"))
 
 
 def _pixels_as_batch(dm, index) -> torch.Tensor:
@@ -95,23 +101,24 @@ def test_tiny_imagenet_shapes_dtypes_and_info(tiny):
     assert info["data.n_val"] == 64 and info["data.resolution"] == 64
     assert all(k.startswith("data.") for k in info)
     for batch in (tiny.train_dataloader().dataset[0], next(iter(tiny.val_dataloader()))):
-        b = len(batch["labels"])
-        assert batch["images"].shape == (b, 3, 64, 64) and batch["images"].dtype == torch.float32
+        b = len(batch.labels)
+        assert batch.images.shape == (b, 3, 64, 64) and batch.images.dtype == torch.float32
+        assert isinstance(batch, Images) and batch.grid is None  # no plan: the model sets the grid
         for k in ("labels", "keys", "index"):
-            assert batch[k].shape == (b,) and batch[k].dtype == torch.int64
-        assert batch["labels"].min() >= 0 and batch["labels"].max() < 200
+            assert getattr(batch, k).shape == (b,) and getattr(batch, k).dtype == torch.int64
+        assert batch.labels.min() >= 0 and batch.labels.max() < 200
         lo = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
         hi = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-        per_channel = batch["images"].transpose(0, 1).reshape(3, -1)
+        per_channel = batch.images.transpose(0, 1).reshape(3, -1)
         assert (per_channel.min(1).values >= lo - 1e-5).all() and (per_channel.max(1).values <= hi + 1e-5).all()
-    assert len(tiny.train_dataloader().dataset[0]["labels"]) == 8
+    assert len(tiny.train_dataloader().dataset[0].labels) == 8
 
 
 def test_labels_match_the_source(tiny, data_dir):
     with np.load(data_dir / "tiny-imagenet-200-val/tiny_imagenet_200_val.npz") as z:
         labels = z["labels"].astype(np.int64)
     batch = next(iter(tiny.val_dataloader()))
-    assert torch.equal(batch["labels"], torch.from_numpy(labels[batch["index"].numpy()]))
+    assert torch.equal(batch.labels, torch.from_numpy(labels[batch.index.numpy()]))
 
 
 def test_decode_is_cached(tiny, workspace, monkeypatch):
@@ -131,13 +138,13 @@ def test_validation_is_fixed_unaugmented_and_spread(tiny):
     # Evenly spread over the split, not its first 64 images.
     assert idx[-1] == tiny.val_split[-1] and idx[0] == tiny.val_split[0]
     batches = list(tiny.val_dataloader())
-    assert [len(b["index"]) for b in batches] == [16] * 4
-    got = torch.cat([b["index"] for b in batches])
+    assert [len(b.index) for b in batches] == [16] * 4
+    got = torch.cat([b.index for b in batches])
     assert torch.equal(got, torch.from_numpy(idx))
     first = batches[0]
-    assert torch.allclose(_denormalize(first["images"]), _pixels_as_batch(tiny, first["index"]), atol=1e-5)
+    assert torch.allclose(_denormalize(first.images), _pixels_as_batch(tiny, first.index), atol=1e-5)
     again = next(iter(tiny.val_dataloader()))
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert _same(first, again)
 
 
 def test_split_is_seed_independent_disjoint_and_nested(tiny, workspace):
@@ -156,21 +163,21 @@ def test_train_batch_is_a_function_of_seed_and_step(tiny, workspace):
     a, b = tiny.train_dataloader().dataset, other.train_dataloader().dataset
     for step in (0, 3):
         x, y = a[step], b[step]
-        assert all(torch.equal(x[k], y[k]) for k in x)
-    assert not torch.equal(a[0]["index"], a[1]["index"])
+        assert _same(x, y)
+    assert not torch.equal(a[0].index, a[1].index)
     reseeded = _dm(workspace, seed=1).train_dataloader().dataset
-    assert not torch.equal(a[0]["index"], reseeded[0]["index"])
-    assert not torch.equal(a[0]["images"], reseeded[0]["images"])
+    assert not torch.equal(a[0].index, reseeded[0].index)
+    assert not torch.equal(a[0].images, reseeded[0].images)
     for step in range(4):
-        assert np.isin(a[step]["index"].numpy(), tiny.train_index).all()
+        assert np.isin(a[step].index.numpy(), tiny.train_index).all()
 
 
 def test_augmentation_depends_on_row_not_batch_size(tiny, workspace):
     """Row r of step s: same image and same crop whatever the batch size."""
     wide = _dm(workspace, batch_size=16).train_dataloader().dataset[2]
     narrow = tiny.train_dataloader().dataset[2]
-    assert torch.equal(wide["index"][:8], narrow["index"])
-    assert torch.equal(wide["images"][:8], narrow["images"])
+    assert torch.equal(wide.index[:8], narrow.index)
+    assert torch.equal(wide.images[:8], narrow.images)
 
 
 def test_keys_are_content_keys(tiny):
@@ -178,12 +185,12 @@ def test_keys_are_content_keys(tiny):
     seen: dict[int, int] = {}
     for step in range(6):
         batch = ds[step]
-        assert torch.equal(batch["keys"], torch.from_numpy(image_keys(tiny.data.pixels[batch["index"].numpy()])))
-        for i, k in zip(batch["index"].tolist(), batch["keys"].tolist()):
+        assert torch.equal(batch.keys, torch.from_numpy(image_keys(tiny.data.pixels[batch.index.numpy()])))
+        for i, k in zip(batch.index.tolist(), batch.keys.tolist()):
             assert seen.setdefault(i, k) == k
     assert len(set(tiny.data.keys.tolist())) == len(tiny.data.keys)  # no two images share a key
     val = next(iter(tiny.val_dataloader()))
-    assert torch.equal(val["keys"], torch.from_numpy(tiny.data.keys[val["index"].numpy()]))
+    assert torch.equal(val.keys, torch.from_numpy(tiny.data.keys[val.index.numpy()]))
 
 
 def test_train_loader_serves_every_step_in_order(workspace, tiny):
@@ -195,23 +202,23 @@ def test_train_loader_serves_every_step_in_order(workspace, tiny):
         batches.extend(loader)
     assert len(batches) == 5
     for step, batch in enumerate(batches):
-        assert torch.equal(batch["images"], loader.dataset[step]["images"])
+        assert torch.equal(batch.images, loader.dataset[step].images)
 
 
 def test_unaugmented_unnormalized_train_batch_is_the_pixels(workspace, tiny):
     batch = _dm(workspace, augment=False, normalize=False).train_dataloader().dataset[1]
-    assert batch["images"].min() >= 0 and batch["images"].max() <= 1
-    assert torch.equal(batch["images"], _pixels_as_batch(tiny, batch["index"]))
+    assert batch.images.min() >= 0 and batch.images.max() <= 1
+    assert torch.equal(batch.images, _pixels_as_batch(tiny, batch.index))
 
 
 def test_probe_loaders_are_fixed_and_unaugmented(tiny):
     train, val = tiny.probe_dataloaders(train_images=40, batch_size=16)
     tb = list(train)
-    idx = torch.cat([b["index"] for b in tb])
+    idx = torch.cat([b.index for b in tb])
     assert len(idx) == 40 and np.isin(idx.numpy(), tiny.train_index).all()
-    assert torch.allclose(_denormalize(tb[0]["images"]), _pixels_as_batch(tiny, tb[0]["index"]), atol=1e-5)
-    assert torch.equal(torch.cat([b["index"] for b in val]), torch.from_numpy(tiny.val_index))
-    assert torch.equal(torch.cat([b["index"] for b in tiny.probe_dataloaders(40, 16)[0]]), idx)
+    assert torch.allclose(_denormalize(tb[0].images), _pixels_as_batch(tiny, tb[0].index), atol=1e-5)
+    assert torch.equal(torch.cat([b.index for b in val]), torch.from_numpy(tiny.val_index))
+    assert torch.equal(torch.cat([b.index for b in tiny.probe_dataloaders(40, 16)[0]]), idx)
 
 
 # ---------------------------------------------------------------- crop and flip
@@ -255,9 +262,9 @@ def test_cifar10_at_32(workspace):
     dm = _dm(workspace, name="cifar10")
     assert dm.image_size == 32 and dm.num_classes == 10 and dm.class_names[0] == "airplane"
     batch = dm.train_dataloader().dataset[0]
-    assert batch["images"].shape == (8, 3, 32, 32)
-    assert batch["labels"].min() >= 0 and batch["labels"].max() < 10
-    assert next(iter(dm.val_dataloader()))["images"].shape == (16, 3, 32, 32)
+    assert batch.images.shape == (8, 3, 32, 32)
+    assert batch.labels.min() >= 0 and batch.labels.max() < 10
+    assert next(iter(dm.val_dataloader())).images.shape == (16, 3, 32, 32)
 
 
 def test_image_folder_with_class_subfolders(tmp_path, data_dir):
@@ -273,7 +280,7 @@ def test_image_folder_with_class_subfolders(tmp_path, data_dir):
     assert dm.info["data.n_images"] == 16 and len(dm.train_index) and len(dm.val_split)
     assert dm.data.labels.tolist() == [0] * 8 + [1] * 8
     batch = dm.train_dataloader().dataset[0]
-    assert batch["images"].shape == (8, 3, 16, 16) and set(batch["labels"].tolist()) <= {0, 1}
+    assert batch.images.shape == (8, 3, 16, 16) and set(batch.labels.tolist()) <= {0, 1}
     # Resizing: a new cache entry, same split (it hashes the files, not the pixels).
     big = _dm(ws, name="image-folder", path=str(root), val_fraction=0.5, image_size=24)
     assert big.image_size == 24 and big.info["data.cache_file"] != dm.info["data.cache_file"]

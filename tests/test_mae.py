@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_modules.config_errors import ConfigError
-from lit_modules.mae import patchify, unpatchify
+from lit_modules.patchify import patchify, unpatchify
 
 from .conftest import TINY
 
@@ -35,7 +35,9 @@ def dm(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
-def batch(dm):
+def item(dm):
+    """The first validation item: an Images batch (its grid set to the model's) and its
+    K evaluation masks, drawn by the validation loader."""
     return next(iter(dm.val_dataloader()))
 
 
@@ -45,9 +47,10 @@ def test_patchify_roundtrip():
     assert torch.equal(patchify(x, 8)[0, 1], x[0, :, 0:8, 8:16].permute(1, 2, 0).reshape(-1))
 
 
-def test_encoder_sees_visible_patches_only(batch):
+def test_encoder_sees_visible_patches_only(item):
     model = _model()
-    v = model.mask(batch, "val", 0)
+    assert item.batch.grid == (4, 4) and len(item.common) == 2
+    v = item.common[0]
     assert v.keep_idx.shape[1] == 4  # 16 patches, 75% masked
     with torch.no_grad():
         base = model.model.encode(v.inputs, v.keep_idx)
@@ -64,16 +67,18 @@ def test_encoder_sees_visible_patches_only(batch):
         assert not torch.allclose(model.model.encode(seen, v.keep_idx)[0], base[0])
 
 
-def test_loss_is_on_masked_patches_only(batch):
+def test_loss_is_on_masked_patches_only(item):
     model = _model()
-    v = model.mask(batch, "val", 0)
+    v = item.common[0]
     with torch.no_grad():
         pred = model.model.decode(model.model.encode(v.inputs, v.keep_idx), v.keep_idx)
-        s, n = model.model.loss_sums(pred, v.targets, v.loss_mask)
+        target = model.model.target(v.targets)  # (B, N, P) normalized patches
+        s, n = model.model.loss_sums(pred, target, v.loss_mask)
         moved = pred.clone()
         moved[~v.loss_mask] += 5.0  # predictions at visible patches do not count
-        assert torch.equal(model.model.loss_sums(moved, v.targets, v.loss_mask)[0], s)
-    manual = ((pred - v.targets) ** 2).mean(-1)[v.loss_mask].mean()
+        assert torch.equal(model.model.loss_sums(moved, target, v.loss_mask)[0], s)
+        assert torch.equal(model.view_loss(v)[0], s)  # the step's loss is this one
+    manual = ((pred - target) ** 2).mean(-1)[v.loss_mask].mean()
     assert float(s / n) == pytest.approx(float(manual), rel=1e-5)
 
 
@@ -99,18 +104,18 @@ def _off_init(model) -> None:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def test_layer_removal_equals_deleting_encoder_blocks(batch):
+def test_layer_removal_equals_deleting_encoder_blocks(item):
     from lit_modules.ablation import AblationOptions, layer_removal
 
     model = _model(**{"model.depth": 3})
     _off_init(model)
-    table = layer_removal(model, [batch], AblationOptions(drop_one=False))
+    table = layer_removal(model, [item], AblationOptions(drop_one=False))
     fast = table[(table.variant == "truncate") & (table.metric == "recon_loss")].set_index("removed")["value"]
     full = list(model.model.blocks)
     for k in range(4):
         model.model.blocks = torch.nn.ModuleList(full[: 3 - k])
         with torch.no_grad():
-            loss, _ = model._shared_step(batch, "val")
+            loss, _ = model._shared_step(item, "val")
         assert float(loss) == pytest.approx(float(fast[k]), rel=1e-5, abs=1e-6), k
     model.model.blocks = torch.nn.ModuleList(full)
     # The test has teeth: every truncation depth gives a clearly different loss.
@@ -132,8 +137,8 @@ def test_image_size_errors(data_dir, tmp_path):
     assert "model.image_size" in msg and "image_size 32" in msg and "\n" not in msg
 
 
-def test_reconstruction_grid(batch):
-    img = _model().reconstruction_grid(batch, n=4)
+def test_reconstruction_grid(item):
+    img = _model().reconstruction_grid(item, n=4)
     assert img.shape == (3, 4 * 32, 4 * 32) and 0 <= float(img.min()) and float(img.max()) <= 1
 
 

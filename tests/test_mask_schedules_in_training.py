@@ -44,7 +44,7 @@ def _fit(cfg, workspace) -> RatioLog:
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_two_stage_schedule_reaches_final_at_last_pretraining_step(schedule, tiny_config, workspace):
     pretrain, total = 4, 7
-    cfg = tiny_config("video", {
+    cfg = tiny_config("video-mae", {
         "model.stage": "two-stage", "model.pretrain_steps": pretrain, "trainer.max_steps": total,
         "trainer.val_every": total, "masking.name": "video-frame", "masking.mask_ratio": 0.9,
         "masking.final_mask_ratio": 0.1, "masking.mask_ratio_schedule": schedule,
@@ -64,7 +64,7 @@ def test_linear_and_cosine_differ_mid_pretraining(tiny_config, workspace):
     the same when the schedule ran over max_steps and was cut off half-way)."""
     mid = {}
     for schedule in ("linear", "cosine"):
-        cfg = tiny_config("video", {
+        cfg = tiny_config("video-mae", {
             "model.stage": "two-stage", "model.pretrain_steps": 5, "trainer.max_steps": 6, "trainer.val_every": 6,
             "masking.name": "video-frame", "masking.mask_ratio": 0.9, "masking.final_mask_ratio": 0.1,
             "masking.mask_ratio_schedule": schedule,

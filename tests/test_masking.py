@@ -1,5 +1,6 @@
-"""Property tests of the masking seam: deterministic noise, attention patterns, exact
-selection, ratio schedules and the forward/backward causal-LM views."""
+"""Property tests of the masking seam: deterministic noise and the random-stream
+registry, attention patterns, exact selection, ratio schedules, the forward/backward
+causal-LM views, and the properties every registered strategy has whatever its kind."""
 
 from __future__ import annotations
 
@@ -10,9 +11,22 @@ import torch
 import torch.nn.functional as F
 
 from lit_modules.config_errors import ConfigError
-from lit_modules.masking import MaskedBatch, attention, rng, schedules, selection
+from lit_modules.masking import (
+    MaskContext,
+    MaskedBatch,
+    MaskingStrategy,
+    attention,
+    rng,
+    schedules,
+    selection,
+)
 from lit_modules.masking.attention import Attention
-from lit_modules.masking.causal_lm import BACKWARD, FORWARD, CausalLM, reading_order
+from lit_modules.masking.batches import KINDS, TokenRows, TokenWindows
+from lit_modules.masking.causal_lm import BACKWARD, FORWARD, CausalLM, reading_order, stacked_views
+from lit_modules.masking.rng import Stream
+from lit_modules.registry import MASKINGS
+
+from .conftest import concat_batches, make_batch, scored_shape, take_rows
 
 
 def _keys(n: int, seed: int = 0) -> torch.Tensor:
@@ -147,7 +161,9 @@ def test_uniform_is_roughly_uniform_and_uncorrelated():
 
 
 def test_step_uniform_matches_uniform():
-    assert rng.step_uniform(3, 17, 0xB5) == float(rng.uniform(3, torch.tensor([17]), 0xB5, (1,))[0, 0])
+    assert rng.step_uniform(3, 17, Stream.BW_COIN) == float(rng.uniform(3, torch.tensor([17]), 0xB5, (1,))[0, 0])
+    bits = rng.step_bits(3, 17, Stream.TEXT_BATCH, 5)
+    assert bits.shape == (5,) and torch.equal(bits, rng.random_bits(3, torch.tensor([17]), int(Stream.TEXT_BATCH), (5,))[0])
 
 
 @pytest.mark.gpu
@@ -159,6 +175,66 @@ def test_uniform_same_on_cuda():
     assert torch.equal(cpu, gpu.cpu())
     x = torch.randint(0, 50_000, (16, 40))
     assert torch.equal(rng.content_key(x), rng.content_key(x.cuda()).cpu())
+
+
+# ================================================================ the stream registry
+
+
+def _stream_kind(stream: Stream) -> str:
+    """"mask" or "step": the draw that accepts ``stream``; the other must refuse it."""
+    keys = _keys(1)
+    try:
+        rng.mask_stream(0, keys, 0, stream)
+        mask_ok = True
+    except ValueError as e:
+        assert "per-step stream" in str(e) and stream.name in str(e)
+        mask_ok = False
+    try:
+        rng.step_stream(0, 0, stream)
+        step_ok = True
+    except ValueError as e:
+        assert "mask stream" in str(e) and stream.name in str(e)
+        step_ok = False
+    assert mask_ok != step_ok, f"{stream.name} must be exactly one of a mask stream and a per-step stream"
+    return "mask" if mask_ok else "step"
+
+
+def test_every_stream_has_its_own_id_and_one_kind():
+    values = [int(s) for s in Stream]
+    assert len(set(values)) == len(values)
+    kinds = {s: _stream_kind(s) for s in Stream}
+    assert {"mask", "step"} == set(kinds.values())
+    # The text slots keep the layout their masks were made with: ids 0..TEXT_SLOTS-1,
+    # mask index k drawing from seed_hash(seed, key, TEXT_SLOTS * k + slot).
+    slots = [s for s in Stream if s.name.startswith("TEXT_") and kinds[s] == "mask"]
+    assert sorted(int(s) for s in slots) == list(range(rng.TEXT_SLOTS))
+    keys = _keys(8)
+    for s in slots:
+        for k in (0, 3, 1 << 20):
+            assert torch.equal(rng.mask_stream(5, keys, k, s), rng.seed_hash(5, keys, rng.TEXT_SLOTS * k + int(s)))
+
+
+def test_mask_streams_never_coincide():
+    """No (purpose, mask index) of any mask stream reproduces another's stream: the ids
+    of every mask stream at mask indices 0..15 are distinct for every sample, so no two
+    purposes (nor two indices of one purpose) ever draw the same numbers."""
+    keys = _keys(8)
+    mask_streams = [s for s in Stream if _stream_kind(s) == "mask"]
+    ids = torch.stack([rng.mask_stream(5, keys, k, s) for s in mask_streams for k in range(16)])  # (S*16, B)
+    for b in range(keys.shape[0]):
+        assert ids[:, b].unique().numel() == ids.shape[0]
+    # Distinct ids mean unrelated numbers, not shifted copies.
+    a = rng.bits(rng.mask_stream(5, keys, 0, Stream.PATCH_RANK), 64)
+    c = rng.bits(rng.mask_stream(5, keys, 0, Stream.PATCH_BLOCK), 64)
+    assert (a == c).float().mean() < 0.01
+
+
+def test_step_streams_are_keyed_by_step_and_apart_from_each_other():
+    step_streams = [s for s in Stream if _stream_kind(s) == "step"]
+    ids = torch.cat([rng.step_stream(9, step, s) for s in step_streams for step in range(32)])
+    assert ids.unique().numel() == ids.numel()
+    assert torch.equal(rng.step_bits(9, 4, Stream.IMAGE_BATCH, 6), rng.step_bits(9, 4, Stream.IMAGE_BATCH, 6))
+    assert not torch.equal(rng.step_bits(9, 4, Stream.IMAGE_BATCH, 6), rng.step_bits(10, 4, Stream.IMAGE_BATCH, 6))
 
 
 # ================================================================ attention
@@ -536,7 +612,7 @@ def test_p_bw_error_names_config_field(tiny_config):
 def test_forward_and_backward_views():
     b, t = 3, 6
     window = torch.randint(0, 100, (b, t + 1))  # (B, T+1)
-    mb = CausalLM()(window, ("fw", "bw"))
+    mb = stacked_views(window, ("fw", "bw"))
     assert isinstance(mb, MaskedBatch)
     assert mb.inputs.shape == mb.targets.shape == mb.loss_mask.shape == (2 * b, t)
     assert mb.direction.tolist() == [FORWARD] * b + [BACKWARD] * b
@@ -553,15 +629,42 @@ def test_forward_and_backward_views():
     assert torch.equal(bw_tgt, window[:, :-1])
     # In reading order the first backward input is the last token of the window.
     assert torch.equal(mb.inputs[b:, 0], window[:, -1])
+    # The strategy's call on a batch of windows gives these views at every stage but train.
+    for stage in ("val", "test", "predict"):
+        got = CausalLM()(TokenWindows(window), MaskContext(seed=0, stage=stage))
+        for field in ("inputs", "targets", "loss_mask", "direction"):
+            assert torch.equal(getattr(got, field), getattr(mb, field)), (stage, field)
 
 
 def test_views_stack_and_default():
     window = torch.randint(0, 100, (2, 9))
-    fw_only = CausalLM()(window)
+    fw_only = CausalLM()(TokenWindows(window), MaskContext(seed=0, step=0))  # training, p_bw = 0
     assert fw_only.inputs.shape == (2, 8) and fw_only.direction.tolist() == [FORWARD, FORWARD]
-    bw_only = CausalLM()(window, ("bw",))
-    both = CausalLM()(window, ("fw", "bw"))
+    bw_only = stacked_views(window, ("bw",))
+    both = stacked_views(window, ("fw", "bw"))
+    assert torch.equal(both.inputs[:2], fw_only.inputs) and torch.equal(both.targets[:2], fw_only.targets)
     assert torch.equal(both.inputs[2:], bw_only.inputs) and torch.equal(both.targets[2:], bw_only.targets)
+    assert torch.equal(CausalLM(p_bw=1.0)(TokenWindows(window), MaskContext(seed=0, step=5)).inputs, both.inputs)
+
+
+def test_training_views_follow_the_step_coin():
+    """In training, a step's windows are read backward too exactly when the (seed, step)
+    coin says so; the mask index plays no part."""
+    window = TokenWindows(torch.randint(0, 100, (3, 9)))
+    s = CausalLM(p_bw=0.5)
+    coins = []
+    for step in range(40):
+        m = s(window, MaskContext(seed=4, mask_index=step % 3, step=step))
+        coin = s.use_backward(4, step)
+        assert m.inputs.shape[0] == (6 if coin else 3)
+        assert s.directions(MaskContext(seed=4, step=step)) == (("fw", "bw") if coin else ("fw",))
+        coins.append(coin)
+    assert 5 < sum(coins) < 35  # both kinds of step occur
+
+
+def test_causal_lm_masks_token_windows_only():
+    with pytest.raises(ValueError, match="TokenWindows"):
+        CausalLM()(make_batch(TokenRows, 2), MaskContext(seed=0))
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 8])
@@ -570,7 +673,7 @@ def test_backward_view_never_sees_its_target(t):
     position s sees original positions {T - s', s' <= s}, i.e. >= T - s; its target is
     original position T - s - 1, which it never sees."""
     window = torch.arange(t + 1)[None]  # token id = original position
-    mb = CausalLM()(window, ("bw",))
+    mb = stacked_views(window, ("bw",))
     visible = attention.forward_causal(t)  # what the fused causal kernel allows
     for s in range(t):
         seen = set(mb.inputs[0][visible[s]].tolist())
@@ -585,3 +688,152 @@ def test_reading_order_involution_and_errors():
     assert torch.equal(reading_order(reading_order(x, "bw"), "bw"), x)
     with pytest.raises(ConfigError, match="direction"):
         reading_order(x, "up")
+
+
+# ================================================================ every registered strategy
+# Parametrized over the registry: a strategy is held to these properties the moment it
+# is registered, given a batch of the kind it accepts (tests/conftest.py make_batch).
+
+STRATEGY_NAMES = MASKINGS.names()
+# Strategies whose mask is the same at every mask index and seed by design. causal-lm
+# reads every window whole; its one random draw is the per-step backward coin, a
+# function of (seed, step) (test_training_views_follow_the_step_coin). Every other
+# strategy must draw a new mask for a new index; these must not.
+SAME_FOR_EVERY_INDEX = {"causal-lm"}
+
+
+def _strategy(name: str) -> MaskingStrategy:
+    s = MASKINGS.get(name)()
+    assert isinstance(s, MaskingStrategy) and s.name == name
+    return s
+
+
+def _per_row(m: MaskedBatch) -> dict[str, torch.Tensor]:
+    """The per-row tensors of a masked batch: what must follow a sample around."""
+    out = {"inputs": m.inputs, "targets": m.targets, "loss_mask": m.loss_mask}
+    for field in ("direction", "keep_idx"):
+        if getattr(m, field) is not None:
+            out[field] = getattr(m, field)
+    mask = m.attention.mask
+    if mask is not None and mask.dim() == 4 and mask.shape[0] == m.inputs.shape[0]:
+        out["attention.mask"] = mask
+    return out
+
+
+def _same(a: MaskedBatch, b: MaskedBatch, rows=None) -> None:
+    """``b`` equals ``a`` (``a``'s rows ``rows`` when given), field by field."""
+    ra, rb = _per_row(a), _per_row(b)
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        want = ra[k] if rows is None else ra[k][rows]
+        assert torch.equal(want, rb[k]), k
+    assert a.attention.causal == b.attention.causal and a.ratio == b.ratio
+
+
+def _rows_differ(a: MaskedBatch, b: MaskedBatch) -> torch.Tensor:
+    """(B,) bool: the rows whose mask (scored positions, model inputs, visible patches)
+    differs between ``a`` and ``b``."""
+    differ = (a.loss_mask != b.loss_mask).flatten(1).any(1) | (a.inputs != b.inputs).flatten(1).any(1)
+    if a.keep_idx is not None:
+        differ |= (a.keep_idx != b.keep_idx).any(1)
+    return differ
+
+
+def _take_masked(m: MaskedBatch, rows) -> MaskedBatch:
+    """Rows ``rows`` of every per-row field of a masked batch."""
+    import dataclasses
+
+    rows = torch.as_tensor(rows)
+    changes = {k: v[rows] for k, v in _per_row(m).items() if "." not in k}
+    mask = m.attention.mask
+    if "attention.mask" in _per_row(m):
+        changes["attention"] = Attention(causal=m.attention.causal, mask=mask[rows])
+    return dataclasses.replace(m, **changes)
+
+
+def test_every_batch_kind_has_a_test_batch():
+    for kind in KINDS:
+        batch = make_batch(kind, 3)
+        assert isinstance(batch, kind) and batch.size == 3 and len(scored_shape(batch)) == 2
+        assert take_rows(batch, [2, 0]).size == 2
+
+
+def test_every_strategy_accepts_a_batch_kind_that_a_model_consumes():
+    from lit_modules.model_configs import maskings_for
+    from lit_modules.registry import MODELS
+
+    consumed = {MODELS.config(n).consumes for n in MODELS.names()}
+    for name in STRATEGY_NAMES:
+        kind = MASKINGS.get(name).accepts
+        assert kind in KINDS and kind in consumed, name
+        assert name in maskings_for(kind)
+    # Derived compatibility partitions the registry by kind.
+    assert sorted(n for k in KINDS for n in maskings_for(k)) == sorted(STRATEGY_NAMES)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_strategy_properties(name):
+    """Any registered strategy, on a batch of the kind it accepts: returns a MaskedBatch
+    whose loss_mask has the batch's shape; the same (seed, content, index) gives the same
+    mask, in a fresh batch, at another batch position and among other samples, with the
+    index an int or a (B,) tensor; a new index or seed gives a new mask."""
+    s = _strategy(name)
+    batch = make_batch(s.accepts, 32)
+    ctx = MaskContext(seed=3, mask_index=5, step=0, total_steps=10)
+    m = s(batch, ctx)
+    assert isinstance(m, MaskedBatch)
+    assert m.loss_mask.dtype == torch.bool and tuple(m.loss_mask.shape) == scored_shape(batch)
+    assert m.loss_mask.any(), "scores nothing"
+
+    # Deterministic: same content in a freshly built batch, whatever the global RNG.
+    torch.manual_seed(1234)
+    torch.rand(10)
+    _same(m, s(make_batch(s.accepts, 32), ctx))
+    _same(m, s(batch, MaskContext(seed=3, mask_index=torch.full((32,), 5), step=0, total_steps=10)))
+    # The same sample, the same mask: rows permuted, and rows inside a batch of others.
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(2))
+    _same(m, s(take_rows(batch, perm), ctx), perm)
+    mixed = concat_batches(make_batch(s.accepts, 8, seed=9), take_rows(batch, [5, 6, 7]))
+    _same(_take_masked(s(mixed, ctx), [8, 9, 10]), _take_masked(m, [5, 6, 7]))
+
+    # Another mask index, or another seed.
+    for other in (MaskContext(seed=3, mask_index=6, step=0, total_steps=10),
+                  MaskContext(seed=4, mask_index=5, step=0, total_steps=10)):
+        differ = _rows_differ(m, s(batch, other))
+        if name in SAME_FOR_EVERY_INDEX:
+            assert not differ.any()
+        else:
+            assert differ.float().mean() > 0.75, f"{name}: only {int(differ.sum())} of 32 masks changed"
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_strategy_evaluation_masks_are_fixed_and_distinct(name):
+    """The K evaluation masks (stage val, indices eval_mask_indices(K)) are the same on
+    every call and differ from one another and from training's."""
+    from lit_modules.masking.indices import eval_mask_indices
+
+    s = _strategy(name)
+    batch = make_batch(s.accepts, 32)
+    views = [s(batch, MaskContext(seed=0, mask_index=k, stage="val")) for k in eval_mask_indices(3)]
+    for k, v in zip(eval_mask_indices(3), views):
+        _same(v, s(batch, MaskContext(seed=0, mask_index=k, stage="val")))
+        assert tuple(v.loss_mask.shape[1:]) == scored_shape(batch)[1:]
+    if name in SAME_FOR_EVERY_INDEX:
+        return
+    train = s(batch, MaskContext(seed=0, mask_index=0, step=0, total_steps=10))
+    for i in range(3):
+        assert _rows_differ(views[i], train).float().mean() > 0.75
+        for j in range(i):
+            assert _rows_differ(views[i], views[j]).float().mean() > 0.75
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_strategy_refuses_other_batch_kinds(name):
+    s = _strategy(name)
+    for kind in KINDS:
+        if kind is s.accepts:
+            continue
+        with pytest.raises(ValueError, match=s.accepts.__name__) as e:
+            s(make_batch(kind, 2), MaskContext(seed=0))
+        assert "\n" not in str(e.value)
+

@@ -6,44 +6,45 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
 
 import pytest
 import torch
 
 from lit_modules.config import from_dict
 from lit_modules.config_errors import ConfigError
-from lit_modules.masking import MaskedBatch, attention, rng
+from lit_modules.masking import MaskContext, MaskedBatch, attention, rng
 from lit_modules.masking.attention import Attention
-from lit_modules.masking.mlm import (
+from lit_modules.masking.batches import TokenRows, TokenWindows
+from lit_modules.masking.indices import (
     EVAL_MASK_BASE,
     MAX_MASK_INDEX,
-    MLMRandom,
-    MLMSpan,
-    MLMWholeWord,
     epoch_mask_index,
     eval_mask_indices,
-    find_words,
-    sample_keys,
 )
+from lit_modules.masking.mlm import MLMRandom, MLMSpan, MLMWholeWord, find_words
+from lit_modules.masking.plan import MaskPlan
+from lit_modules.model_configs import maskings_for
 from lit_modules.registry import MASKINGS
 
 V, PAD, CLS, SEP, MASK, LOW = 1000, 0, 1, 2, 4, 5  # ids below LOW are special
-STRATEGIES = [MLMRandom, MLMWholeWord, MLMSpan]
+# Every registered strategy that masks token rows (derived from the registry, so a new
+# masked-LM strategy is held to the shared properties the moment it is registered).
+MLM_NAMES = maskings_for(TokenRows)
+# The strategies that select every position equally often (spans and n-grams, which
+# never cross a segment edge, select a segment's first and last tokens less).
+UNIFORM = {"mlm-random", "mlm-whole-word"}
+# The strategies that select whole words only.
+WHOLE_WORDS = {"mlm-whole-word", "mlm-span"}
 
 
-class Batch(NamedTuple):
-    tokens: torch.Tensor  # (B, T)
-    eligible: torch.Tensor  # (B, T) False at special and padding
-    word_start: torch.Tensor  # (B, T)
-    valid: torch.Tensor  # (B, T) False at padding
-
-    @property
-    def kw(self) -> dict:
-        return {"eligible": self.eligible, "word_start": self.word_start, "valid": self.valid}
+def _rows(tokens, eligible, word_start=None, valid=None, **vocab) -> TokenRows:
+    """A TokenRows batch in this file's vocabulary (V ids, [MASK] = MASK, random
+    replacements from LOW)."""
+    return TokenRows(tokens, valid, eligible, word_start, **({"vocab_size": V, "mask_token_id": MASK,
+                                                               "random_low": LOW} | vocab))
 
 
-def _batch(b: int, t: int, seed: int = 0, min_len: int = 2, p_start: float = 0.7) -> Batch:
+def _batch(b: int, t: int, seed: int = 0, min_len: int = 2, p_start: float = 0.7) -> TokenRows:
     """[CLS] a ... [SEP] (b ... [SEP] in about half the rows), then padding; varied
     lengths; words of about 1 / p_start tokens."""
     g = torch.Generator().manual_seed(seed)
@@ -58,21 +59,18 @@ def _batch(b: int, t: int, seed: int = 0, min_len: int = 2, p_start: float = 0.7
     tokens[:, 0] = CLS
     tokens[~valid] = PAD
     word_start = torch.rand(b, t, generator=g) < p_start
-    return Batch(tokens, valid & ~special, word_start, valid)
+    return _rows(tokens, valid & ~special, word_start, valid)
 
 
-def _mask(strategy, batch: Batch, mask_index=0, seed: int = 0) -> MaskedBatch:
-    return strategy(
-        batch.tokens, seed=seed, mask_index=mask_index, vocab_size=V, mask_token_id=MASK,
-        random_low=LOW, **batch.kw,
-    )
+def _mask(strategy, batch: TokenRows, mask_index=0, seed: int = 0) -> MaskedBatch:
+    return strategy(batch, MaskContext(seed=seed, mask_index=mask_index))
 
 
 def _budget(eligible: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.tensor([round(ratio * n) for n in eligible.sum(1).tolist()])
 
 
-def _never_splits_a_word(selected: torch.Tensor, batch: Batch) -> bool:
+def _never_splits_a_word(selected: torch.Tensor, batch: TokenRows) -> bool:
     """A continuation token (eligible, not a word start, after an eligible token) is
     selected exactly when the token before it is."""
     cont = batch.eligible[:, 1:] & batch.eligible[:, :-1] & ~batch.word_start[:, 1:]
@@ -95,19 +93,22 @@ def _word_lengths(eligible_row: list[bool], start_row: list[bool]) -> list[tuple
 
 
 def test_registered_with_defaults():
-    names = set(MASKINGS.names())
-    assert {"mlm-random", "mlm-whole-word", "mlm-span"} <= names
-    for cls in STRATEGIES:
+    assert {"mlm-random", "mlm-whole-word", "mlm-span"} <= set(MLM_NAMES)
+    for cls in (MLMRandom, MLMWholeWord, MLMSpan):
         assert MASKINGS.get(cls().name) is cls
         s = cls()
         assert (s.mask_ratio, s.mask_prob, s.random_prob, s.keep_prob, s.static_masks) == (0.15, 0.8, 0.1, 0.1, 0)
     assert (MLMSpan().span_p, MLMSpan().max_span) == (0.2, 10)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        MLMRandom().mask_ratio = 0.3  # type: ignore[misc]
+    for name in MLM_NAMES:
+        s = MASKINGS.get(name)()
+        assert s.name == name and s.accepts is TokenRows
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            s.mask_ratio = 0.3  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("cls", STRATEGIES)
-def test_masked_batch_fields(cls):
+@pytest.mark.parametrize("name", MLM_NAMES)
+def test_masked_batch_fields(name):
+    cls = MASKINGS.get(name)
     batch = _batch(64, 24, seed=3)
     mb = _mask(cls(), batch)
     assert isinstance(mb, MaskedBatch)
@@ -120,20 +121,21 @@ def test_masked_batch_fields(cls):
     assert mb.attention.dense(24).shape == (64, 1, 24, 24)
     # Without padding: plain bidirectional attention, the fused kernel's form.
     full = _batch(8, 10, min_len=10)
-    mb = cls()(full.tokens, seed=0, mask_index=0, eligible=full.eligible, word_start=full.word_start,
-               vocab_size=V, mask_token_id=MASK)
+    mb = cls()(dataclasses.replace(full, valid=None), MaskContext(seed=0))
     assert mb.attention == Attention()
 
 
-def test_sample_keys_ignore_padding_width():
+def test_content_keys_ignore_padding_width():
     batch = _batch(50, 30, seed=1)
-    keys = sample_keys(batch.tokens, batch.valid)
+    keys = rng.content_key(batch.tokens, batch.valid)
     for i in range(50):
         n = int(batch.valid[i].sum())
         assert keys[i] == rng.content_key(batch.tokens[i : i + 1, :n])[0]
     wider = torch.nn.functional.pad(batch.tokens, (0, 9), value=PAD)
-    assert torch.equal(sample_keys(wider, torch.nn.functional.pad(batch.valid, (0, 9))), keys)
-    assert torch.equal(sample_keys(batch.tokens), rng.content_key(batch.tokens))
+    assert torch.equal(rng.content_key(wider, torch.nn.functional.pad(batch.valid, (0, 9))), keys)
+    everything = torch.ones_like(batch.valid)
+    assert torch.equal(rng.content_key(batch.tokens, everything), rng.content_key(batch.tokens))
+    assert not torch.equal(rng.content_key(batch.tokens), keys)  # padding counts when it is not excluded
 
 
 # ================================================================ exact budgets
@@ -147,14 +149,16 @@ def test_random_exact_count_over_10k_sequences():
         assert torch.equal(mb.loss_mask.sum(1), _budget(batch.eligible, ratio))
 
 
-@pytest.mark.parametrize("cls", [MLMWholeWord, MLMSpan])
-def test_whole_words_within_budget_over_10k_sequences(cls):
+@pytest.mark.parametrize("name", MLM_NAMES)
+def test_within_budget_over_10k_sequences(name):
+    """Every masked-LM strategy: never past the budget, on it for > 99% of rows, short
+    only by the documented bound; the word-level ones never split a word."""
     batch = _batch(10_000, 64, seed=1)
-    sel = _mask(cls(), batch).loss_mask
+    sel = _mask(MASKINGS.get(name)(), batch).loss_mask
     budget = _budget(batch.eligible, 0.15)
     count = sel.sum(1)
     assert not (sel & ~batch.eligible).any(), "selected a special or padding token"
-    assert _never_splits_a_word(sel, batch)
+    assert _never_splits_a_word(sel, batch) == (name in WHOLE_WORDS)  # mlm-random splits words
     assert (count <= budget).all(), "exceeded the budget"
     assert (count == budget).float().mean() > 0.99
     # The documented bound: short only when every unselected word is longer than the rest.
@@ -174,13 +178,14 @@ def test_whole_word_fills_the_remainder_with_later_words():
     eligible = torch.ones(500, 8, dtype=torch.bool)
     eligible[:, [0, 7]] = False
     word_start = torch.tensor([[0, 1, 0, 0, 1, 1, 1, 0]], dtype=torch.bool).repeat(500, 1)
-    sel = MLMWholeWord(mask_ratio=2 / 6).select(tokens, seed=0, mask_index=0, eligible=eligible, word_start=word_start)
+    rows = _rows(tokens, eligible, word_start)
+    sel = MLMWholeWord(mask_ratio=2 / 6).select(rows, MaskContext(seed=0))
     assert (sel.sum(1) == 2).all()
     assert not sel[:, 1:4].any()
     assert (sel[:, 4:7].sum(1) == 2).all()
     # Budget 4: the 3-token word plus a single word (4), or, when two singles rank first,
     # three singles (3): the 3-token word no longer fits, and greedy never un-takes a word.
-    sel = MLMWholeWord(mask_ratio=4 / 6).select(tokens, seed=0, mask_index=0, eligible=eligible, word_start=word_start)
+    sel = MLMWholeWord(mask_ratio=4 / 6).select(rows, MaskContext(seed=0))
     big = sel[:, 1:4].all(1)
     assert (big | ~sel[:, 1:4].any(1)).all()  # never split
     assert torch.equal(sel.sum(1), torch.where(big, 4, 3))
@@ -224,7 +229,7 @@ def test_span_lengths_follow_the_truncated_geometric():
 def test_placed_spans_are_roughly_geometric():
     batch = _batch(1_000, 256, seed=2, min_len=200)
     s = MLMSpan()
-    sel, drawn, placed = s.spans(batch.tokens, seed=0, mask_index=0, eligible=batch.eligible, valid=batch.valid)
+    sel, drawn, placed = s.spans(dataclasses.replace(batch, word_start=None), MaskContext(seed=0))
     assert torch.equal(sel.sum(1), _budget(batch.eligible, 0.15))  # token spans: exact
     spans = placed > 0
     assert (placed <= drawn).all()
@@ -244,7 +249,7 @@ def test_spans_never_cross_special_tokens():
     eligible = torch.zeros(b, t, dtype=torch.bool)
     eligible[:, 1::2] = True
     tokens[~eligible] = SEP
-    sel, drawn, placed = MLMSpan(mask_ratio=0.5).spans(tokens, seed=0, mask_index=0, eligible=eligible)
+    sel, drawn, placed = MLMSpan(mask_ratio=0.5).spans(_rows(tokens, eligible), MaskContext(seed=0))
     assert placed.max() == 1 and (drawn > 1).any()
     assert torch.equal(sel.sum(1), _budget(eligible, 0.5))
     assert not (sel & ~eligible).any()
@@ -252,7 +257,7 @@ def test_spans_never_cross_special_tokens():
 
 def test_span_uses_word_boundaries():
     batch = _batch(2_000, 96, seed=4, min_len=60, p_start=0.5)
-    sel, _, placed = MLMSpan().spans(batch.tokens, seed=0, mask_index=0, **batch.kw)
+    sel, _, placed = MLMSpan().spans(batch, MaskContext(seed=0))
     assert _never_splits_a_word(sel, batch)
     assert (placed.sum(1) < sel.sum(1)).any()  # lengths count words, not tokens
 
@@ -260,10 +265,11 @@ def test_span_uses_word_boundaries():
 # ================================================================ replacement
 
 
-@pytest.mark.parametrize("cls, split", [(MLMRandom, (0.8, 0.1, 0.1)), (MLMSpan, (0.5, 0.3, 0.2))])
-def test_replacement_split_within_one_percent(cls, split):
+@pytest.mark.parametrize("split", [(0.8, 0.1, 0.1), (0.5, 0.3, 0.2)])
+@pytest.mark.parametrize("name", MLM_NAMES)
+def test_replacement_split_within_one_percent(name, split):
     batch = _batch(10_000, 64, seed=5)
-    s = cls(mask_prob=split[0], random_prob=split[1], keep_prob=split[2])
+    s = MASKINGS.get(name)(mask_prob=split[0], random_prob=split[1], keep_prob=split[2])
     mb = _mask(s, batch)
     sel, out, orig = mb.loss_mask, mb.inputs, batch.tokens
     n = sel.sum().item()
@@ -281,17 +287,18 @@ def test_replacement_split_within_one_percent(cls, split):
 # ================================================================ determinism
 
 
-@pytest.mark.parametrize("cls", STRATEGIES)
-def test_same_sample_same_mask_in_any_batch(cls):
+@pytest.mark.parametrize("name", MLM_NAMES)
+def test_same_sample_same_mask_in_any_batch(name):
     a = _batch(32, 40, seed=6)
     other = _batch(32, 52, seed=7)
     # Rows 3..10 of `a`, padded to width 52, at positions 20..27 of another batch.
-    mixed = Batch(*(x.clone() for x in other))
-    for field, fill in zip(Batch._fields, (PAD, False, False, False)):
+    fields = {"tokens": PAD, "eligible": False, "word_start": False, "valid": False}
+    mixed = dataclasses.replace(other, **{f: getattr(other, f).clone() for f in fields})
+    for field, fill in fields.items():
         src = getattr(a, field)[3:11]
         padded = torch.nn.functional.pad(src, (0, 12), value=fill)
         getattr(mixed, field)[20:28] = padded
-    s = cls()
+    s = MASKINGS.get(name)()
     for k in (0, 5):
         mb_a, mb_m = _mask(s, a, k), _mask(s, mixed, k)
         assert torch.equal(mb_m.loss_mask[20:28, :40], mb_a.loss_mask[3:11])
@@ -309,10 +316,10 @@ def test_same_sample_same_mask_in_any_batch(cls):
     assert torch.equal(_mask(s, a, 5).inputs, _mask(s, a, 5).inputs)
 
 
-@pytest.mark.parametrize("cls", STRATEGIES)
-def test_distinct_masks_for_distinct_indices_and_seeds(cls):
+@pytest.mark.parametrize("name", MLM_NAMES)
+def test_distinct_masks_for_distinct_indices_and_seeds(name):
     batch = _batch(2_000, 96, seed=8, min_len=60)
-    s = cls()
+    s = MASKINGS.get(name)()
     base = _mask(s, batch, 0).loss_mask
     for other in (_mask(s, batch, 1).loss_mask, _mask(s, batch, 0, seed=1).loss_mask):
         assert (other != base).any(1).float().mean() > 0.99
@@ -321,10 +328,10 @@ def test_distinct_masks_for_distinct_indices_and_seeds(cls):
     # and the rest a little more; they are only checked for no starved or hot position.
     many = torch.stack([_mask(s, batch, k).loss_mask for k in range(4)])
     freq = many.float().sum((0, 1))[1:58] / (4 * batch.eligible[:, 1:58].float().sum(0))  # all rows
-    if cls is MLMSpan:
-        assert freq.min() > 0.05 and freq.max() < 0.2, freq
-    else:
+    if name in UNIFORM:
         assert ((freq - 0.15).abs() < 0.02).all(), freq
+    else:
+        assert freq.min() > 0.05 and freq.max() < 0.2, freq
 
 
 # ================================================================ mask indices
@@ -335,14 +342,31 @@ def test_dynamic_and_static_mask_indices():
     assert [epoch_mask_index(e, 3) for e in range(7)] == [0, 1, 2, 0, 1, 2, 0]
     batch = _batch(500, 96, seed=9, min_len=60)
     static = MLMWholeWord(static_masks=2)
-    masks = [_mask(static, batch, static.epoch_mask_index(e)).loss_mask for e in range(4)]
+    masks = [_mask(static, batch, static.training_index(10 * e, e)).loss_mask for e in range(4)]
     assert torch.equal(masks[0], masks[2]) and torch.equal(masks[1], masks[3])
     assert (masks[0] != masks[1]).any(1).float().mean() > 0.99
     dynamic = MLMWholeWord()
-    masks = [_mask(dynamic, batch, dynamic.epoch_mask_index(e)).loss_mask for e in range(4)]
+    masks = [_mask(dynamic, batch, dynamic.training_index(10 * e, e)).loss_mask for e in range(4)]
     for i in range(4):
         for j in range(i):
             assert (masks[i] != masks[j]).any(1).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("static_masks", [0, 2])
+def test_training_steps_mask_by_epoch(static_masks):
+    """In the data pipeline (``MaskPlan``), every step of an epoch uses the epoch's mask
+    index: a new mask each epoch, or mask epoch % K for K static masks."""
+    s = MLMRandom(static_masks=static_masks)
+    plan = MaskPlan(seed=0, train=s, steps_per_epoch=3, masked_steps=(0, 11))
+    got = [plan.train_context(step).mask_index for step in range(12)]
+    assert got == [epoch_mask_index(step // 3, static_masks) for step in range(12)]
+    batch = _batch(64, 40, seed=3)
+    items = [plan.train_item(batch, step) for step in range(12)]
+    for step, item in enumerate(items):
+        assert item.step == step and item.batch is batch
+        assert torch.equal(item.masked.loss_mask, _mask(s, batch, got[step]).loss_mask)
+    assert torch.equal(items[0].masked.inputs, items[2].masked.inputs)  # one epoch, one mask
+    assert (items[0].masked.loss_mask != items[3].masked.loss_mask).any()  # the next epoch: another
 
 
 def test_eval_mask_indices_are_fixed_and_disjoint_from_training():
@@ -419,45 +443,59 @@ def test_config_section_errors_name_the_dotted_field():
 
 def test_bad_call_arguments():
     batch = _batch(4, 12, seed=11)
-    kw = {"seed": 0, "vocab_size": V, "mask_token_id": MASK}
+    no_pad = dataclasses.replace(batch, valid=None, word_start=None)
+
+    def call(strategy=None, ctx=None, **change):
+        return (strategy or MLMRandom())(dataclasses.replace(no_pad, **change), ctx or MaskContext(seed=0))
+
     with pytest.raises(ValueError, match="word_start"):
-        MLMWholeWord()(batch.tokens, mask_index=0, eligible=batch.eligible, **kw)
+        call(MLMWholeWord())
     with pytest.raises(ValueError, match="eligible"):
-        MLMRandom()(batch.tokens, mask_index=0, eligible=batch.eligible[:, :-1], **kw)
+        call(eligible=batch.eligible[:, :-1])
     with pytest.raises(ValueError, match="eligible"):
-        MLMRandom()(batch.tokens, mask_index=0, eligible=batch.eligible.long(), **kw)
+        call(eligible=batch.eligible.long())
+    with pytest.raises(ValueError, match="eligible: required"):
+        call(eligible=None)
     with pytest.raises(ValueError, match="padding"):
-        MLMRandom()(batch.tokens, mask_index=0, eligible=torch.ones_like(batch.valid), valid=batch.valid, **kw)
+        call(eligible=torch.ones_like(batch.valid), valid=batch.valid)
+    with pytest.raises(ValueError, match="tokens"):
+        call(tokens=batch.tokens.float())
     for bad in (-1, MAX_MASK_INDEX, torch.tensor([0, 1, -1, 0]), torch.zeros(3, dtype=torch.long), 0.5):
         with pytest.raises(ValueError, match="mask_index"):
-            MLMRandom()(batch.tokens, mask_index=bad, eligible=batch.eligible, **kw)
+            call(ctx=MaskContext(seed=0, mask_index=bad))
+    with pytest.raises(ValueError, match="seed"):
+        call(ctx=MaskContext(seed=1.5))
     with pytest.raises(ValueError, match="random_low"):
-        MLMRandom()(batch.tokens, mask_index=0, eligible=batch.eligible, random_low=V, **kw)
+        call(random_low=V)
     with pytest.raises(ValueError, match="mask_token_id"):
-        MLMRandom()(batch.tokens, mask_index=0, eligible=batch.eligible, seed=0, vocab_size=V, mask_token_id=V)
+        call(mask_token_id=V)
+    with pytest.raises(ValueError, match="TokenRows"):
+        MLMRandom()(TokenWindows(batch.tokens), MaskContext(seed=0))
+    assert call().loss_mask.shape == batch.tokens.shape  # the unchanged rows are fine
 
 
-@pytest.mark.parametrize("cls", STRATEGIES)
-def test_empty_and_tiny_rows(cls):
+@pytest.mark.parametrize("name", MLM_NAMES)
+def test_empty_and_tiny_rows(name):
     """Rows with no eligible token, or too few for a single selection, select nothing."""
+    cls = MASKINGS.get(name)
     tokens = torch.tensor([[CLS, SEP, PAD, PAD], [CLS, 7, SEP, PAD], [CLS, 7, 8, SEP]])
     valid = tokens != PAD
     eligible = tokens >= LOW
-    mb = cls()(tokens, seed=0, mask_index=0, eligible=eligible, word_start=eligible, valid=valid,
-               vocab_size=V, mask_token_id=MASK)
+    rows = _rows(tokens, eligible, eligible, valid)
+    mb = cls()(rows, MaskContext(seed=0))
     assert not mb.loss_mask.any() and torch.equal(mb.inputs, tokens)  # round(0.15 * 2) = 0
-    mb = cls(mask_ratio=0.5)(tokens, seed=0, mask_index=0, eligible=eligible, word_start=eligible,
-                             valid=valid, vocab_size=V, mask_token_id=MASK)
+    mb = cls(mask_ratio=0.5)(rows, MaskContext(seed=0))
     assert mb.loss_mask.sum(1).tolist() == [0, 0, 1]  # round(0.5) = 0, round(1.0) = 1
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("cls", STRATEGIES)
-def test_same_masks_on_cuda(cls):
+@pytest.mark.parametrize("name", MLM_NAMES)
+def test_same_masks_on_cuda(name):
+    cls = MASKINGS.get(name)
     batch = _batch(256, 64, seed=12)
     cpu = _mask(cls(), batch, torch.arange(256) % 3)
-    cuda_batch = Batch(*(x.cuda() for x in batch))
+    cuda_batch = batch.to("cuda")
     gpu = _mask(cls(), cuda_batch, (torch.arange(256) % 3).cuda())
     assert torch.equal(cpu.loss_mask, gpu.loss_mask.cpu())
     assert torch.equal(cpu.inputs, gpu.inputs.cpu())

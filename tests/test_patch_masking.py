@@ -12,11 +12,16 @@ import torch
 
 from lit_modules.config import from_dict
 from lit_modules.config_errors import ConfigError
-from lit_modules.masking import mlm, patches, rng, selection
+from lit_modules.masking import MaskContext, MaskedBatch, indices, rng
+from lit_modules.masking.attention import Attention
+from lit_modules.masking.batches import Clips, Images
 from lit_modules.masking.patches import MAEBlock, MAERandom, PatchMask, num_masked
+from lit_modules.masking.rng import Stream
+from lit_modules.model_configs import maskings_for
 from lit_modules.registry import MASKINGS
 
-STRATEGIES = [MAERandom, MAEBlock]
+# Every registered strategy that masks images (derived from the registry).
+STRATEGIES = [MASKINGS.get(name) for name in maskings_for(Images)]
 GRIDS = [(2, 2), (4, 4), (3, 5), (14, 14)]
 RATIOS = [0.1, 0.5, 0.75, 0.9]
 
@@ -25,6 +30,11 @@ def _keys(n: int, seed: int = 0) -> torch.Tensor:
     """n distinct int64 sample keys spread over the whole 64-bit range."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-(2**63), 2**63 - 1, (n,), generator=g, dtype=torch.int64)
+
+
+def _masks(s, keys, grid, seed=0, mask_index=0, step=None, total_steps=None, stage="train") -> PatchMask:
+    """The masks of ``keys`` on ``grid`` (``strategy.masks``) at one mask context."""
+    return s.masks(keys, grid, MaskContext(seed, mask_index, step, total_steps, stage))
 
 
 def _check_conventions(pm: PatchMask, n: int, n_mask: int) -> None:
@@ -68,7 +78,7 @@ def _components(masked: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def test_registered_with_defaults():
-    assert {"mae-random", "mae-block"} <= set(MASKINGS.names())
+    assert {MAERandom, MAEBlock} <= set(STRATEGIES)
     for cls in STRATEGIES:
         s = cls()
         assert MASKINGS.get(s.name) is cls
@@ -87,8 +97,31 @@ def test_yaml_boundary_builds_and_prefixes_errors():
 
 
 @pytest.mark.parametrize("cls", STRATEGIES)
+def test_call_on_images_gives_the_patch_mask(cls):
+    """``strategy(images, ctx)``: inputs and targets are the images, loss_mask the masked
+    patches, keep_idx the visible ones, at the ratio of the context's stage and step."""
+    s = cls(mask_ratio=0.5, final_mask_ratio=0.75, mask_ratio_schedule="linear", eval_mask_ratio=0.25)
+    x = torch.rand(16, 3, 16, 16)
+    batch = Images(x, _keys(16), labels=torch.zeros(16, dtype=torch.long), grid=(4, 4))
+    for ctx in (MaskContext(seed=2, mask_index=3, step=0, total_steps=4),
+                MaskContext(seed=2, mask_index=3, step=4, total_steps=4),
+                MaskContext(seed=2, mask_index=torch.arange(16), stage="val")):
+        m = s(batch, ctx)
+        pm = s.masks(batch.keys, (4, 4), ctx)
+        assert isinstance(m, MaskedBatch) and m.inputs is x and m.targets is x
+        assert torch.equal(m.loss_mask, pm.masked) and torch.equal(m.keep_idx, pm.keep_idx)
+        assert m.ratio == pm.ratio and m.attention == Attention() and m.direction is None
+    ratios = [s(batch, c).ratio for c in (MaskContext(0, 0, 0, 4), MaskContext(0, 0, 4, 4), MaskContext(0, stage="val"))]
+    assert ratios == [0.5, 0.75, 0.25]
+    with pytest.raises(ValueError, match="grid"):
+        s(Images(x, _keys(16)), MaskContext(seed=0, stage="val"))  # the model sets the grid
+    with pytest.raises(ValueError, match="Images"):
+        s(Clips(torch.zeros(16, 2, 3, 16, 16), _keys(16), grid=(2, 4, 4)), MaskContext(seed=0, stage="val"))
+
+
+@pytest.mark.parametrize("cls", STRATEGIES)
 def test_restore_idx_undoes_the_keep_mask_split(cls):
-    pm = cls()(_keys(16), (4, 4), seed=0, mask_index=0)
+    pm = _masks(cls(), _keys(16), (4, 4), seed=0, mask_index=0)
     x = torch.randn(16, 16, 3)  # (B, N, D)
     split = torch.cat([x.gather(1, pm.keep_idx[..., None].expand(-1, -1, 3)),
                        x.gather(1, pm.mask_idx[..., None].expand(-1, -1, 3))], 1)
@@ -104,7 +137,7 @@ def test_exact_count_and_index_conventions(cls, grid):
     keys = _keys(4096, seed=grid[0] * 31 + grid[1])
     n = grid[0] * grid[1]
     for ratio in RATIOS:
-        pm = cls(mask_ratio=ratio)(keys, grid, seed=3, mask_index=torch.arange(4096) % 7)
+        pm = _masks(cls(mask_ratio=ratio), keys, grid, seed=3, mask_index=torch.arange(4096) % 7)
         assert pm.ratio == ratio
         _check_conventions(pm, n, num_masked(ratio, n))
 
@@ -117,7 +150,7 @@ def test_count_is_rounded_and_clamped():
     assert num_masked(0.99, 2) == 1 and num_masked(0.01, 2) == 1
     for cls in STRATEGIES:
         for ratio, n_mask in ((0.01, 1), (0.99, 3)):
-            _check_conventions(cls(mask_ratio=ratio)(_keys(64), (2, 2), seed=0, mask_index=0), 4, n_mask)
+            _check_conventions(_masks(cls(mask_ratio=ratio), _keys(64), (2, 2), seed=0, mask_index=0), 4, n_mask)
 
 
 # ================================================================ determinism
@@ -128,22 +161,22 @@ def test_same_key_same_mask_anywhere_in_any_batch(cls):
     s = cls(mask_ratio=0.6)
     keys = _keys(32)
     idx = torch.arange(32) % 5
-    batch = s(keys, (6, 6), seed=11, mask_index=idx)
+    batch = _masks(s, keys, (6, 6), seed=11, mask_index=idx)
     perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
-    shuffled = s(keys[perm], (6, 6), seed=11, mask_index=idx[perm])
+    shuffled = _masks(s, keys[perm], (6, 6), seed=11, mask_index=idx[perm])
     assert torch.equal(shuffled.masked, batch.masked[perm])
     assert torch.equal(shuffled.keep_idx, batch.keep_idx[perm])
     for b in (0, 7, 31):
-        alone = s(keys[b : b + 1], (6, 6), seed=11, mask_index=int(idx[b]))  # a batch of 1
+        alone = _masks(s, keys[b : b + 1], (6, 6), seed=11, mask_index=int(idx[b]))  # a batch of 1
         assert torch.equal(alone.masked[0], batch.masked[b])
     # Inside a larger batch of other images, too.
     bigger = torch.cat([_keys(40, seed=5), keys[:3]])
-    mixed = s(bigger, (6, 6), seed=11, mask_index=torch.cat([torch.zeros(40, dtype=torch.long), idx[:3]]))
+    mixed = _masks(s, bigger, (6, 6), seed=11, mask_index=torch.cat([torch.zeros(40, dtype=torch.long), idx[:3]]))
     assert torch.equal(mixed.masked[40:], batch.masked[:3])
     # The global torch RNG plays no part.
     torch.manual_seed(123)
     torch.rand(10)
-    assert torch.equal(s(keys, (6, 6), seed=11, mask_index=idx).masked, batch.masked)
+    assert torch.equal(_masks(s, keys, (6, 6), seed=11, mask_index=idx).masked, batch.masked)
 
 
 @pytest.mark.parametrize("cls", STRATEGIES)
@@ -151,13 +184,13 @@ def test_same_key_same_mask_anywhere_in_any_batch(cls):
 def test_mask_changes_with_each_input(cls, change):
     s = cls(mask_ratio=0.5)
     keys = _keys(256)
-    base = s(keys, (14, 14), seed=1, mask_index=0).masked
+    base = _masks(s, keys, (14, 14), seed=1, mask_index=0).masked
     if change == "mask_index":
-        other = s(keys, (14, 14), seed=1, mask_index=1).masked
+        other = _masks(s, keys, (14, 14), seed=1, mask_index=1).masked
     elif change == "seed":
-        other = s(keys, (14, 14), seed=2, mask_index=0).masked
+        other = _masks(s, keys, (14, 14), seed=2, mask_index=0).masked
     else:
-        other = s(keys + 1, (14, 14), seed=1, mask_index=0).masked
+        other = _masks(s, keys + 1, (14, 14), seed=1, mask_index=0).masked
     differs = (base != other).any(1)
     assert differs.float().mean() > 0.99  # practically every image gets a new mask
     # And the new masks are unrelated, not shifted copies: overlap ~ ratio**2 + noise.
@@ -165,15 +198,15 @@ def test_mask_changes_with_each_input(cls, change):
     assert overlap < 0.8
 
 
-def test_eval_masks_are_mlm_s_reserved_indices():
-    assert patches.eval_mask_indices is mlm.eval_mask_indices
-    assert patches.epoch_mask_index is mlm.epoch_mask_index
-    idx = patches.eval_mask_indices(4)
-    assert idx[0] == patches.EVAL_MASK_BASE and len(idx) == 4
+def test_eval_masks_are_the_shared_reserved_indices():
+    idx = indices.eval_mask_indices(4)
+    assert idx[0] == indices.EVAL_MASK_BASE and len(idx) == 4
+    # Training draws a new mask every step, at indices below the evaluation range.
+    assert [MAERandom().training_index(step, step // 3) for step in range(5)] == [0, 1, 2, 3, 4]
     s = MAERandom(eval_mask_ratio=0.5)
     keys = _keys(128)
-    views = [s(keys, (8, 8), seed=0, mask_index=k, stage="val").masked for k in idx]
-    again = [s(keys, (8, 8), seed=0, mask_index=k, stage="val").masked for k in idx]
+    views = [_masks(s, keys, (8, 8), seed=0, mask_index=k, stage="val").masked for k in idx]
+    again = [_masks(s, keys, (8, 8), seed=0, mask_index=k, stage="val").masked for k in idx]
     assert all(torch.equal(a, b) for a, b in zip(views, again))  # fixed masks
     for i in range(4):
         for j in range(i):
@@ -182,19 +215,18 @@ def test_eval_masks_are_mlm_s_reserved_indices():
 
 def test_streams_are_apart_from_the_text_masking_streams():
     """No mask index of the patch streams reproduces a text-masking stream of any nearby
-    mask index (the 4k + s sub-streams of selection.py / mlm.py)."""
-    purposes = (patches.STREAM_PATCH_RANK, patches.STREAM_PATCH_BLOCK)
-    taken = (selection.STREAM_SELECT, selection.STREAM_REPLACE, selection.STREAM_RANDOM_TOKEN, mlm.STREAM_SPAN_LENGTH)
-    assert len(set(purposes)) == 2 and not set(purposes) & set(taken)
+    mask index (the TEXT_SLOTS * k + slot streams of the masked-LM strategies)."""
+    purposes = (Stream.PATCH_RANK, Stream.PATCH_BLOCK)
+    taken = [st for st in Stream if st.name.startswith("TEXT_") and int(st) < rng.TEXT_SLOTS]
+    assert len(taken) == rng.TEXT_SLOTS and not set(purposes) & set(taken)
     keys = _keys(8)
-    text = torch.stack([rng.random_bits(5, keys, selection.stream_index(k, s), (32,))
-                        for k in range(12) for s in taken])  # (48, B, 32)
+    text = torch.stack([rng.bits(rng.mask_stream(5, keys, k, st), 32) for k in range(12) for st in taken])  # (48, B, 32)
     for purpose in purposes:
         for k in range(12):
-            bits = patches.stream_bits(patches.patch_stream(5, keys, k, purpose), 0, 32)  # (B, 32)
+            bits = rng.bits(rng.mask_stream(5, keys, k, purpose), 32)  # (B, 32)
             assert not (text == bits[None]).all(-1).any()
-    rank = patches.stream_bits(patches.patch_stream(5, keys, 0, purposes[0]), 0, 32)
-    block = patches.stream_bits(patches.patch_stream(5, keys, 0, purposes[1]), 0, 32)
+    rank = rng.bits(rng.mask_stream(5, keys, 0, purposes[0]), 32)
+    block = rng.bits(rng.mask_stream(5, keys, 0, purposes[1]), 32)
     assert (rank == block).float().mean() < 0.01
 
 
@@ -203,8 +235,8 @@ def test_streams_are_apart_from_the_text_masking_streams():
 @pytest.mark.parametrize("cls", STRATEGIES)
 def test_same_masks_on_cuda(cls):
     keys = _keys(512)
-    cpu = cls(mask_ratio=0.6)(keys, (14, 14), seed=3, mask_index=torch.arange(512))
-    gpu = cls(mask_ratio=0.6)(keys.cuda(), (14, 14), seed=3, mask_index=torch.arange(512).cuda())
+    cpu = _masks(cls(mask_ratio=0.6), keys, (14, 14), seed=3, mask_index=torch.arange(512))
+    gpu = _masks(cls(mask_ratio=0.6), keys.cuda(), (14, 14), seed=3, mask_index=torch.arange(512).cuda())
     assert gpu.masked.is_cuda and torch.equal(gpu.masked.cpu(), cpu.masked)
 
 
@@ -214,21 +246,21 @@ def test_same_masks_on_cuda(cls):
 @pytest.mark.parametrize("ratio", [0.25, 0.75])
 def test_random_masking_is_uniform_over_patches(ratio):
     n_keys = 4096
-    pm = MAERandom(mask_ratio=ratio)(_keys(n_keys), (14, 14), seed=0, mask_index=0)
+    pm = _masks(MAERandom(mask_ratio=ratio), _keys(n_keys), (14, 14), seed=0, mask_index=0)
     freq = pm.masked.float().mean(0)  # (N,)
     p = num_masked(ratio, 196) / 196
     sigma = math.sqrt(p * (1 - p) / n_keys)
     assert (freq - p).abs().max() < 5 * sigma  # every patch, not just on average
     # The test has teeth: block masking, centre-biased (documented), fails it by far.
-    blocky = MAEBlock(mask_ratio=ratio)(_keys(n_keys), (14, 14), seed=0, mask_index=0)
+    blocky = _masks(MAEBlock(mask_ratio=ratio), _keys(n_keys), (14, 14), seed=0, mask_index=0)
     assert (blocky.masked.float().mean(0) - p).abs().max() > 10 * sigma
 
 
 @pytest.mark.parametrize("grid,ratio", [((14, 14), 0.4), ((14, 14), 0.75), ((8, 8), 0.5)])
 def test_block_masking_is_blocky(grid, ratio):
     keys = _keys(512)
-    block = MAEBlock(mask_ratio=ratio)(keys, grid, seed=0, mask_index=0)
-    rand = MAERandom(mask_ratio=ratio)(keys, grid, seed=0, mask_index=0)
+    block = _masks(MAEBlock(mask_ratio=ratio), keys, grid, seed=0, mask_index=0)
+    rand = _masks(MAERandom(mask_ratio=ratio), keys, grid, seed=0, mask_index=0)
     n = grid[0] * grid[1]
     _check_conventions(block, n, num_masked(ratio, n))
     cb = _components(block.masked, grid).float().mean()
@@ -254,7 +286,7 @@ def test_blocks_reach_the_budget_without_exceeding_it():
     count = blocks.sum(1)
     assert (count <= n_mask).all()  # BEiT's acceptance rule: never past the budget
     assert (count == n_mask).float().mean() > 0.99  # the top-up is a rare exception
-    final = s(keys, (14, 14), seed=0, mask_index=0).masked
+    final = _masks(s, keys, (14, 14), seed=0, mask_index=0).masked
     assert (final | ~blocks).all()  # every block patch stays masked; top-up only adds
 
 
@@ -265,15 +297,15 @@ def test_block_top_up_on_a_tiny_grid_is_exact():
     blocks = s.blocks(keys, (2, 2), seed=0, mask_index=0, n_mask=3)
     short = blocks.sum(1) < 3
     assert short.any()  # the top-up is exercised
-    pm = s(keys, (2, 2), seed=0, mask_index=0)
+    pm = _masks(s, keys, (2, 2), seed=0, mask_index=0)
     _check_conventions(pm, 4, 3)
     assert (pm.masked | ~blocks).all()
 
 
 def test_min_block_patches_shapes_the_blocks():
     keys = _keys(512)
-    small = MAEBlock(mask_ratio=0.4, min_block_patches=1)(keys, (14, 14), seed=0, mask_index=0)
-    large = MAEBlock(mask_ratio=0.4, min_block_patches=16)(keys, (14, 14), seed=0, mask_index=0)
+    small = _masks(MAEBlock(mask_ratio=0.4, min_block_patches=1), keys, (14, 14), seed=0, mask_index=0)
+    large = _masks(MAEBlock(mask_ratio=0.4, min_block_patches=16), keys, (14, 14), seed=0, mask_index=0)
     assert _components(large.masked, (14, 14)).float().mean() < _components(small.masked, (14, 14)).float().mean()
 
 
@@ -298,9 +330,9 @@ def test_ratio_schedule_endpoints_and_monotone(schedule, initial, final):
 def test_call_uses_the_ratio_of_the_step_and_stage():
     s = MAEBlock(mask_ratio=0.5, final_mask_ratio=0.9, mask_ratio_schedule="linear", eval_mask_ratio=0.75)
     keys = _keys(64)
-    start = s(keys, (4, 4), seed=0, mask_index=0, step=0, total_steps=10)
-    end = s(keys, (4, 4), seed=0, mask_index=0, step=10, total_steps=10)
-    val = s(keys, (4, 4), seed=0, mask_index=0, step=10, total_steps=10, stage="val")
+    start = _masks(s, keys, (4, 4), seed=0, mask_index=0, step=0, total_steps=10)
+    end = _masks(s, keys, (4, 4), seed=0, mask_index=0, step=10, total_steps=10)
+    val = _masks(s, keys, (4, 4), seed=0, mask_index=0, step=10, total_steps=10, stage="val")
     assert (start.ratio, end.ratio, val.ratio) == (0.5, 0.9, 0.75)
     assert (start.num_masked, end.num_masked, val.num_masked) == (8, 14, 12)
 
@@ -370,13 +402,13 @@ def test_bad_call_arguments(call, match):
     args = {"keys": _keys(4), "grid": (4, 4), "seed": 0, "mask_index": 0, "stage": "train"} | call
     keys, grid = args.pop("keys"), args.pop("grid")
     with pytest.raises(ValueError, match=match):
-        MAERandom()(keys, grid, **args)
+        _masks(MAERandom(), keys, grid, **args)
 
 
 def test_scheduled_training_needs_the_step():
     s = MAERandom(mask_ratio=0.5, final_mask_ratio=0.8, mask_ratio_schedule="linear")
     with pytest.raises(ValueError, match="total_steps"):
-        s(_keys(4), (4, 4), seed=0, mask_index=0)
+        _masks(s, _keys(4), (4, 4), seed=0, mask_index=0)
     with pytest.raises(ValueError, match="total_steps"):
         s.ratio_at(5, 0)
-    assert s(_keys(4), (4, 4), seed=0, mask_index=0, stage="val").ratio == 0.5
+    assert _masks(s, _keys(4), (4, 4), seed=0, mask_index=0, stage="val").ratio == 0.5

@@ -365,26 +365,18 @@ def test_tiny_mae_study_with_gallery(ws):
     assert html.count("src='data:image/png;base64,") == 2
 
 
-@pytest.mark.parametrize("kind", ["pixels", "tokens"])
-def test_tiny_video_study(ws, tmp_path, kind):
-    import numpy as np
-
-    fixed = copy.deepcopy(TINY["video"])
+@pytest.mark.parametrize("model", ["video-mae", "maskvit"])
+def test_tiny_video_study(ws, model):
+    fixed = copy.deepcopy(TINY[model])
     grid = {"masking.name": ["video-tube", "video-random"]}
-    if kind == "tokens":
-        path = tmp_path / "clips.npy"
-        np.save(path, np.random.default_rng(0).integers(0, 16, (40, 4, 4, 4)).astype(np.int64))
-        fixed["data"] = {"name": "video-tokens", "path": str(path), "frames": 4, "vocab_size": 16,
-                         "kind_of_clip": "tokens", "batch_size": 2, "val_batch_size": 4}
-        fixed["model"].update(clip_kind="tokens", image_size=4, tubelet_frames=1, patch_size=1, vocab_size=16)
-        fixed["masking"] = {"name": "video-frame", "mask_ratio": 0.5}
+    if model == "maskvit":  # token clips (the session's synthetic ones)
         grid = {"masking.mask_ratio": [0.5, 0.75]}
-    d = spec_dict(name=f"tiny_video_{kind}", model="video", data=fixed["data"]["name"], fixed=fixed, grid=grid,
+    d = spec_dict(name=f"tiny_{model}", model=model, data=fixed["data"]["name"], fixed=fixed, grid=grid,
                   replicates=1, objective={"metric": "val/recon_loss", "direction": "minimize"})
     result = run(load_spec(d), ws, report=True)
     assert result.counts == {"COMPLETE": 2}
     from reports.loader import load_study
 
-    data = load_study(f"tiny_video_{kind}", *stores(ws))
+    data = load_study(f"tiny_{model}", *stores(ws))
     t = data.ablation[(data.ablation.variant == "truncate") & (data.ablation.metric == "recon_loss")]
     assert sorted(t.removed.unique()) == [0, 1, 2]

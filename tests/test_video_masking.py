@@ -11,13 +11,17 @@ import torch
 
 from lit_modules.config import from_dict
 from lit_modules.config_errors import ConfigError
-from lit_modules.masking import mlm, patches, selection, video
-from lit_modules.masking.causal_lm import STREAM_BW_COIN
-from lit_modules.masking.patches import PatchMask, num_masked
-from lit_modules.masking.video import VideoFrame, VideoRandom, VideoTube
+from lit_modules.masking import MaskContext, MaskedBatch, rng
+from lit_modules.masking.attention import Attention
+from lit_modules.masking.batches import Clips, Images
+from lit_modules.masking.patches import PatchMask, mask_from_scores, num_masked
+from lit_modules.masking.rng import Stream
+from lit_modules.masking.video import VideoFrame, VideoRandom, VideoTube, top_k_mask
+from lit_modules.model_configs import maskings_for
 from lit_modules.registry import MASKINGS
 
-STRATEGIES = [VideoTube, VideoRandom, VideoFrame]
+# Every registered strategy that masks clips (derived from the registry).
+STRATEGIES = [MASKINGS.get(name) for name in maskings_for(Clips)]
 GRIDS = [(1, 2, 1), (2, 2, 2), (4, 3, 5), (8, 14, 14)]
 RATIOS = [0.1, 0.5, 0.75, 0.9]
 
@@ -42,15 +46,20 @@ def _check_conventions(pm: PatchMask, n: int, n_mask: int) -> None:
     assert pm.loss_mask is pm.masked
 
 
+def _masks(s, keys, grid, seed=0, mask_index=0, step=None, total_steps=None, stage="train") -> PatchMask:
+    """The masks of ``keys`` on ``grid`` (``strategy.masks``) at one mask context."""
+    return s.masks(keys, grid, MaskContext(seed, mask_index, step, total_steps, stage))
+
+
 def _call(s, grid, b=32, **kw):
-    return s(_keys(b), grid, seed=kw.pop("seed", 0), mask_index=kw.pop("mask_index", 0), **kw)
+    return _masks(s, _keys(b), grid, **kw)
 
 
 # ================================================================ registry and API
 
 
 def test_registered_with_defaults():
-    assert {"video-tube", "video-random", "video-frame"} <= set(MASKINGS.names())
+    assert {VideoTube, VideoRandom, VideoFrame} <= set(STRATEGIES)
     for cls in STRATEGIES:
         s = cls()
         assert MASKINGS.get(s.name) is cls
@@ -69,12 +78,45 @@ def test_yaml_boundary_builds_and_prefixes_errors():
         from_dict(VideoFrame, {"keep_first_frames": -1}, "masking")
 
 
-def test_stream_constants_are_new():
-    ours = {video.STREAM_VIDEO_TUBE, video.STREAM_VIDEO_RANDOM, video.STREAM_VIDEO_FRAME}
-    others = {selection.STREAM_SELECT, selection.STREAM_REPLACE, selection.STREAM_RANDOM_TOKEN,
-              mlm.STREAM_SPAN_LENGTH, STREAM_BW_COIN, patches.STREAM_PATCH_RANK,
-              patches.STREAM_PATCH_BLOCK, 0xDA7A, 0xDA7B, 0x1A6E, 0x1A6F}
+def test_each_strategy_draws_from_its_own_stream():
+    """Tube, random and frame masking each rank the noise of their own mask stream
+    (``rng.Stream``), apart from every other purpose's."""
+    ours = {int(st) for st in (Stream.VIDEO_TUBE, Stream.VIDEO_RANDOM, Stream.VIDEO_FRAME)}
+    others = {int(st) for st in Stream} - ours
     assert len(ours) == 3 and not ours & others
+    keys, (f, h, w) = _keys(16), (2, 4, 4)
+
+    def noise(stream, n):
+        return rng.bits(rng.mask_stream(7, keys, 3, stream), n)
+
+    tube = _masks(VideoTube(mask_ratio=0.5), keys, (f, h, w), seed=7, mask_index=3).masked
+    assert torch.equal(tube, top_k_mask(noise(Stream.VIDEO_TUBE, h * w), 8).repeat(1, f))
+    rand = _masks(VideoRandom(mask_ratio=0.5), keys, (f, h, w), seed=7, mask_index=3).masked
+    assert torch.equal(rand, mask_from_scores(noise(Stream.VIDEO_RANDOM, f * h * w), 16, 0.5).masked)
+    frame = _masks(VideoFrame(mask_ratio=0.5), keys, (f, h, w), seed=7, mask_index=3).masked
+    assert torch.equal(frame, top_k_mask(noise(Stream.VIDEO_FRAME, f * h * w).view(16, f, h * w), 8).view(16, -1))
+
+
+@pytest.mark.parametrize("cls", STRATEGIES)
+def test_call_on_clips_gives_the_tubelet_mask(cls):
+    """``strategy(clips, ctx)``: inputs and targets are the clips (pixels or token ids),
+    loss_mask the masked tubelets, keep_idx the visible ones."""
+    s = cls(mask_ratio=0.5, final_mask_ratio=0.25, mask_ratio_schedule="linear", eval_mask_ratio=0.75)
+    for x in (torch.rand(8, 4, 3, 16, 16), torch.randint(0, 16, (8, 4, 4, 4))):
+        batch = Clips(x, _keys(8), kind="pixels" if x.is_floating_point() else "tokens", grid=(4, 2, 2))
+        for ctx in (MaskContext(seed=1, mask_index=2, step=0, total_steps=4),
+                    MaskContext(seed=1, mask_index=2, step=4, total_steps=4),
+                    MaskContext(seed=1, mask_index=torch.arange(8), stage="val")):
+            m = s(batch, ctx)
+            pm = s.masks(batch.keys, (4, 2, 2), ctx)
+            assert isinstance(m, MaskedBatch) and m.inputs is x and m.targets is x
+            assert torch.equal(m.loss_mask, pm.masked) and torch.equal(m.keep_idx, pm.keep_idx)
+            assert m.ratio == pm.ratio and m.attention == Attention()
+        assert [s(batch, c).ratio for c in (MaskContext(0, 0, 0, 4), MaskContext(0, stage="val"))] == [0.5, 0.75]
+    with pytest.raises(ValueError, match="grid"):
+        s(Clips(x, _keys(8)), MaskContext(seed=0, stage="val"))  # the model sets the grid
+    with pytest.raises(ValueError, match="Clips"):
+        s(Images(torch.zeros(8, 3, 8, 8), _keys(8), grid=(2, 2)), MaskContext(seed=0, stage="val"))
 
 
 # ================================================================ structure and counts
@@ -150,13 +192,13 @@ def test_restore_idx_undoes_the_keep_mask_split():
 def test_same_key_same_mask_at_any_batch_position(cls):
     s, grid = cls(mask_ratio=0.5), (4, 4, 4)
     keys = _keys(16)
-    full = s(keys, grid, seed=3, mask_index=5).masked
+    full = _masks(s, keys, grid, seed=3, mask_index=5).masked
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
-    shuffled = s(keys[perm], grid, seed=3, mask_index=5).masked
+    shuffled = _masks(s, keys[perm], grid, seed=3, mask_index=5).masked
     assert torch.equal(shuffled, full[perm])
-    single = s(keys[7:8], grid, seed=3, mask_index=5).masked
+    single = _masks(s, keys[7:8], grid, seed=3, mask_index=5).masked
     assert torch.equal(single[0], full[7])
-    per_row = s(keys, grid, seed=3, mask_index=torch.full((16,), 5)).masked
+    per_row = _masks(s, keys, grid, seed=3, mask_index=torch.full((16,), 5)).masked
     assert torch.equal(per_row, full)
 
 
@@ -164,17 +206,17 @@ def test_same_key_same_mask_at_any_batch_position(cls):
 def test_mask_index_seed_and_key_change_the_mask(cls):
     s, grid = cls(mask_ratio=0.5), (4, 4, 4)
     keys = _keys(32)
-    base = s(keys, grid, seed=0, mask_index=0).masked
-    for other in (s(keys, grid, seed=0, mask_index=1).masked,
-                  s(keys, grid, seed=1, mask_index=0).masked,
-                  s(_keys(32, seed=9), grid, seed=0, mask_index=0).masked):
+    base = _masks(s, keys, grid, seed=0, mask_index=0).masked
+    for other in (_masks(s, keys, grid, seed=0, mask_index=1).masked,
+                  _masks(s, keys, grid, seed=1, mask_index=0).masked,
+                  _masks(s, _keys(32, seed=9), grid, seed=0, mask_index=0).masked):
         assert (other != base).any(dim=1).all()
 
 
 def test_strategies_use_different_streams():
     keys, grid = _keys(32), (2, 4, 4)
-    tube = VideoTube(mask_ratio=0.5)(keys, grid, seed=0, mask_index=0).masked.reshape(32, 2, 16)[:, 0]
-    frame = VideoFrame(mask_ratio=0.5)(keys, grid, seed=0, mask_index=0).masked.reshape(32, 2, 16)[:, 0]
+    tube = _masks(VideoTube(mask_ratio=0.5), keys, grid, seed=0, mask_index=0).masked.reshape(32, 2, 16)[:, 0]
+    frame = _masks(VideoFrame(mask_ratio=0.5), keys, grid, seed=0, mask_index=0).masked.reshape(32, 2, 16)[:, 0]
     assert (tube != frame).any(dim=1).all()
 
 
@@ -191,11 +233,11 @@ def test_ratio_schedule_08_to_01_endpoints_and_monotone(cls, schedule):
     assert all(b <= a for a, b in zip(values, values[1:]))
     assert s.ratio_at(stage="val") == 0.5
     grid = (4, 4, 5)
-    counts = [s(_keys(4), grid, seed=0, mask_index=0, step=step, total_steps=total).num_masked
+    counts = [_masks(s, _keys(4), grid, seed=0, mask_index=0, step=step, total_steps=total).num_masked
               for step in (0, 25, 50, 75, 100)]
     assert counts == sorted(counts, reverse=True)
     assert counts[0] == s.num_masked(grid, 0.8) and counts[-1] == s.num_masked(grid, 0.1)
-    val = s(_keys(4), grid, seed=0, mask_index=0, stage="val")
+    val = _masks(s, _keys(4), grid, seed=0, mask_index=0, stage="val")
     assert val.ratio == 0.5 and val.num_masked == s.num_masked(grid, 0.5)
 
 
@@ -207,7 +249,7 @@ def test_constant_schedule_stays_put():
 def test_scheduled_training_needs_the_step():
     s = VideoRandom(mask_ratio=0.8, final_mask_ratio=0.1, mask_ratio_schedule="linear")
     with pytest.raises(ValueError, match="total_steps"):
-        s(_keys(4), (2, 4, 4), seed=0, mask_index=0)
+        _masks(s, _keys(4), (2, 4, 4), seed=0, mask_index=0)
 
 
 # ================================================================ errors
@@ -263,7 +305,7 @@ def test_bad_call_arguments(cls, call, match):
     args = {"keys": _keys(4), "grid": (2, 4, 4), "seed": 0, "mask_index": 0, "stage": "train"} | call
     keys, grid = args.pop("keys"), args.pop("grid")
     with pytest.raises(ValueError, match=match) as e:
-        cls()(keys, grid, **args)
+        _masks(cls(), keys, grid, **args)
     assert "\n" not in str(e.value)
 
 

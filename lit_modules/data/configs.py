@@ -7,7 +7,7 @@ implemented in ``text.py``, ``images.py`` or ``video.py`` (a ``LightningDataModu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from ..config_errors import ConfigError
 from ..registry import DATASETS
@@ -24,7 +24,7 @@ class TextDataConfig:
     path: str = ""
     # For corpora without a separate validation file: the fraction held out (the tail).
     val_fraction: float = 0.1
-    tokenizer: str = "bpe"
+    tokenizer: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 512
     batch_size: int = 16
     val_batch_size: int = 32
@@ -32,8 +32,6 @@ class TextDataConfig:
     val_windows: int = 64
 
     def __post_init__(self):
-        if self.tokenizer not in ("bpe", "unigram"):
-            raise ConfigError("tokenizer", self.tokenizer, "allowed: bpe, unigram")
         # SentencePiece needs room for its specials plus the alphabet.
         if not 64 <= self.vocab_size <= 65536:
             raise ConfigError("vocab_size", self.vocab_size, "must be in [64, 65536]")
@@ -97,7 +95,7 @@ class VideoDataConfig:
     # At most this many validation clips, evenly spread over the split (0 = all).
     val_clips: int = 0
     # "pixels" (bbb, moving-mnist) or "tokens" (video-tokens); must match the dataset.
-    kind_of_clip: str = "pixels"
+    clip_kind: Literal["pixels", "tokens"] = "pixels"
     # Tokens only: ids lie in [0, vocab_size).
     vocab_size: int = 0
     # Pixel clips: mirror each training clip horizontally with probability 1/2.
@@ -112,9 +110,10 @@ class VideoDataConfig:
                 raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
         if self.val_clips < 0:
             raise ConfigError("val_clips", self.val_clips, "must be >= 0 (0 = all)")
-        if self.kind_of_clip not in CLIP_KINDS:
-            raise ConfigError("kind_of_clip", self.kind_of_clip, f"allowed: {', '.join(CLIP_KINDS)}")
         if self.vocab_size < 0:
             raise ConfigError("vocab_size", self.vocab_size, "must be >= 0")
-        if self.kind_of_clip == "tokens" and self.vocab_size < 1:
-            raise ConfigError("vocab_size", self.vocab_size, "required (>= 1) when kind_of_clip is 'tokens'")
+        if self.clip_kind == "tokens" and self.vocab_size < 1:
+            raise ConfigError("vocab_size", self.vocab_size, "required (>= 1) when clip_kind is 'tokens'")
+
+
+DataConfig = TextDataConfig | ImageDataConfig | VideoDataConfig

@@ -2,7 +2,7 @@
 
 Each dataset is decoded once with Pillow to RGB uint8 ``(N, S, S, 3)`` and cached in the
 workspace cache dir under a hash of the encoded files and ``image_size``; later runs
-memmap the cache. Every batch is a dict::
+memmap the cache. Every batch is a ``masking.batches.Images``::
 
     images  (B, 3, S, S) float32   in [0, 1], or ImageNet-normalized if cfg.normalize
     labels  (B,)         int64     class index
@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,19 +31,18 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..config_errors import ConfigError
-from ..masking.rng import uniform
-from ..paths import Workspace
+from ..masking.batches import Images
+from ..masking.plan import MaskPlan
+from ..masking.rng import Stream, step_bits, to_uniform
+from ..paths import Workspace, atomic_path, atomic_write
 from ..registry import DATASETS
 from .configs import ImageDataConfig
-from .steps import StepSampler, step_draw
+from .masked import EvalCollate, Planned
+from .steps import FixedBatches, StepBatches, StepSampler, step_draw
 
-# Stream ids of the training image sampler and of its augmentation (distinct from the
-# text sampler 0xDA7A and from the masking streams).
-STREAM_BATCH = 0x1A6E
-STREAM_AUG = 0x1A6F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # RandomResizedCrop as in torchvision (used by MAE): aspect ratios in [3/4, 4/3] and 10
@@ -156,9 +153,7 @@ def _decode_all(raw: RawImages, image_size: int, pixels_path: Path, keys_path: P
     first = _decode(raw.blobs[0], raw.names[0], image_size)
     _check_size(first, raw.names[0], image_size, None)
     s = first.shape[0]
-    fd, tmp = tempfile.mkstemp(dir=pixels_path.parent, prefix=pixels_path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(pixels_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(raw.blobs), s, s, 3))
         out[0] = first
         for i in range(1, len(raw.blobs)):
@@ -170,18 +165,7 @@ def _decode_all(raw: RawImages, image_size: int, pixels_path: Path, keys_path: P
         del out
         buf = io.BytesIO()
         np.save(buf, keys)
-        _atomic_write(keys_path, buf.getvalue())
-        os.replace(tmp, pixels_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+        atomic_write(keys_path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- tensors and augmentation
@@ -271,51 +255,32 @@ class _Images:
     def __init__(self, pixels: np.ndarray, labels: np.ndarray, keys: np.ndarray, normalize: bool):
         self.pixels, self.labels, self.keys, self.normalize = pixels, labels, keys, normalize
 
-    def batch(self, index: np.ndarray, images: Tensor | None = None) -> dict[str, Tensor]:
+    def batch(self, index: np.ndarray, images: Tensor | None = None) -> Images:
         if images is None:
             images = to_float(self.pixels[index], self.normalize)
-        return {
-            "images": images,
-            "labels": torch.from_numpy(self.labels[index].astype(np.int64)),
-            "keys": torch.from_numpy(self.keys[index].astype(np.int64)),
-            "index": torch.from_numpy(index.astype(np.int64)),
-        }
+        return Images(
+            images=images,
+            keys=torch.from_numpy(self.keys[index].astype(np.int64)),
+            labels=torch.from_numpy(self.labels[index].astype(np.int64)),
+            index=torch.from_numpy(index.astype(np.int64)),
+        )
 
 
-class TrainBatches(Dataset):
+class TrainBatches(StepBatches):
     """Item ``step`` is the whole batch of step ``step`` (see the module docstring)."""
 
-    def __init__(self, data: _Images, train_index: np.ndarray, cfg: ImageDataConfig, seed: int, steps: int):
-        self.data, self.train_index, self.cfg = data, train_index, cfg
-        self.seed, self.steps = seed, steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, step: int) -> dict[str, Tensor]:
+    def __getitem__(self, step: int) -> Images:
         b = self.cfg.batch_size
-        key, index = step_draw(self.seed, step, STREAM_BATCH, b, self.train_index)
+        index = step_draw(self.seed, step, Stream.IMAGE_BATCH, b, self.train_index)
         x = to_float(self.data.pixels[index], normalize=False)  # (B, 3, S, S) in [0, 1]
         if self.cfg.augment:
-            u = uniform(self.seed, key, STREAM_AUG, (b, 4 * CROP_ATTEMPTS + 1))[0]  # row b: (seed, step, b)
+            n = 4 * CROP_ATTEMPTS + 1
+            u = to_uniform(step_bits(self.seed, step, Stream.IMAGE_AUG, b * n)).view(b, n)  # row b: (seed, step, b)
             boxes, flips = crop_params(u, x.shape[-1], self.cfg.crop_scale_min)
             x = resized_crop(x, boxes, flips)
         if self.cfg.normalize:
             x = normalize_images(x)
         return self.data.batch(index, x)
-
-
-class FixedBatches(Dataset):
-    """Item ``i`` is the ``i``-th batch of fixed images ``index``, un-augmented."""
-
-    def __init__(self, data: _Images, index: np.ndarray, batch_size: int):
-        self.data, self.index, self.batch_size = data, index, batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.index) // self.batch_size)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return self.data.batch(self.index[i * self.batch_size : (i + 1) * self.batch_size])
 
 
 def spread(index: np.ndarray, limit: int) -> np.ndarray:
@@ -335,10 +300,11 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self, cfg: ImageDataConfig, block_size: int, seed: int, max_steps: int, workspace: Workspace,
-        steps_per_epoch: int | None = None, layout: str = "windows",
+        steps_per_epoch: int | None = None, layout: str = "windows", plan: MaskPlan | None = None,
     ):
         """Same signature as ``TextDataModule``; ``block_size`` and ``layout`` are unused."""
         super().__init__()
+        self.plan = plan
         self.cfg, self.seed, self.max_steps, self.workspace = cfg, seed, max_steps, workspace
         self.block_size, self.layout = block_size, layout
         self.steps_per_epoch = steps_per_epoch or max_steps
@@ -390,17 +356,19 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainBatches(self.data, self.train_index, self.cfg, self.seed, self.max_steps)
-        return DataLoader(ds, batch_size=None, sampler=StepSampler(self.max_steps, self.steps_per_epoch))
+        return DataLoader(Planned(ds, self.plan), batch_size=None,
+                          sampler=StepSampler(self.max_steps, self.steps_per_epoch))
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(FixedBatches(self.data, self.val_index, self.cfg.val_batch_size), batch_size=None)
+        ds = FixedBatches(self.data.batch, self.val_index, self.cfg.val_batch_size)
+        return DataLoader(ds, batch_size=None, collate_fn=EvalCollate(self.plan))
 
     def probe_dataloaders(self, train_images: int = 2000, batch_size: int | None = None) -> tuple[DataLoader, DataLoader]:
         """(train, val) loaders of un-augmented images for a linear probe: train = at
         most ``train_images`` train-split images evenly spread, val = the validation set."""
         bs = batch_size or self.cfg.val_batch_size
-        train = FixedBatches(self.data, spread(self.train_index, train_images), bs)
-        return DataLoader(train, batch_size=None), DataLoader(FixedBatches(self.data, self.val_index, bs), batch_size=None)
+        train = FixedBatches(self.data.batch, spread(self.train_index, train_images), bs)
+        return DataLoader(train, batch_size=None), DataLoader(FixedBatches(self.data.batch, self.val_index, bs), batch_size=None)
 
     # helper for subclasses
     def _read_npz(self, relative: str) -> RawImages:

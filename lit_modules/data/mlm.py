@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..masking.rng import random_bits
+from ..masking.batches import TokenRows
+from ..masking.rng import Stream, step_bits
 
 SPECIALS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
 CLS, SEP, MASK, PAD = 2, 3, 4, 5
 FIRST_PIECE = 6
 EOS = 1
 MIN_LINE = 8  # shorter validation lines (headings, blank lines) carry too few tokens to mask
-STREAM_MLM_BATCH = 0xDA7B
 
 
 def word_start_table(tokenizer_path) -> np.ndarray:
@@ -44,8 +44,9 @@ def word_start_table(tokenizer_path) -> np.ndarray:
     return table
 
 
-def pack(rows: list[np.ndarray], length: int, word_start: np.ndarray) -> dict[str, torch.Tensor]:
-    """Rows of piece ids -> the padded (B, length) batch dict."""
+def pack(rows: list[np.ndarray], length: int, word_start: np.ndarray, vocab_size: int) -> TokenRows:
+    """Rows of piece ids -> the padded (B, length) batch: ``[CLS] row [SEP] [PAD]...``,
+    random replacements drawn from the pieces (ids >= FIRST_PIECE)."""
     b = len(rows)
     tokens = np.full((b, length), PAD, dtype=np.int64)
     for i, r in enumerate(rows):
@@ -56,25 +57,25 @@ def pack(rows: list[np.ndarray], length: int, word_start: np.ndarray) -> dict[st
     eligible = t >= FIRST_PIECE
     ws = torch.from_numpy(word_start[tokens])
     ws[:, 1] = True  # the first text token starts a word even without the ▁ prefix
-    return {"tokens": t, "valid": valid, "eligible": eligible, "word_start": ws}
+    return TokenRows(tokens=t, valid=valid, eligible=eligible, word_start=ws, vocab_size=vocab_size,
+                     mask_token_id=MASK, random_low=FIRST_PIECE)
 
 
 class MLMTrainBatches(Dataset):
     """Item ``step``: the whole (B, block_size) batch of that step."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, steps: int,
-                 word_start: np.ndarray):
+                 word_start: np.ndarray, vocab_size: int):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.steps, self.word_start = seed, steps, word_start
+        self.seed, self.steps, self.word_start, self.vocab_size = seed, steps, word_start, vocab_size
         self.span = block_size - 2
         self.n_offsets = len(tokens) - self.span
 
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        key = torch.tensor([step], dtype=torch.int64)
-        bits = random_bits(self.seed, key, STREAM_MLM_BATCH, (self.batch_size,))[0]  # (B,)
+    def __getitem__(self, step: int) -> TokenRows:
+        bits = step_bits(self.seed, step, Stream.MLM_BATCH, self.batch_size)  # (B,)
         rows = []
         for o in (bits % self.n_offsets).tolist():
             chunk = np.asarray(self.tokens[o : o + self.span], dtype=np.int64)
@@ -82,7 +83,7 @@ class MLMTrainBatches(Dataset):
             if len(ends):  # end at the last line break in the second half
                 chunk = chunk[: self.span // 2 + ends[-1]]
             rows.append(chunk)
-        return pack(rows, self.block_size, self.word_start)
+        return pack(rows, self.block_size, self.word_start, self.vocab_size)
 
 
 class MLMValSequences(Dataset):
@@ -109,8 +110,8 @@ class MLMValSequences(Dataset):
 class PadCollate:
     """Pads a list of rows to the longest in the batch (+ [CLS]/[SEP])."""
 
-    def __init__(self, word_start: np.ndarray):
-        self.word_start = word_start
+    def __init__(self, word_start: np.ndarray, vocab_size: int):
+        self.word_start, self.vocab_size = word_start, vocab_size
 
-    def __call__(self, rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        return pack(rows, max(len(r) for r in rows) + 2, self.word_start)
+    def __call__(self, rows: list[np.ndarray]) -> TokenRows:
+        return pack(rows, max(len(r) for r in rows) + 2, self.word_start, self.vocab_size)

@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
-from ..masking.rng import random_bits
+from ..masking.rng import Stream, step_bits
 
 
 class StepSampler(Sampler[int]):
@@ -39,10 +38,33 @@ class StepSampler(Sampler[int]):
         return len(self._range())
 
 
-def step_draw(seed: int, step: int, stream: int, batch_size: int, pool: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+def step_draw(seed: int, step: int, stream: Stream, batch_size: int, pool: np.ndarray) -> np.ndarray:
     """The samples of training step ``step``: ``batch_size`` entries of ``pool`` drawn
-    with replacement from ``(seed, step, stream)``. Returns (the step's key, the entries)."""
-    key = torch.tensor([int(step)], dtype=torch.int64)
-    bits = random_bits(seed, key, stream, (batch_size,))[0]  # (B,)
-    return key, pool[(bits % len(pool)).numpy()]
+    with replacement from the per-step ``stream`` at ``(seed, step)``."""
+    return pool[(step_bits(seed, step, stream, batch_size) % len(pool)).numpy()]
 
+
+class FixedBatches(Dataset):
+    """Item ``i`` is the ``i``-th batch of the fixed rows ``index`` (validation and probe
+    batches: in index order, never augmented); ``make_batch(rows)`` assembles one."""
+
+    def __init__(self, make_batch, index: np.ndarray, batch_size: int):
+        self.make_batch, self.index, self.batch_size = make_batch, index, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch_size)
+
+    def __getitem__(self, i: int):
+        return self.make_batch(self.index[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+class StepBatches(Dataset):
+    """A training dataset of ``steps`` items, item ``step`` the batch of that step drawn
+    from ``train_index`` of ``data`` (subclasses assemble it)."""
+
+    def __init__(self, data, train_index: np.ndarray, cfg, seed: int, steps: int):
+        self.data, self.train_index, self.cfg = data, train_index, cfg
+        self.seed, self.steps = seed, steps
+
+    def __len__(self) -> int:
+        return self.steps

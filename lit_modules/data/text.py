@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +21,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config_errors import ConfigError
-from ..masking.rng import random_bits
-from ..paths import Workspace
+from ..masking.batches import TokenWindows
+from ..masking.plan import MaskPlan
+from ..masking.rng import Stream, step_bits
+from ..paths import Workspace, atomic_write
 from ..registry import DATASETS
 from .configs import TextDataConfig
+from .masked import EvalCollate, Planned
 from .steps import StepSampler
-
-# Stream id of the training-window sampler (distinct from the masking streams).
-STREAM_BATCH = 0xDA7A
 
 
 @dataclass(frozen=True)
@@ -42,15 +41,6 @@ class Splits:
 
 
 # ---------------------------------------------------------------- tokenizer + memmap
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write then rename, so concurrent workers never read a half-written cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def train_tokenizer(text: str, cfg: TextDataConfig, cache_dir: Path, specials: tuple[str, ...] = ()) -> Path:
@@ -88,7 +78,7 @@ def train_tokenizer(text: str, cfg: TextDataConfig, cache_dir: Path, specials: t
         )
     except RuntimeError as e:
         raise ConfigError("data.vocab_size", cfg.vocab_size, f"SentencePiece cannot train it on this corpus ({str(e).splitlines()[0]})") from None
-    _atomic_write(path, model.getvalue())
+    atomic_write(path, model.getvalue())
     return path
 
 
@@ -107,7 +97,7 @@ def encode_to_memmap(text: str, tokenizer: Path, cache_dir: Path) -> np.memmap:
         dtype = np.uint16 if sp.get_piece_size() <= 1 << 16 else np.int32
         buf = io.BytesIO()
         np.save(buf, flat.astype(dtype))
-        _atomic_write(path, buf.getvalue())
+        atomic_write(path, buf.getvalue())
     return np.load(path, mmap_mode="r")
 
 
@@ -125,12 +115,11 @@ class TrainWindows(Dataset):
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, step: int) -> torch.Tensor:
-        key = torch.tensor([step], dtype=torch.int64)
-        bits = random_bits(self.seed, key, STREAM_BATCH, (self.batch_size,))[0]  # (B,)
+    def __getitem__(self, step: int) -> TokenWindows:
+        bits = step_bits(self.seed, step, Stream.TEXT_BATCH, self.batch_size)  # (B,)
         offsets = (bits % self.n_offsets).numpy()
         idx = offsets[:, None] + np.arange(self.block_size + 1)[None, :]  # (B, T+1)
-        return torch.from_numpy(self.tokens[idx].astype(np.int64))
+        return TokenWindows(torch.from_numpy(self.tokens[idx].astype(np.int64)))
 
 
 class ValWindows(Dataset):
@@ -153,6 +142,10 @@ class ValWindows(Dataset):
         return torch.from_numpy(self.tokens[s : s + self.block_size + 1].astype(np.int64))
 
 
+def stack_windows(windows: list[torch.Tensor]) -> TokenWindows:
+    return TokenWindows(torch.stack(windows))
+
+
 # ---------------------------------------------------------------- data modules
 
 
@@ -164,12 +157,13 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self, cfg: TextDataConfig, block_size: int, seed: int, max_steps: int, workspace: Workspace,
-        steps_per_epoch: int | None = None, layout: str = "windows",
+        steps_per_epoch: int | None = None, layout: str = "windows", plan: MaskPlan | None = None,
     ):
         """``layout``: "windows" (causal LM: (B, T+1) windows) or "mlm" (padded
-        [CLS] ... [SEP] sequences with word starts, see ``data/mlm.py``)."""
+        [CLS] ... [SEP] sequences with word starts, see ``data/mlm.py``). ``plan``: the
+        run's masking, applied to every batch the loaders assemble (None: unmasked)."""
         super().__init__()
-        self.layout = layout
+        self.layout, self.plan = layout, plan
         self.word_start = None
         self.cfg, self.block_size, self.seed, self.max_steps = cfg, block_size, seed, max_steps
         self.steps_per_epoch = steps_per_epoch or max_steps
@@ -227,19 +221,22 @@ class TextDataModule(L.LightningDataModule):
             from .mlm import MLMTrainBatches
 
             ds = MLMTrainBatches(self.train_tokens, self.block_size, self.cfg.batch_size, self.seed, self.max_steps,
-                                 self.word_start)
-            return DataLoader(ds, batch_size=None, sampler=sampler)
-        ds = TrainWindows(self.train_tokens, self.block_size, self.cfg.batch_size, self.seed, self.max_steps)
-        return DataLoader(ds, batch_size=None, sampler=sampler)
+                                 self.word_start, self.cfg.vocab_size)
+        else:
+            ds = TrainWindows(self.train_tokens, self.block_size, self.cfg.batch_size, self.seed, self.max_steps)
+        return DataLoader(Planned(ds, self.plan), batch_size=None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         if self.layout == "mlm":
             from .mlm import MLMValSequences, PadCollate
 
             ds = MLMValSequences(self.val_tokens, self.block_size, self.cfg.val_windows)
-            return DataLoader(ds, batch_size=self.cfg.val_batch_size, shuffle=False, collate_fn=PadCollate(self.word_start))
-        ds = ValWindows(self.val_tokens, self.block_size, self.cfg.val_windows)
-        return DataLoader(ds, batch_size=self.cfg.val_batch_size, shuffle=False)
+            collate = PadCollate(self.word_start, self.cfg.vocab_size)
+        else:
+            ds = ValWindows(self.val_tokens, self.block_size, self.cfg.val_windows)
+            collate = stack_windows
+        return DataLoader(ds, batch_size=self.cfg.val_batch_size, shuffle=False,
+                          collate_fn=EvalCollate(self.plan, collate))
 
     # helpers for subclasses
     def _read(self, relative: str) -> tuple[str, Path]:

@@ -14,25 +14,25 @@ Three datasets, all of ``kind = "video"``:
   (frames already encoded by a discrete tokenizer), memory-mapped. ``vocab_size`` must
   exceed every id. Last 10% of clips = val.
 
-Every batch is a dict; pixel clips (``kind_of_clip: pixels``)::
+Every batch is a ``masking.batches.Clips``; pixel clips (``clip_kind: pixels``)::
 
     clips   (B, F, 3, H, W) float32   in [0, 1], then (x - 0.5) / 0.5, i.e. in [-1, 1]
     keys    (B,)            int64     content key: blake2b-64 of the stored uint8 clip
     index   (B,)            int64     position of the clip in the dataset
 
 Grayscale clips (moving-mnist) are replicated to 3 channels, so a pixel model always
-sees 3 channels. Token clips (``kind_of_clip: tokens``)::
+sees 3 channels. Token clips (``clip_kind: tokens``) hold ids instead::
 
-    tokens  (B, F, h, w)    int64     ids in [0, vocab_size)
+    clips   (B, F, h, w)    int64     ids in [0, vocab_size)
     keys, index                       as above (keys hash the ids as little-endian int64)
 
 ``image_size`` (pixel clips) must be 64 or a divisor of it: frames are average-pooled
 down from 64x64. Only the first ``frames`` frames of each clip are used.
 
 Training batches are drawn (with replacement) from the train split by a counter-based
-hash of ``(seed, step)`` (stream ``STREAM_BATCH``), and, when ``flip`` is on, each pixel
-clip is mirrored horizontally (all its frames alike) by a hash of ``(seed, step, row)``
-(stream ``STREAM_FLIP``): batch ``step`` is identical in every run with that seed. Keys
+hash of ``(seed, step)`` (stream ``Stream.VIDEO_BATCH``), and, when ``flip`` is on, each
+pixel clip is mirrored horizontally (all its frames alike) by a hash of ``(seed, step,
+row)`` (stream ``Stream.VIDEO_FLIP``): batch ``step`` is identical in every run with that seed. Keys
 are those of the un-flipped clip. Validation batches are fixed clips in index order.
 """
 
@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -50,20 +48,19 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..config_errors import ConfigError
-from ..masking.rng import uniform
-from ..paths import Workspace
+from ..masking.batches import Clips
+from ..masking.plan import MaskPlan
+from ..masking.rng import Stream, step_bits, to_uniform
+from ..paths import Workspace, atomic_path
 from ..registry import DATASETS
 from .configs import VideoDataConfig
 from .images import _hash64, spread
-from .steps import StepSampler, step_draw
+from .masked import EvalCollate, Planned
+from .steps import FixedBatches, StepBatches, StepSampler, step_draw
 
-# Stream ids of the training clip sampler and of its flips (distinct from the text
-# samplers 0xDA7A / 0xDA7B, the image streams 0x1A6E / 0x1A6F and the masking streams).
-STREAM_BATCH = 0x71DE
-STREAM_FLIP = 0x71DF
 # Pixel clips: x in [0, 1] -> (x - MEAN) / STD, the same for every channel.
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
@@ -166,14 +163,8 @@ def generate_moving_mnist(mnist: np.ndarray, n_clips: int, frames: int, digits: 
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npy")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp.npy") as tmp:  # np.save keeps a name ending in .npy
         np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- datasets
@@ -185,51 +176,29 @@ class _Clips:
     def __init__(self, clips: np.ndarray, keys: np.ndarray, clip_kind: str):
         self.clips, self.keys, self.clip_kind = clips, keys, clip_kind
 
-    def batch(self, index: np.ndarray, flips: Tensor | None = None) -> dict[str, Tensor]:
+    def batch(self, index: np.ndarray, flips: Tensor | None = None) -> Clips:
         raw = self.clips[index]
-        out: dict[str, Tensor] = {}
         if self.clip_kind == "tokens":
-            out["tokens"] = torch.from_numpy(np.asarray(raw, dtype=np.int64))
+            x = torch.from_numpy(np.asarray(raw, dtype=np.int64))  # (B, F, h, w) ids
         else:
             x = to_float(raw)  # (B, F, 3, H, W)
             if flips is not None:
                 x = torch.where(flips[:, None, None, None, None], x.flip(-1), x)
-            out["clips"] = x.contiguous()
-        out["keys"] = torch.from_numpy(self.keys[index].astype(np.int64))
-        out["index"] = torch.from_numpy(index.astype(np.int64))
-        return out
+            x = x.contiguous()
+        return Clips(clips=x, keys=torch.from_numpy(self.keys[index].astype(np.int64)), kind=self.clip_kind,
+                     index=torch.from_numpy(index.astype(np.int64)))
 
 
-class TrainBatches(Dataset):
+class TrainBatches(StepBatches):
     """Item ``step`` is the whole batch of step ``step`` (see the module docstring)."""
 
-    def __init__(self, data: _Clips, train_index: np.ndarray, cfg: VideoDataConfig, seed: int, steps: int):
-        self.data, self.train_index, self.cfg = data, train_index, cfg
-        self.seed, self.steps = seed, steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, step: int) -> dict[str, Tensor]:
+    def __getitem__(self, step: int) -> Clips:
         b = self.cfg.batch_size
-        key, index = step_draw(self.seed, step, STREAM_BATCH, b, self.train_index)
+        index = step_draw(self.seed, step, Stream.VIDEO_BATCH, b, self.train_index)
         flips = None
         if self.data.clip_kind == "pixels" and self.cfg.flip:
-            flips = uniform(self.seed, key, STREAM_FLIP, (b,))[0] < 0.5  # row b: (seed, step, b)
+            flips = to_uniform(step_bits(self.seed, step, Stream.VIDEO_FLIP, b)) < 0.5  # row b: (seed, step, b)
         return self.data.batch(index, flips)
-
-
-class FixedBatches(Dataset):
-    """Item ``i`` is the ``i``-th batch of fixed clips ``index``, never flipped."""
-
-    def __init__(self, data: _Clips, index: np.ndarray, batch_size: int):
-        self.data, self.index, self.batch_size = data, index, batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.index) // self.batch_size)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return self.data.batch(self.index[i * self.batch_size : (i + 1) * self.batch_size])
 
 
 # ---------------------------------------------------------------- data modules
@@ -260,13 +229,14 @@ class VideoDataModule(L.LightningDataModule):
 
     def __init__(
         self, cfg: VideoDataConfig, block_size: int, seed: int, max_steps: int, workspace: Workspace,
-        steps_per_epoch: int | None = None, layout: str = "windows",
+        steps_per_epoch: int | None = None, layout: str = "windows", plan: MaskPlan | None = None,
     ):
         """Same signature as ``TextDataModule``; ``block_size`` and ``layout`` are unused."""
         super().__init__()
-        if cfg.kind_of_clip != self.clip_kind:
-            raise ConfigError("data.kind_of_clip", cfg.kind_of_clip,
-                              f"dataset {cfg.name!r} has {self.clip_kind} clips; set data.kind_of_clip: {self.clip_kind}")
+        self.plan = plan
+        if cfg.clip_kind != self.clip_kind:
+            raise ConfigError("data.clip_kind", cfg.clip_kind,
+                              f"dataset {cfg.name!r} has {self.clip_kind} clips; set data.clip_kind: {self.clip_kind}")
         self.cfg, self.seed, self.max_steps, self.workspace = cfg, seed, max_steps, workspace
         self.block_size, self.layout = block_size, layout
         self.steps_per_epoch = steps_per_epoch or max_steps
@@ -318,10 +288,12 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainBatches(self.data, self.train_index, self.cfg, self.seed, self.max_steps)
-        return DataLoader(ds, batch_size=None, sampler=StepSampler(self.max_steps, self.steps_per_epoch))
+        return DataLoader(Planned(ds, self.plan), batch_size=None,
+                          sampler=StepSampler(self.max_steps, self.steps_per_epoch))
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(FixedBatches(self.data, self.val_index, self.cfg.val_batch_size), batch_size=None)
+        ds = FixedBatches(self.data.batch, self.val_index, self.cfg.val_batch_size)
+        return DataLoader(ds, batch_size=None, collate_fn=EvalCollate(self.plan))
 
 
 @DATASETS.register("bbb")

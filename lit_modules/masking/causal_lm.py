@@ -14,14 +14,15 @@ context precede it in the direction being read), the mirror image of the forward
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from ..config_errors import ConfigError
 from ..lazy import LazyModule
 from ..registry import MASKINGS
-from . import MaskedBatch
+from . import MaskContext, MaskedBatch, MaskingStrategy
 from .attention import Attention
-from .rng import step_uniform
+from .batches import TokenWindows
+from .rng import Stream, step_uniform
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,9 +31,6 @@ torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
 
 FORWARD, BACKWARD = 0, 1
 DIRECTIONS = {"fw": FORWARD, "bw": BACKWARD}
-# Stream id of the per-step "also train backward" coin; any constant distinct from the
-# other per-step streams works.
-STREAM_BW_COIN = 0xB5
 
 
 def reading_order(tokens: Tensor, direction: str) -> Tensor:
@@ -45,10 +43,11 @@ def reading_order(tokens: Tensor, direction: str) -> Tensor:
 
 @MASKINGS.register("causal-lm")
 @dataclass(frozen=True)
-class CausalLM:
+class CausalLM(MaskingStrategy):
     """Forward causal LM plus, with probability ``p_bw`` per training step, the backward
     causal LM on the same tokens (the two losses are summed)."""
 
+    accepts: ClassVar[type] = TokenWindows
     name: str = "causal-lm"
     p_bw: float = 0.0
 
@@ -61,23 +60,37 @@ class CausalLM:
         batch sampler, so runs that differ only in p_bw see identical batches."""
         if self.p_bw <= 0.0:
             return False
-        return step_uniform(global_seed, step, STREAM_BW_COIN) < self.p_bw
+        return step_uniform(global_seed, step, Stream.BW_COIN) < self.p_bw
 
-    def __call__(self, window: Tensor, directions: tuple[str, ...] = ("fw",)) -> MaskedBatch:
+    def directions(self, ctx: MaskContext) -> tuple[str, ...]:
+        """Training: forward, plus backward when the step's coin says so; every other
+        stage scores both directions."""
+        if ctx.stage != "train" or self.use_backward(ctx.seed, int(ctx.step or 0)):
+            return ("fw", "bw")
+        return ("fw",)
+
+    def __call__(self, batch: TokenWindows, ctx: MaskContext) -> MaskedBatch:
         """(B, T+1) token windows -> one batch of len(directions) * B rows, each direction
         in reading order, stacked along the batch (one fused forward pass for all)."""
-        b = window.shape[0]
-        inputs, targets, dirs = [], [], []
-        for d in directions:
-            seq = reading_order(window, d)  # (B, T+1)
-            inputs.append(seq[:, :-1])
-            targets.append(seq[:, 1:])
-            dirs.append(torch.full((b,), DIRECTIONS[d], dtype=torch.long, device=window.device))
-        inp = torch.cat(inputs)  # (nB, T)
-        return MaskedBatch(
-            inputs=inp,
-            targets=torch.cat(targets),
-            loss_mask=torch.ones_like(inp, dtype=torch.bool),
-            attention=Attention(causal=True),
-            direction=torch.cat(dirs),
-        )
+        if not isinstance(batch, TokenWindows):
+            raise ValueError(f"causal-lm masks TokenWindows, got {type(batch).__name__}")
+        return stacked_views(batch.windows, self.directions(ctx))
+
+
+def stacked_views(window: Tensor, directions: tuple[str, ...]) -> MaskedBatch:
+    """The causal-LM views of (B, T+1) windows in each of ``directions``, stacked."""
+    b = window.shape[0]
+    inputs, targets, dirs = [], [], []
+    for d in directions:
+        seq = reading_order(window, d)  # (B, T+1)
+        inputs.append(seq[:, :-1])
+        targets.append(seq[:, 1:])
+        dirs.append(torch.full((b,), DIRECTIONS[d], dtype=torch.long, device=window.device))
+    inp = torch.cat(inputs)  # (nB, T)
+    return MaskedBatch(
+        inputs=inp,
+        targets=torch.cat(targets),
+        loss_mask=torch.ones_like(inp, dtype=torch.bool),
+        attention=Attention(causal=True),
+        direction=torch.cat(dirs),
+    )

@@ -30,129 +30,46 @@ is scored, whatever its replacement.
 Words never cross special or padding tokens: the first eligible token after one always
 starts a word. Without ``word_start``, every eligible token is its own word.
 
-Determinism (DESIGN.md section 3): all randomness is ``rng.uniform`` of
-``(seed, sample_key, stream_index(mask_index, stream))`` with one stream per purpose
-(``STREAM_SELECT``: selection / anchor noise, ``STREAM_SPAN_LENGTH``: span lengths,
-``STREAM_REPLACE`` / ``STREAM_RANDOM_TOKEN``: the replacement), and ``sample_key`` is the
-content key of the row's valid tokens (``sample_keys``). Noise at position j depends on j
-only, never on the padded width, so the same sample gets the same k-th mask in any
-batch, batch position and padding width (padding at the end, as BERT batches have it).
+Determinism (docs/architecture.md, "Masks"): all randomness is drawn from the text-mask
+streams of ``rng.Stream`` (``TEXT_SELECT``: selection / anchor noise, ``TEXT_SPAN_LENGTH``:
+span lengths, ``TEXT_REPLACE`` / ``TEXT_RANDOM_TOKEN``: the replacement) of ``(seed,
+sample_key, mask_index)``, where ``sample_key`` is the content key of the row's valid
+tokens (``rng.content_key(tokens, valid)``). Noise at position j depends on j only, never
+on the padded width, so the same sample gets the same k-th mask in any batch, batch
+position and padding width (padding at the end, as BERT batches have it).
 
-Mask indices: training uses ``epoch_mask_index(epoch, static_masks)`` (dynamic masking
-as in RoBERTa, a new mask each epoch; or BERT's static masks, mask ``epoch % K``);
-evaluation uses the fixed ``eval_mask_indices(K)``, a reserved range starting at
-``EVAL_MASK_BASE`` that training indices never reach.
+Mask indices (``indices``): training uses ``epoch_mask_index(epoch, static_masks)``
+(dynamic masking as in RoBERTa, a new mask each epoch; or BERT's static masks, mask
+``epoch % K``); evaluation uses the fixed ``eval_mask_indices(K)``.
 """
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from ..config_errors import ConfigError
 from ..lazy import LazyModule
 from ..registry import MASKINGS
-from . import MaskedBatch
+from . import MaskContext, MaskedBatch, MaskingStrategy
 from .attention import Attention, padding
-from .rng import _GOLDEN, _LANE2, MASK32, _absorb, content_key, mix32, uniform
-from .selection import (
-    STREAM_RANDOM_TOKEN,
-    STREAM_REPLACE,
-    STREAM_SELECT,
-    ReplacementSplit,
-    apply_replacement,
-    exact_count,
-    select_exact,
-    stream_index,
+from .batches import TokenRows
+from .indices import (
+    check_float,
+    check_mask_index,
+    check_seed,
+    check_static_masks,
+    epoch_mask_index,
+    is_int,
 )
+from .rng import Stream, content_key
+from .selection import ReplacementSplit, apply_replacement, exact_count, mask_uniform, select_exact
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
 F = LazyModule("torch.nn.functional")
-
-# The sub-stream of a mask index that draws span lengths; selection.py owns 0..2.
-STREAM_SPAN_LENGTH = 3
-assert STREAM_SPAN_LENGTH not in (STREAM_SELECT, STREAM_REPLACE, STREAM_RANDOM_TOKEN)
-assert stream_index(0, STREAM_SPAN_LENGTH) < stream_index(1, 0), "span stream must fit the stride"
-
-# seed_hash keeps the low 32 bits of stream_index(k, s) = stride * k + s, so mask indices
-# are distinct streams only below 2**32 / stride (2**30).
-MAX_MASK_INDEX = (1 << 32) // stream_index(1, 0)
-# Evaluation masks live in [EVAL_MASK_BASE, EVAL_MASK_BASE + MAX_EVAL_MASKS); training
-# mask indices (epochs) stay below EVAL_MASK_BASE, so the two never coincide.
-EVAL_MASK_BASE = 1 << 28
-MAX_EVAL_MASKS = 1 << 20
-assert EVAL_MASK_BASE + MAX_EVAL_MASKS <= MAX_MASK_INDEX
-
-
-# ---------------------------------------------------------------- mask indices
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _check_static_masks(static_masks: object) -> None:
-    if not _is_int(static_masks) or not 0 <= static_masks < EVAL_MASK_BASE:
-        raise ConfigError(
-            "static_masks", static_masks,
-            "must be an integer >= 0 (0 = a new mask every epoch, K = mask epoch % K)",
-        )
-
-
-def epoch_mask_index(epoch: int, static_masks: int = 0) -> int:
-    """The training mask index of ``epoch``.
-
-    ``static_masks = 0``: dynamic masking (RoBERTa), mask index = epoch, a new mask every
-    epoch. ``static_masks = K > 0``: static masking (original BERT, whose data was
-    duplicated K times with K masks), mask index = epoch % K.
-    """
-    if not _is_int(epoch) or epoch < 0:
-        raise ConfigError("epoch", epoch, "must be an integer >= 0")
-    _check_static_masks(static_masks)
-    k = int(epoch) % static_masks if static_masks else int(epoch)
-    if k >= EVAL_MASK_BASE:
-        raise ConfigError("epoch", epoch, f"dynamic masking needs epoch < {EVAL_MASK_BASE} (the eval mask range)")
-    return k
-
-
-def eval_mask_indices(k: int) -> range:
-    """The K fixed evaluation mask indices: ``range(EVAL_MASK_BASE, EVAL_MASK_BASE + K)``.
-
-    Every trial scores the same K masks per validation sample, disjoint from any
-    training mask, so validation losses differ only by the model, not by mask noise.
-    Score sample b under mask k by passing ``mask_index=eval_mask_indices(K)[k]`` (an
-    int for the whole batch, or a (B,) tensor).
-    """
-    if not _is_int(k) or not 1 <= k <= MAX_EVAL_MASKS:
-        raise ConfigError("eval_masks", k, f"must be an integer in [1, {MAX_EVAL_MASKS}]")
-    return range(EVAL_MASK_BASE, EVAL_MASK_BASE + int(k))
-
-
-# ---------------------------------------------------------------- sample keys
-
-
-def sample_keys(tokens: Tensor, valid: Tensor | None = None) -> Tensor:
-    """(B, T) tokens -> (B,) int64 content keys of the valid tokens of each row.
-
-    Equal to ``rng.content_key(row[:n])`` when the row's valid tokens are its first n
-    (right padding), whatever the padded width T. ``valid=None``: all tokens count.
-    """
-    if valid is None:
-        return content_key(tokens)
-    words = tokens.detach().to(torch.int64) & MASK32  # (B, T)
-    pos = torch.arange(words.shape[1], dtype=torch.int64, device=words.device)
-    n = valid.sum(dim=1).to(torch.int64)  # (B,)
-    lanes = []
-    # rng.content_key restricted to the valid tokens (hence its private salts and mixer).
-    for salt in (_GOLDEN, _LANE2):
-        per_elem = mix32(_absorb(mix32(pos + salt)[None, :], words))  # (B, T)
-        total = per_elem.masked_fill(~valid, 0).sum(dim=1) & MASK32
-        lanes.append(mix32(total ^ (n & MASK32)))
-    return lanes[0] | (lanes[1] << 32)
 
 
 # ---------------------------------------------------------------- words
@@ -313,18 +230,7 @@ def place_spans(words: Words, noise: Tensor, budget: Tensor, lengths: Tensor) ->
 # ---------------------------------------------------------------- strategies
 
 
-def _check_float(name: str, value: object, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        above = value > lo if lo_open else value >= lo
-        below = value < hi if hi_open else value <= hi
-        ok = above and below  # False for NaN
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ConfigError(name, value, f"must be a number in {interval}")
-
-
-def _same_shape(name: str, x: Tensor | None, shape: torch.Size) -> None:
+def _same_shape(name: str, x: Tensor | None, shape) -> None:
     if x is None:
         return
     if not isinstance(x, torch.Tensor) or x.dtype != torch.bool or x.shape != shape:
@@ -332,21 +238,27 @@ def _same_shape(name: str, x: Tensor | None, shape: torch.Size) -> None:
         raise ValueError(f"{name}: must be a bool tensor of shape {tuple(shape)} like tokens, got {got}")
 
 
-def _check_mask_index(mask_index: Tensor | int, b: int) -> None:
-    if isinstance(mask_index, torch.Tensor):
-        if mask_index.shape not in ((b,), ()) or mask_index.dtype.is_floating_point or mask_index.dtype == torch.bool:
-            raise ValueError(f"mask_index: must be an int or an integer tensor of shape ({b},), got {mask_index.dtype} {tuple(mask_index.shape)}")
-        bad = bool(((mask_index < 0) | (mask_index >= MAX_MASK_INDEX)).any()) if mask_index.numel() else False
-    elif _is_int(mask_index):
-        bad = not 0 <= mask_index < MAX_MASK_INDEX
-    else:
-        raise ValueError(f"mask_index = {mask_index!r}: must be an int or a (B,) integer tensor")
-    if bad:
-        raise ValueError(f"mask_index: must be in [0, {MAX_MASK_INDEX})")
+def check_rows(rows: TokenRows) -> None:
+    """The shapes, dtypes and vocabulary of a ``TokenRows`` batch, or a ValueError."""
+    tokens = rows.tokens
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
+            or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens: must be a (B, T) integer tensor, got {getattr(tokens, 'shape', type(tokens))}")
+    if rows.eligible is None:
+        raise ValueError("eligible: required, a (B, T) bool tensor (False at special and padding tokens)")
+    for name in ("eligible", "word_start", "valid"):
+        _same_shape(name, getattr(rows, name), tokens.shape)
+    if rows.valid is not None and bool((rows.eligible & ~rows.valid).any()):
+        raise ValueError("eligible: marks a padding position (valid = False) as eligible")
+    v, low, m = rows.vocab_size, rows.random_low, rows.mask_token_id
+    if not is_int(v) or not is_int(low) or not 0 <= low < v:
+        raise ValueError(f"random_low = {low!r}, vocab_size = {v!r}: need 0 <= random_low < vocab_size")
+    if not is_int(m) or not 0 <= m < v:
+        raise ValueError(f"mask_token_id = {m!r}: must be in [0, vocab_size = {v})")
 
 
 @dataclass(frozen=True)
-class MaskedLMStrategy:
+class MaskedLMStrategy(MaskingStrategy):
     """Fields and call shared by the masked-LM strategies (not registered itself).
 
     mask_ratio:   fraction of eligible tokens selected per sequence, in (0, 1).
@@ -355,6 +267,7 @@ class MaskedLMStrategy:
     static_masks: 0 = dynamic masking (new mask each epoch); K > 0 = mask epoch % K.
     """
 
+    accepts: ClassVar[type] = TokenRows
     name: str = ""
     mask_ratio: float = 0.15
     mask_prob: float = 0.8
@@ -363,9 +276,9 @@ class MaskedLMStrategy:
     static_masks: int = 0
 
     def __post_init__(self):
-        _check_float("mask_ratio", self.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_float("mask_ratio", self.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
         for field in ("mask_prob", "random_prob", "keep_prob"):
-            _check_float(field, getattr(self, field), 0.0, 1.0, lo_open=False, hi_open=False)
+            check_float(field, getattr(self, field), 0.0, 1.0, lo_open=False, hi_open=False)
         total = self.mask_prob + self.random_prob + self.keep_prob
         if abs(total - 1.0) > 1e-6:
             raise ConfigError(
@@ -373,88 +286,45 @@ class MaskedLMStrategy:
                 f"mask_prob + random_prob + keep_prob must sum to 1 "
                 f"({self.mask_prob:g} + {self.random_prob:g} + {self.keep_prob:g} = {total:g})",
             )
-        _check_static_masks(self.static_masks)
+        check_static_masks(self.static_masks)
 
     @property
     def split(self) -> ReplacementSplit:
         return ReplacementSplit(self.mask_prob, self.random_prob, self.keep_prob)
 
-    def epoch_mask_index(self, epoch: int) -> int:
-        """The training mask index of ``epoch`` under this strategy's ``static_masks``."""
+    def training_index(self, step: int, epoch: int) -> int:
+        """A new mask every epoch (dynamic), or mask ``epoch % static_masks`` (static)."""
         return epoch_mask_index(epoch, self.static_masks)
 
     # Subclasses: (B, T) bool selected positions, within ``eligible``.
-    def _select(self, eligible: Tensor, word_start: Tensor | None, seed: int, key: Tensor, mask_index: Tensor | int) -> Tensor:
+    def _select(self, eligible: Tensor, word_start: Tensor | None, seed: int, key: Tensor,
+                mask_index: Tensor | int) -> Tensor:
         raise NotImplementedError
 
-    def select(
-        self,
-        tokens: Tensor,
-        *,
-        seed: int,
-        mask_index: Tensor | int,
-        eligible: Tensor,
-        word_start: Tensor | None = None,
-        valid: Tensor | None = None,
-    ) -> Tensor:
+    def select(self, rows: TokenRows, ctx: MaskContext) -> Tensor:
         """(B, T) bool: the positions this strategy scores (before replacement)."""
-        self._check(tokens, mask_index, eligible, word_start, valid)
-        return self._select(eligible, word_start, seed, sample_keys(tokens, valid), mask_index)
+        key = self._checked_key(rows, ctx)
+        return self._select(rows.eligible, rows.word_start, ctx.seed, key, ctx.mask_index)
 
-    def __call__(
-        self,
-        tokens: Tensor,
-        *,
-        seed: int,
-        mask_index: Tensor | int,
-        eligible: Tensor,
-        word_start: Tensor | None = None,
-        valid: Tensor | None = None,
-        vocab_size: int,
-        mask_token_id: int,
-        random_low: int = 0,
-    ) -> MaskedBatch:
-        """Mask a batch of token ids.
+    def __call__(self, rows: TokenRows, ctx: MaskContext) -> MaskedBatch:
+        """Mask a batch of token rows: inputs = the tokens after replacement, targets =
+        the tokens, loss_mask = the selected positions, attention = bidirectional with
+        the padding keys hidden."""
+        key = self._checked_key(rows, ctx)
+        mask_index = ctx.mask_index
+        selected = self._select(rows.eligible, rows.word_start, ctx.seed, key, mask_index)
+        inputs, _, _ = apply_replacement(rows.tokens, selected, self.split, rows.mask_token_id, rows.random_low,
+                                         rows.vocab_size, ctx.seed, key, mask_index)
+        attention = Attention() if rows.valid is None else Attention(mask=padding(rows.valid))
+        return MaskedBatch(inputs=inputs, targets=rows.tokens, loss_mask=selected, attention=attention)
 
-        tokens:      (B, T) int64 ids, special tokens included, padding at the end.
-        seed:        the run's global seed.
-        mask_index:  int or (B,) int64: which mask of each sample (``epoch_mask_index``
-                     in training, ``eval_mask_indices(K)[k]`` in evaluation).
-        eligible:    (B, T) bool, False at special and padding tokens (never selected).
-        word_start:  (B, T) bool, True at the first token of a SentencePiece word
-                     (required by mlm-whole-word; mlm-span uses it if given).
-        valid:       (B, T) bool, False at padding (None: no padding).
-        vocab_size, mask_token_id: the vocabulary; random replacements are uniform over
-                     [random_low, vocab_size), special ids included unless ``random_low``
-                     excludes a low block of them (BERT draws from the whole vocabulary).
-
-        Returns inputs = tokens after replacement, targets = tokens, loss_mask = the
-        selected positions, attention = bidirectional with padded keys hidden,
-        direction = None.
-        """
-        if not _is_int(vocab_size) or not _is_int(random_low) or not 0 <= random_low < vocab_size:
-            raise ValueError(f"random_low = {random_low!r}, vocab_size = {vocab_size!r}: need 0 <= random_low < vocab_size")
-        if not _is_int(mask_token_id) or not 0 <= mask_token_id < vocab_size:
-            raise ValueError(f"mask_token_id = {mask_token_id!r}: must be in [0, vocab_size = {vocab_size})")
-        self._check(tokens, mask_index, eligible, word_start, valid)
-        key = sample_keys(tokens, valid)
-        selected = self._select(eligible, word_start, seed, key, mask_index)
-        inputs, _, _ = apply_replacement(
-            tokens, selected, self.split, mask_token_id, random_low, vocab_size, seed, key, mask_index,
-        )
-        attention = Attention() if valid is None else Attention(mask=padding(valid))
-        return MaskedBatch(inputs=inputs, targets=tokens, loss_mask=selected, attention=attention)
-
-    def _check(self, tokens, mask_index, eligible, word_start, valid) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens: must be a (B, T) integer tensor, got {getattr(tokens, 'shape', type(tokens))}")
-        if eligible is None:
-            raise ValueError("eligible: required, a (B, T) bool tensor (False at special and padding tokens)")
-        for name, x in (("eligible", eligible), ("word_start", word_start), ("valid", valid)):
-            _same_shape(name, x, tokens.shape)
-        if valid is not None and bool((eligible & ~valid).any()):
-            raise ValueError("eligible: marks a padding position (valid = False) as eligible")
-        _check_mask_index(mask_index, tokens.shape[0])
+    def _checked_key(self, rows: TokenRows, ctx: MaskContext) -> Tensor:
+        if not isinstance(rows, TokenRows):
+            raise ValueError(f"{self.name} masks TokenRows, got {type(rows).__name__}")
+        check_rows(rows)
+        check_mask_index(ctx.mask_index, rows.tokens.shape[0])
+        check_seed(ctx.seed)
+        return content_key(rows.tokens, rows.valid)
 
 
 @MASKINGS.register("mlm-random")
@@ -479,7 +349,7 @@ class MLMWholeWord(MaskedLMStrategy):
         if word_start is None:
             raise ValueError("word_start: mlm-whole-word needs the (B, T) bool word starts")
         words = find_words(eligible, word_start)
-        noise = uniform(seed, key, stream_index(mask_index, STREAM_SELECT), (eligible.shape[1],))
+        noise = mask_uniform(seed, key, mask_index, Stream.TEXT_SELECT, eligible.shape[1])
         chosen = select_whole_words(words, noise.to(eligible.device), exact_count(eligible, self.mask_ratio))
         return words.to_tokens(chosen)
 
@@ -499,8 +369,8 @@ class MLMSpan(MaskedLMStrategy):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_float("span_p", self.span_p, 0.0, 1.0, lo_open=True, hi_open=False)
-        if not _is_int(self.max_span) or self.max_span < 1:
+        check_float("span_p", self.span_p, 0.0, 1.0, lo_open=True, hi_open=False)
+        if not is_int(self.max_span) or self.max_span < 1:
             raise ConfigError("max_span", self.max_span, "must be an integer >= 1")
 
     @property
@@ -512,29 +382,20 @@ class MLMSpan(MaskedLMStrategy):
 
     def span_lengths(self, seed: int, key: Tensor, mask_index: Tensor | int, rounds: int) -> Tensor:
         """(B, rounds) the span lengths drawn for rounds 0..rounds-1 (prefix-stable)."""
-        u = uniform(seed, key, stream_index(mask_index, STREAM_SPAN_LENGTH), (rounds,))
+        u = mask_uniform(seed, key, mask_index, Stream.TEXT_SPAN_LENGTH, rounds)
         return draw_span_lengths(u, self.span_p, self.max_span)
 
-    def spans(
-        self,
-        tokens: Tensor,
-        *,
-        seed: int,
-        mask_index: Tensor | int,
-        eligible: Tensor,
-        word_start: Tensor | None = None,
-        valid: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def spans(self, rows: TokenRows, ctx: MaskContext) -> tuple[Tensor, Tensor, Tensor]:
         """(selected (B, T) bool, drawn (B, R) span lengths, placed (B, R) words per span)."""
-        self._check(tokens, mask_index, eligible, word_start, valid)
-        return self._spans(eligible, word_start, seed, sample_keys(tokens, valid), mask_index)
+        key = self._checked_key(rows, ctx)
+        return self._spans(rows.eligible, rows.word_start, ctx.seed, key, ctx.mask_index)
 
     def _spans(self, eligible, word_start, seed, key, mask_index):
         words = find_words(eligible, word_start)
         budget = exact_count(eligible, self.mask_ratio)
         rounds = int(budget.max()) if budget.numel() else 0
         drawn = self.span_lengths(seed, key, mask_index, rounds).to(eligible.device)
-        noise = uniform(seed, key, stream_index(mask_index, STREAM_SELECT), (eligible.shape[1],))
+        noise = mask_uniform(seed, key, mask_index, Stream.TEXT_SELECT, eligible.shape[1])
         chosen, placed = place_spans(words, noise.to(eligible.device), budget, drawn)
         return words.to_tokens(chosen), drawn, placed
 
@@ -543,22 +404,16 @@ class MLMSpan(MaskedLMStrategy):
 
 
 __all__ = [
-    "EVAL_MASK_BASE",
-    "MAX_EVAL_MASKS",
-    "MAX_MASK_INDEX",
-    "STREAM_SPAN_LENGTH",
     "MLMRandom",
     "MLMSpan",
     "MLMWholeWord",
     "MaskedLMStrategy",
     "Words",
+    "check_rows",
     "draw_span_lengths",
-    "epoch_mask_index",
-    "eval_mask_indices",
     "find_words",
     "free_runs",
     "place_spans",
-    "sample_keys",
     "select_whole_words",
     "span_length_cdf",
 ]

@@ -7,8 +7,8 @@ patches, R block-placement rounds.
 
 Conventions (the MAE convention, stated where the mask is made):
 - ``PatchMask.masked`` is bool (B, N), **True = masked**: hidden from the encoder,
-  reconstructed by the decoder and scored. It *is* the ``loss_mask`` of DESIGN.md
-  section 3 (True = scored); the visible patches are not scored.
+  reconstructed by the decoder and scored. It *is* the ``loss_mask`` of the masking
+  seam (True = scored; docs/architecture.md, "Masks"); the visible patches are not scored.
 - ``keep_idx`` (B, N_keep) / ``mask_idx`` (B, N_mask) list the visible / masked patch
   indices of each sample in ascending order; together they cover 0..N-1 exactly once.
   Every sample of a batch masks exactly ``N_mask = round(ratio * N)`` patches (Python's
@@ -53,48 +53,35 @@ ignores ``final_mask_ratio``); N_keep is then the same for every sample of a bat
 changes from step to step. Any other stage uses ``eval_mask_ratio`` (None =
 ``mask_ratio``), so every trial is validated at one fixed ratio whatever its schedule.
 
-Determinism (DESIGN.md section 3): every random number is a pure function of
+Determinism (docs/architecture.md, "Masks"): every random number is a pure function of
 ``(seed, sample_key, mask_index, stream, counter)`` with ``sample_key`` the (B,) int64
-content key of each image (``data.images.image_keys``, a hash of its pixels). The stream is
-``rng.seed_hash(seed, key, mask_index)`` with one more word absorbed, a constant per
-purpose: ``STREAM_PATCH_RANK`` (the ranking noise, counter = patch index) and
-``STREAM_PATCH_BLOCK`` (4 numbers per block round r: area, aspect, top, left at
-counters 4r..4r+3). Absorbing the purpose as its own word, rather than the
-``selection.stream_index(k, s) = 4k + s`` of the text maskings (whose 4 sub-streams
-selection.py and mlm.py already use up: 0..3), keeps these streams apart from every
-text-masking stream for every mask index (up to the 2**-32 chance that any two
-distinct streams of the scheme share their 32-bit id). A row's mask depends on its own key and
-mask index only: the same image gets the same k-th mask in any batch, batch position,
-worker and trial. All of it is integer arithmetic, exact on every device, except
-mae-block's rectangle sides (float64 exp / sqrt / round), which could only differ
-between devices on a rounding tie within one ulp.
+content key of each image (``data.images.image_keys``, a hash of its bytes), drawn from
+two mask-purpose streams of ``rng.Stream``: ``PATCH_RANK`` (the ranking noise, counter =
+patch index) and ``PATCH_BLOCK`` (4 numbers per block round r: area, aspect, top, left
+at counters 4r..4r+3). A row's mask depends on its own key and mask index only: the same
+image gets the same k-th mask in any batch, batch position, worker and trial. All of it
+is integer arithmetic, exact on every device, except mae-block's rectangle sides
+(float64 exp / sqrt / round), which could only differ between devices on a rounding tie
+within one ulp.
 
-Mask indices, as for the text maskings (``mlm``, whose helpers are re-exported):
-training uses any index below ``EVAL_MASK_BASE`` (``epoch_mask_index(epoch)``, a new
-mask every epoch, or the global step); validation scores the K fixed masks
-``eval_mask_indices(K)``, a reserved range starting at ``EVAL_MASK_BASE`` that training
-indices never reach. Indices must lie in [0, ``MAX_MASK_INDEX``).
+Mask indices (``indices``): training uses the global step (``training_index``: a new
+mask every step); validation scores the K fixed masks ``eval_mask_indices(K)``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from ..config_errors import ConfigError
 from ..lazy import LazyModule
 from ..registry import MASKINGS
-from .mlm import (
-    EVAL_MASK_BASE,
-    MAX_MASK_INDEX,
-    _check_float,
-    _check_mask_index,
-    _is_int,
-    epoch_mask_index,
-    eval_mask_indices,
-)
-from .rng import _absorb, mix32, seed_hash
+from . import MaskContext, MaskedBatch, MaskingStrategy
+from .attention import Attention
+from .batches import Images
+from .indices import STAGES, check_float, check_mask_index, check_seed, check_stage, is_int
+from .rng import Stream, bits, mask_stream, to_uniform
 from .schedules import get_schedule
 
 if TYPE_CHECKING:
@@ -102,34 +89,7 @@ if TYPE_CHECKING:
 
 torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
 
-# Purpose words absorbed after (seed, key, mask_index); any two distinct constants work.
-# They sit in a different slot of the hash than selection.py's STREAM_SELECT /
-# STREAM_REPLACE / STREAM_RANDOM_TOKEN (0..2) and mlm.py's STREAM_SPAN_LENGTH (3), and
-# are chosen different from those and from the per-step/batch streams (0xB5, 0xDA7A,
-# 0xDA7B) as well, so a reader never sees one number with two meanings.
-STREAM_PATCH_RANK = 0xFA70
-STREAM_PATCH_BLOCK = 0xFA71
 _DRAWS_PER_ROUND = 4  # area, aspect, top, left
-STAGES = ("train", "val", "test", "predict")
-
-
-# ---------------------------------------------------------------- noise
-
-
-def patch_stream(seed: int, keys: Tensor, mask_index: Tensor | int, purpose: int) -> Tensor:
-    """(B,) 32-bit stream id of one purpose of one mask of each sample."""
-    return _absorb(seed_hash(seed, keys, mask_index), purpose)
-
-
-def stream_bits(stream: Tensor, start: int, n: int) -> Tensor:
-    """(B, n) int64 in [0, 2**32): counters start..start+n-1 of each row's stream."""
-    counter = torch.arange(start, start + n, dtype=torch.int64, device=stream.device)
-    return mix32(_absorb(stream[:, None], counter[None, :]))
-
-
-def stream_uniform(stream: Tensor, start: int, n: int) -> Tensor:
-    """(B, n) float64 uniform in [0, 1) on the 2**-24 grid (as ``rng.uniform``)."""
-    return (stream_bits(stream, start, n) >> 8).to(torch.float64) * (1.0 / (1 << 24))
 
 
 # ---------------------------------------------------------------- the mask
@@ -223,7 +183,7 @@ def place_blocks(
         active = left > 0
         if not bool(active.any()):
             break
-        u = stream_uniform(stream, _DRAWS_PER_ROUND * r, _DRAWS_PER_ROUND)  # (B, 4)
+        u = to_uniform(bits(stream, _DRAWS_PER_ROUND, start=_DRAWS_PER_ROUND * r), torch.float64)  # (B, 4)
         # Uniform between min_block and left, in either order (BEiT's random.uniform):
         # once left < min_block, rectangles of up to min_block patches that add at most
         # `left` new ones, i.e. that overlap (attach to) the blocks already placed.
@@ -249,11 +209,11 @@ def place_blocks(
 
 def _check_optional_ratio(name: str, value: object) -> None:
     if value is not None:
-        _check_float(name, value, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_float(name, value, 0.0, 1.0, lo_open=True, hi_open=True)
 
 
 def _check_grid(grid: object) -> tuple[int, int]:
-    ok = isinstance(grid, (tuple, list)) and len(grid) == 2 and all(_is_int(g) and g >= 1 for g in grid)
+    ok = isinstance(grid, (tuple, list)) and len(grid) == 2 and all(is_int(g) and g >= 1 for g in grid)
     if not ok or grid[0] * grid[1] < 2:
         raise ValueError(f"grid = {grid!r}: must be (h, w), two integers >= 1 with h * w >= 2 patches")
     return int(grid[0]), int(grid[1])
@@ -266,14 +226,19 @@ def _check_keys(keys: object) -> None:
 
 
 @dataclass(frozen=True)
-class ScheduledRatio:
-    """The mask-ratio fields shared by the patch and video maskings.
+class ScheduledRatio(MaskingStrategy):
+    """The mask-ratio fields and the call shared by the patch and video maskings.
 
     mask_ratio:          fraction masked, in (0, 1) (the initial one under a schedule).
     mask_ratio_schedule: constant, linear, cosine or exponential (``schedules``).
     final_mask_ratio:    the training ratio at the last step, in (0, 1); None = constant.
     eval_mask_ratio:     the ratio of every non-training stage, in (0, 1);
                          None = ``mask_ratio``.
+
+    ``strategy(batch, ctx)`` masks an ``Images`` (patch maskings) or ``Clips`` (video
+    maskings) batch on its ``grid``: inputs and targets are the images or clips,
+    loss_mask the masked patches, keep_idx the visible ones, ratio the ratio drawn at.
+    ``masks(keys, grid, ctx)`` is the same mask as a ``PatchMask``.
     """
 
     name: str = ""
@@ -283,7 +248,7 @@ class ScheduledRatio:
     eval_mask_ratio: float | None = None
 
     def __post_init__(self):
-        _check_float("mask_ratio", self.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_float("mask_ratio", self.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
         if not isinstance(self.mask_ratio_schedule, str):
             raise ConfigError("mask_ratio_schedule", self.mask_ratio_schedule, "must be a schedule name")
         get_schedule(self.mask_ratio_schedule)  # ConfigError naming the allowed ones
@@ -297,13 +262,12 @@ class ScheduledRatio:
 
     def ratio_at(self, step: int | None = None, total_steps: int | None = None, stage: str = "train") -> float:
         """The mask ratio of ``stage`` at training step ``step`` of ``total_steps``."""
-        if stage not in STAGES:
-            raise ValueError(f"stage = {stage!r}: allowed: {', '.join(STAGES)}")
+        check_stage(stage)
         if stage != "train":
             return self.mask_ratio if self.eval_mask_ratio is None else self.eval_mask_ratio
         if not self.scheduled:
             return self.mask_ratio
-        if not _is_int(step) or not _is_int(total_steps) or step < 0 or total_steps < 1:
+        if not is_int(step) or not is_int(total_steps) or step < 0 or total_steps < 1:
             raise ValueError(
                 f"step = {step!r}, total_steps = {total_steps!r}: a {self.mask_ratio_schedule} "
                 "mask ratio schedule needs integers step >= 0 and total_steps >= 1"
@@ -311,60 +275,50 @@ class ScheduledRatio:
         f = get_schedule(self.mask_ratio_schedule)
         return f(step, total_steps, self.mask_ratio, self.final_mask_ratio)
 
-    def epoch_mask_index(self, epoch: int) -> int:
-        """The training mask index of ``epoch``: a new mask every epoch."""
-        return epoch_mask_index(epoch)
-
-    def _prepare(self, keys, seed, mask_index, step, total_steps, stage) -> tuple[Tensor | int, float]:
-        """Check a call's keys, seed and mask index; return the mask index on the keys'
-        device and the ratio of this stage and step."""
+    def masks(self, keys: Tensor, grid: tuple[int, ...], ctx: MaskContext) -> PatchMask:
+        """The masks of the samples with content ``keys`` (B,) on ``grid``."""
         _check_keys(keys)
-        _check_mask_index(mask_index, keys.shape[0])
-        if not _is_int(seed):
-            raise ValueError(f"seed = {seed!r}: must be an integer")
+        check_mask_index(ctx.mask_index, keys.shape[0])
+        check_seed(ctx.seed)
+        mask_index = ctx.mask_index
         if isinstance(mask_index, torch.Tensor):
             mask_index = mask_index.to(device=keys.device, dtype=torch.int64)
-        return mask_index, self.ratio_at(step, total_steps, stage)
+        return self._mask(keys, grid, ctx.seed, mask_index, self.ratio_at(ctx.step, ctx.total_steps, ctx.stage))
+
+    def __call__(self, batch, ctx: MaskContext) -> MaskedBatch:
+        if not isinstance(batch, self.accepts):
+            raise ValueError(f"{self.name} masks {self.accepts.__name__}, got {type(batch).__name__}")
+        if batch.grid is None:
+            raise ValueError(f"{type(batch).__name__}.grid: not set; the model sets the patch grid it masks")
+        data = batch.images if isinstance(batch, Images) else batch.clips
+        pm = self.masks(batch.keys, batch.grid, ctx)
+        return MaskedBatch(inputs=data, targets=data, loss_mask=pm.masked, attention=Attention(),
+                           keep_idx=pm.keep_idx, ratio=pm.ratio)
+
+    # Subclasses: the PatchMask of each row at ``ratio``.
+    def _mask(self, keys: Tensor, grid, seed: int, mask_index: Tensor | int, ratio: float) -> PatchMask:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class PatchMaskingStrategy(ScheduledRatio):
-    """Call shared by the MAE patch maskings (not registered itself); mask_ratio is the
-    fraction of patches masked (MAE: 0.75)."""
+    """The MAE patch maskings (not registered itself); mask_ratio is the fraction of
+    patches masked (MAE: 0.75); the grid is (h, w)."""
+
+    accepts: ClassVar[type] = Images
 
     # Subclasses: (B, N) int64 scores; the N_mask largest of each row are masked.
     def _scores(self, keys: Tensor, grid: tuple[int, int], seed: int, mask_index: Tensor | int, n_mask: int) -> Tensor:
         raise NotImplementedError
 
-    def __call__(
-        self,
-        keys: Tensor,
-        grid: tuple[int, int],
-        *,
-        seed: int,
-        mask_index: Tensor | int,
-        step: int | None = None,
-        total_steps: int | None = None,
-        stage: str = "train",
-    ) -> PatchMask:
-        """Mask a batch of images given their content keys.
-
-        keys:       (B,) int64 content keys (``batch["keys"]``: ``data.images.image_keys``).
-        grid:       (h, w) patches per image side; N = h * w.
-        seed:       the run's global seed.
-        mask_index: int or (B,) int64 (``epoch_mask_index`` in training,
-                    ``eval_mask_indices(K)[k]`` in evaluation).
-        step, total_steps: the training step, for a scheduled ratio.
-        stage:      train, val, test or predict (the last three use eval_mask_ratio).
-        """
+    def _mask(self, keys, grid, seed, mask_index, ratio) -> PatchMask:
         h, w = _check_grid(grid)
-        mask_index, ratio = self._prepare(keys, seed, mask_index, step, total_steps, stage)
         n_mask = num_masked(ratio, h * w)
         return mask_from_scores(self._scores(keys, (h, w), seed, mask_index, n_mask), n_mask, ratio)
 
     def rank_noise(self, keys: Tensor, n: int, seed: int, mask_index: Tensor | int) -> Tensor:
-        """(B, n) int64 32-bit noise of each patch (``STREAM_PATCH_RANK``)."""
-        return stream_bits(patch_stream(seed, keys, mask_index, STREAM_PATCH_RANK), 0, n)
+        """(B, n) int64 32-bit noise of each patch (``Stream.PATCH_RANK``)."""
+        return bits(mask_stream(seed, keys, mask_index, Stream.PATCH_RANK), n)
 
 
 @MASKINGS.register("mae-random")
@@ -395,13 +349,13 @@ class MAEBlock(PatchMaskingStrategy):
 
     def __post_init__(self):
         super().__post_init__()
-        if not _is_int(self.min_block_patches) or self.min_block_patches < 1:
+        if not is_int(self.min_block_patches) or self.min_block_patches < 1:
             raise ConfigError("min_block_patches", self.min_block_patches, "must be an integer >= 1")
-        _check_float("min_aspect", self.min_aspect, 0.0, 1.0, lo_open=True, hi_open=False)
+        check_float("min_aspect", self.min_aspect, 0.0, 1.0, lo_open=True, hi_open=False)
 
     def blocks(self, keys: Tensor, grid: tuple[int, int], *, seed: int, mask_index: Tensor | int, n_mask: int) -> Tensor:
         """(B, N) bool: the rectangles alone, before the exact-count top-up."""
-        stream = patch_stream(seed, keys, mask_index, STREAM_PATCH_BLOCK)
+        stream = mask_stream(seed, keys, mask_index, Stream.PATCH_BLOCK)
         min_block = min(self.min_block_patches, n_mask)  # clipped to the budget
         return place_blocks(stream, grid, n_mask, min_block, float(self.min_aspect))
 
@@ -412,21 +366,14 @@ class MAEBlock(PatchMaskingStrategy):
 
 
 __all__ = [
-    "EVAL_MASK_BASE",
-    "MAX_MASK_INDEX",
-    "STREAM_PATCH_BLOCK",
-    "STREAM_PATCH_RANK",
+    "STAGES",
     "MAEBlock",
     "MAERandom",
     "PatchMask",
     "PatchMaskingStrategy",
+    "ScheduledRatio",
     "block_rounds",
-    "epoch_mask_index",
-    "eval_mask_indices",
     "mask_from_scores",
     "num_masked",
-    "patch_stream",
     "place_blocks",
-    "stream_bits",
-    "stream_uniform",
 ]

@@ -12,24 +12,18 @@ from typing import TYPE_CHECKING
 
 from ..config_errors import ConfigError
 from ..lazy import LazyModule
-from .rng import uniform
+from .rng import Stream, bits, mask_stream, to_uniform
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
 
-# Independent sub-streams of one mask index: selection noise and replacement noise must
-# not be the same numbers, or the replacement choice would correlate with the rank.
-STREAM_SELECT = 0
-STREAM_REPLACE = 1
-STREAM_RANDOM_TOKEN = 2
-_STREAMS = 4  # mask index k uses streams k * _STREAMS + s
-
-
-def stream_index(mask_index: Tensor | int, stream: int) -> Tensor | int:
-    """Mask index -> the hash index of one of its sub-streams."""
-    return mask_index * _STREAMS + stream
+def mask_uniform(seed: int, key: Tensor, mask_index: Tensor | int, stream: Stream, n: int) -> Tensor:
+    """(B, n) float32 uniform noise of one purpose of mask ``mask_index`` of each sample.
+    Selection and replacement draw from different streams (``rng.Stream``): otherwise
+    which token is replaced would correlate with which token was selected."""
+    return to_uniform(bits(mask_stream(seed, key, mask_index, stream), n))
 
 
 def exact_count(eligible: Tensor, ratio: float) -> Tensor:
@@ -56,7 +50,7 @@ def select_exact(
     if not 0.0 <= ratio <= 1.0:
         raise ConfigError("mask_ratio", ratio, "must be in [0, 1]")
     b, t = eligible.shape
-    noise = uniform(global_seed, sample_key, stream_index(mask_index, STREAM_SELECT), (t,))
+    noise = mask_uniform(global_seed, sample_key, mask_index, Stream.TEXT_SELECT, t)
     noise = noise.to(eligible.device).masked_fill(~eligible, 2.0)  # ineligible rank last
     rank = noise.argsort(dim=1, stable=True).argsort(dim=1)  # (B, T) rank of each position
     count = exact_count(eligible, ratio)
@@ -102,11 +96,11 @@ def apply_replacement(
     Returns (corrupted tokens, is_masked, is_random), both masks (B, T) bool.
     """
     b, t = tokens.shape
-    u = uniform(global_seed, sample_key, stream_index(mask_index, STREAM_REPLACE), (t,))
+    u = mask_uniform(global_seed, sample_key, mask_index, Stream.TEXT_REPLACE, t)
     u = u.to(tokens.device)
     is_mask = selected & (u < split.mask)
     is_random = selected & (u >= split.mask) & (u < split.mask + split.random)
-    r = uniform(global_seed, sample_key, stream_index(mask_index, STREAM_RANDOM_TOKEN), (t,))
+    r = mask_uniform(global_seed, sample_key, mask_index, Stream.TEXT_RANDOM_TOKEN, t)
     random_tokens = random_low + (r.to(tokens.device) * (random_high - random_low)).long()
     out = torch.where(is_mask, torch.full_like(tokens, mask_token), tokens)
     out = torch.where(is_random, random_tokens.clamp(max=random_high - 1), out)

@@ -32,47 +32,36 @@ Mask ratio: the fields and ``ratio_at(step, total_steps, stage)`` of the image m
 ``final_mask_ratio`` at ``total_steps``; every other stage uses ``eval_mask_ratio``
 (None = ``mask_ratio``). ``PatchMask.ratio`` is that ratio; the counts round it as above.
 
-Determinism (DESIGN.md section 3): every random number is a pure function of
-``(seed, sample_key, mask_index, stream, counter)``: ``patches.patch_stream`` with a
-purpose word of its own per strategy (``STREAM_VIDEO_TUBE``, counter = spatial position;
-``STREAM_VIDEO_RANDOM`` and ``STREAM_VIDEO_FRAME``, counter = tubelet index), distinct
-from every other stream constant of the package (text 0..3, 0xB5, 0xDA7A, 0xDA7B,
-images 0x1A6E/0x1A6F, patches 0xFA70/0xFA71). The positions with the largest 32-bit
-noise are masked, ties to the lower index (stable sort). A row's mask depends on its own
-key and mask index only; everything is integer arithmetic, identical on every device.
-Mask indices as for the other maskings (``epoch_mask_index``, ``eval_mask_indices``).
+Determinism (docs/architecture.md, "Masks"): every random number is a pure function of
+``(seed, sample_key, mask_index, stream, counter)``, drawn from one mask-purpose stream
+of ``rng.Stream`` per strategy (``VIDEO_TUBE``, counter = spatial position;
+``VIDEO_RANDOM`` and ``VIDEO_FRAME``, counter = tubelet index). The positions with the
+largest 32-bit noise are masked, ties to the lower index (stable sort). A row's mask
+depends on its own key and mask index only; everything is integer arithmetic,
+identical on every device. Mask indices as for the patch maskings (``indices``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from ..config_errors import ConfigError
 from ..lazy import LazyModule
 from ..registry import MASKINGS
-from .mlm import _is_int
-from .patches import (
-    PatchMask,
-    ScheduledRatio,
-    mask_from_scores,
-    num_masked,
-    patch_stream,
-    stream_bits,
-)
+from .batches import Clips
+from .indices import is_int
+from .patches import PatchMask, ScheduledRatio, mask_from_scores, num_masked
+from .rng import Stream, bits, mask_stream
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 torch = LazyModule("torch")  # imported on first use (lit_modules/lazy.py)
 
-STREAM_VIDEO_TUBE = 0xF1D0
-STREAM_VIDEO_RANDOM = 0xF1D1
-STREAM_VIDEO_FRAME = 0xF1D2
-
 
 def _check_video_grid(grid: object, min_spatial: int) -> tuple[int, int, int]:
-    ok = isinstance(grid, (tuple, list)) and len(grid) == 3 and all(_is_int(g) and g >= 1 for g in grid)
+    ok = isinstance(grid, (tuple, list)) and len(grid) == 3 and all(is_int(g) and g >= 1 for g in grid)
     if not ok or grid[1] * grid[2] < min_spatial or grid[0] * grid[1] * grid[2] < 2:
         raise ValueError(
             f"grid = {grid!r}: must be (F', h, w), three integers >= 1 with h * w >= {min_spatial} "
@@ -99,10 +88,12 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
 
 @dataclass(frozen=True)
 class VideoMaskingStrategy(ScheduledRatio):
-    """Call shared by the video maskings (not registered itself). The ratio fields are
+    """The video maskings (not registered itself): ``strategy(clips, ctx)`` masks a
+    ``Clips`` batch on its (F', h, w) tubelet grid. The ratio fields are
     ``patches.ScheduledRatio``'s; mask_ratio is the fraction of the positions per time
     step for tube and frame masking, of all tubelets for random masking."""
 
+    accepts: ClassVar[type] = Clips
     mask_ratio: float = 0.9
 
     _MIN_SPATIAL = 2  # positions per time step: one masked and one visible
@@ -115,29 +106,8 @@ class VideoMaskingStrategy(ScheduledRatio):
     def _masked(self, keys: Tensor, grid: tuple[int, int, int], seed: int, mask_index: Tensor | int, ratio: float) -> Tensor:
         raise NotImplementedError
 
-    def __call__(
-        self,
-        keys: Tensor,
-        grid: tuple[int, int, int],
-        *,
-        seed: int,
-        mask_index: Tensor | int,
-        step: int | None = None,
-        total_steps: int | None = None,
-        stage: str = "train",
-    ) -> PatchMask:
-        """Mask a batch of clips given their content keys.
-
-        keys:       (B,) int64 content keys (``batch["keys"]``: ``data.video.clip_keys``).
-        grid:       (F', h, w) tubelet grid; N = F' * h * w, flattened (t, y, x).
-        seed:       the run's global seed.
-        mask_index: int or (B,) int64 (``epoch_mask_index`` in training,
-                    ``eval_mask_indices(K)[k]`` in evaluation).
-        step, total_steps: the training step, for a scheduled ratio.
-        stage:      train, val, test or predict (the last three use eval_mask_ratio).
-        """
+    def _mask(self, keys, grid, seed, mask_index, ratio) -> PatchMask:
         grid = _check_video_grid(grid, self._MIN_SPATIAL)
-        mask_index, ratio = self._prepare(keys, seed, mask_index, step, total_steps, stage)
         masked = self._masked(keys, grid, seed, mask_index, ratio)
         return masked_to_patch_mask(masked, self.num_masked(grid, ratio), ratio)
 
@@ -155,7 +125,7 @@ class VideoTube(VideoMaskingStrategy):
 
     def _masked(self, keys, grid, seed, mask_index, ratio):
         f, h, w = grid
-        noise = stream_bits(patch_stream(seed, keys, mask_index, STREAM_VIDEO_TUBE), 0, h * w)  # (B, S)
+        noise = bits(mask_stream(seed, keys, mask_index, Stream.VIDEO_TUBE), h * w)  # (B, S)
         spatial = top_k_mask(noise, num_masked(ratio, h * w))  # (B, S)
         return spatial.repeat(1, f)  # (B, f*S): the same spatial mask at every time step
 
@@ -173,7 +143,7 @@ class VideoRandom(VideoMaskingStrategy):
 
     def _masked(self, keys, grid, seed, mask_index, ratio):
         n = grid[0] * grid[1] * grid[2]
-        noise = stream_bits(patch_stream(seed, keys, mask_index, STREAM_VIDEO_RANDOM), 0, n)
+        noise = bits(mask_stream(seed, keys, mask_index, Stream.VIDEO_RANDOM), n)
         return mask_from_scores(noise, self.num_masked(grid, ratio), ratio).masked
 
 
@@ -193,7 +163,7 @@ class VideoFrame(VideoMaskingStrategy):
 
     def __post_init__(self):
         super().__post_init__()
-        if not _is_int(self.keep_first_frames) or self.keep_first_frames < 0:
+        if not is_int(self.keep_first_frames) or self.keep_first_frames < 0:
             raise ConfigError("keep_first_frames", self.keep_first_frames, "must be an integer >= 0")
 
     def _check_frames(self, f: int) -> None:
@@ -212,16 +182,13 @@ class VideoFrame(VideoMaskingStrategy):
         f, h, w = grid
         self._check_frames(f)
         b = keys.shape[0]
-        noise = stream_bits(patch_stream(seed, keys, mask_index, STREAM_VIDEO_FRAME), 0, f * h * w)
+        noise = bits(mask_stream(seed, keys, mask_index, Stream.VIDEO_FRAME), f * h * w)
         masked = top_k_mask(noise.reshape(b, f, h * w), num_masked(ratio, h * w))  # (B, F', S)
         masked[:, : self.keep_first_frames] = False
         return masked.reshape(b, f * h * w)
 
 
 __all__ = [
-    "STREAM_VIDEO_FRAME",
-    "STREAM_VIDEO_RANDOM",
-    "STREAM_VIDEO_TUBE",
     "VideoFrame",
     "VideoMaskingStrategy",
     "VideoRandom",
