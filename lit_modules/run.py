@@ -29,13 +29,27 @@ def build_datamodule(cfg: RunConfig, workspace: Workspace) -> L.LightningDataMod
                                      steps_per_epoch=steps_per_epoch, layout=family.data_layout,
                                      plan=family.mask_plan(cfg, steps_per_epoch))
     dm.setup("fit")
-    # Shapes the model is built for must be the data's (image and video models).
-    for field in ("image_size", "frames", "clip_kind"):
+    check_fits_data(cfg, dm)
+    return dm
+
+
+def check_fits_data(cfg: RunConfig, dm) -> None:
+    """The model is built for the data's shapes (image and video models): a one-line
+    ConfigError naming what to change otherwise."""
+    kind, have_kind = getattr(cfg.model, "clip_kind", None), getattr(dm, "clip_kind", None)
+    if kind is not None and have_kind is not None and kind != have_kind:
+        fits = [n for n in MODELS.names() if getattr(MODELS.config(n), "clip_kind", None) == have_kind]
+        raise ConfigError("model.name", cfg.model.name, f"takes {kind} clips and the {cfg.data.name} data has "
+                                                        f"{have_kind} clips; use model {' or '.join(fits)}")
+    for field in ("image_size", "frames"):
         want, have = getattr(cfg.model, field, None), getattr(dm, field, None)
         if want is not None and have not in (None, 0) and want != have:
             raise ConfigError(f"model.{field}", want, f"the {cfg.data.name} data has {field} {have}; "
                               f"set model.{field}: {have} or change the data config to match")
-    return dm
+    want, have = getattr(cfg.model, "vocab_size", None), getattr(dm, "vocab_size", None)
+    if have_kind == "tokens" and want is not None and have and want < have:
+        raise ConfigError("model.vocab_size", want, f"the {cfg.data.name} clips hold ids up to {have - 1}; "
+                                                    f"set model.vocab_size >= {have} (data.vocab_size)")
 
 
 def build_model(cfg: RunConfig) -> L.LightningModule:

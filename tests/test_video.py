@@ -62,6 +62,19 @@ def _moved(x: torch.Tensor) -> torch.Tensor:
     return (x + torch.randint(1, TOKEN_VOCAB, x.shape)) % TOKEN_VOCAB
 
 
+def test_model_must_fit_the_clips_it_is_given(tiny_config, workspace):
+    """A pixel family on token clips names the family that takes them; a MaskViT whose
+    vocabulary is smaller than the clips' ids is refused before it could index past it."""
+    from lit_modules.run import build_datamodule
+
+    pixels_on_tokens = tiny_config("maskvit", {"model": TINY["video-mae"]["model"], "masking.name": "video-tube"})
+    with pytest.raises(ConfigError, match=r"model.name = 'video-mae': takes pixels clips .* use model maskvit"):
+        build_datamodule(pixels_on_tokens, workspace)
+    small = tiny_config("maskvit", {"model.vocab_size": 8})
+    with pytest.raises(ConfigError, match=r"model.vocab_size = 8: .* ids up to 15; set model.vocab_size >= 16"):
+        build_datamodule(small, workspace)
+
+
 @pytest.mark.parametrize("name", VIDEO)
 @pytest.mark.parametrize("stage", ["pretrain", "autoregressive"])
 def test_both_families_both_stages_train(name, stage):
