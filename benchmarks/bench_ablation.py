@@ -25,7 +25,7 @@ Both compute the same numbers: every run checks that the two agree for every k a
 
 FLOPs: one call of each variant runs under ``torch.utils.flop_counter.FlopCounterMode``
 (matmuls and attention). A block costs b FLOPs and one scoring h (the vocabulary
-projection: 2 D V per token, here about 2.7 b), so the naive FLOPs are
+projection: 2 D V per token, here about 2.5 b), so the naive FLOPs are
 L (L + 1) / 2 b + (L + 1) h against L b + (L + 1) h for one pass: the scorings, the same
 on both sides, bound the ratio from above.
 
