@@ -88,7 +88,7 @@ class LastCheckpoint(L.Callback):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.{trainer.global_step}.partial")
-        trainer.save_checkpoint(partial, weights_only=False)
+        trainer.save_checkpoint(partial, weights_only=False)  # saving: False keeps the optimizer state
         if not trainer.is_global_zero:
             return
         waiting = [lg for lg in trainer.loggers if hasattr(lg, "when_stored")]

@@ -273,7 +273,7 @@ def _save_last(cfg: RunConfig, trainer, ckpt_dir: Path) -> Path | None:
     if not cfg.trainer.checkpoint:
         return None
     checkpoint = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(checkpoint, weights_only=False)
+    trainer.save_checkpoint(checkpoint, weights_only=False)  # saving: False keeps the optimizer state
     return checkpoint
 
 

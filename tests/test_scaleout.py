@@ -25,7 +25,7 @@ class _DieAt(Callback):
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_config, workspace):
@@ -46,7 +46,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_config, workspace):
     assert len(failed) == 1
     attempt = failed[0].info.run_id
     ckpt = workspace.checkpoint_dir / attempt / "last.ckpt"
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 4
 
     resumed = train_run(cfg, workspace, Tracking(uri, "resume"), resume=Resume(attempt, ckpt))
     assert resumed.metrics["val/fw_loss"] == pytest.approx(straight.metrics["val/fw_loss"], abs=1e-6)
@@ -595,7 +595,7 @@ def test_checkpoint_is_published_only_after_its_metrics_are_stored(tmp_path, tin
             thread.join(120)
         assert not thread.is_alive() and not errors, errors
         logger.close()
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
 
 
 def test_launch_pins_each_worker_to_a_gpu_or_a_share_of_the_cpu():
