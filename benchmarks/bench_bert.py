@@ -12,9 +12,11 @@ precision, train mode.
 Measured (a step = fetch + collate a batch + mask + forward + loss + backward + clip 1.0 +
 AdamW + LR scheduler):
   plain_bert        LitBERT (``mlm-random``, 15%, 80/10/10) in a hand-written loop:
-                    ``MLMTrainBatches[step]`` (the data module's fetch + pack), then
-                    ``LitBERT._shared_step(batch, "train")`` (mask + encode + gathered head +
-                    loss), then the optimizer and scheduler of ``configure_optimizers``.
+                    ``MLMTrainBatches[step]`` (the data module's fetch + pack), the run's
+                    ``MaskPlan.train_item`` (the masks the data pipeline would draw, here
+                    in the step), ``LitBERT._shared_step(item, "train")`` (encode +
+                    gathered head + loss), then AdamW (LitBERT's groups and implementation)
+                    and the LR schedule.
                     This is the variant the target is set on: the HF reference runs in the
                     same kind of loop, so both sides do the same work around the model.
   plain_bert_full   the same with the common MLM head instead of the gathered one: logits at
@@ -94,7 +96,8 @@ import lightning as L  # noqa: E402
 
 from lit_modules.bert import BERT, LitBERT  # noqa: E402
 from lit_modules.config import load_run_config  # noqa: E402
-from lit_modules.data.mlm import CLS, EOS, FIRST_PIECE, MASK, PAD, SEP, pack  # noqa: E402
+from lit_modules.data.mlm import CLS, EOS, MASK, PAD, SEP, pack  # noqa: E402
+from lit_modules.masking import MaskContext  # noqa: E402
 from lit_modules.paths import Workspace  # noqa: E402
 from lit_modules.run import build_datamodule, build_model, build_trainer  # noqa: E402
 
@@ -138,7 +141,10 @@ def bert_config_dict(args, max_steps: int = FIT_STEPS) -> dict:
     }
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch, device: torch.device):
+    """A typed batch or item (``.to``), or HF's dict of tensors, on ``device``."""
+    if not isinstance(batch, dict):
+        return batch.to(device, non_blocking=True)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -149,9 +155,9 @@ def workspace() -> Workspace:
     return Workspace.resolve(out, data)
 
 
-def rows_of(batch: dict) -> list[torch.Tensor]:
-    """The valid ids of each row ([CLS] text [SEP]), padding dropped."""
-    return [row[v] for row, v in zip(batch["tokens"], batch["valid"])]
+def rows_of(batch) -> list[torch.Tensor]:
+    """The valid ids of each row ([CLS] text [SEP]) of a ``TokenRows``, padding dropped."""
+    return [row[v] for row, v in zip(batch.tokens, batch.valid)]
 
 
 class Data:
@@ -159,7 +165,8 @@ class Data:
 
     def __init__(self, dm, hf_tokenizer):
         self.dm = dm
-        self.ds = dm.train_dataloader().dataset  # MLMTrainBatches: item = batch of that step
+        planned = dm.train_dataloader().dataset  # item = TrainItem of that step (masks drawn)
+        self.ds, self.plan = planned.base, planned.plan  # MLMTrainBatches: TokenRows of that step; the run's MaskPlan
         self.batches = [self.ds[i] for i in range(N_BATCHES)]
         # HF examples as run_mlm.py's tokenization map leaves them: ids + special_tokens_mask.
         self.examples = []
@@ -172,11 +179,16 @@ class Data:
             self.examples.append(ex)
         b0 = self.batches[0]
         hf_special = torch.tensor(self.examples[0][0]["special_tokens_mask"], dtype=torch.bool)
-        assert torch.equal(hf_special, ~b0["eligible"][0, : len(hf_special)]), "HF specials != ~eligible"
+        assert torch.equal(hf_special, ~b0.eligible[0, : len(hf_special)]), "HF specials != ~eligible"
+
+    def item(self, rows, step: int, device: torch.device):
+        """The training item of ``rows``: masks drawn on the CPU, as the data pipeline
+        draws them, then moved to ``device``."""
+        return to_device(self.plan.train_item(rows, step), device)
 
     def stats(self) -> dict:
-        valid = torch.cat([b["valid"] for b in self.batches]).float()
-        eligible = torch.cat([b["eligible"] for b in self.batches]).float()
+        valid = torch.cat([b.valid for b in self.batches]).float()
+        eligible = torch.cat([b.eligible for b in self.batches]).float()
         return {"valid_share": valid.mean().item(), "eligible_share": eligible.mean().item(),
                 "full_length_rows": (valid.sum(1) == T).float().mean().item()}
 
@@ -260,18 +272,19 @@ def step_variants(data: Data, tokenizer, args, device, impl: str) -> tuple[list[
         opt, sched = harness.adamw(lit, cfg.optim, FIT_STEPS, impl)
         count = {"i": 0}
 
-        def loss_of(batch, lit=lit):
+        def loss_of(item, lit=lit):
             with harness.autocast(args):
-                return lit._shared_step(batch, "train")[0]
+                return lit._shared_step(item, "train")[0]
 
         def plain_step(lit=lit, opt=opt, sched=sched, count=count, loss_of=loss_of):
-            batch = to_device(data.ds[count["i"] % N_BATCHES], device)  # the data module's fetch + pack
+            step = count["i"]
+            rows = data.ds[step % N_BATCHES]  # the data module's fetch + pack
             count["i"] += 1
-            optimizer_step(lit, loss_of(batch), opt, sched, clip)
+            optimizer_step(lit, loss_of(data.item(rows, step, device)), opt, sched, clip)
 
         out.append(harness.LoopVariant(name, f"LitBERT._shared_step (mlm-random 15%), {what}, plain loop, "
                                              f"AdamW {impl}", plain_step))
-        info[f"SDPA calls, {name}"] = sdpa_check(lambda lo=loss_of: lo(to_device(data.batches[0], device)))
+        info[f"SDPA calls, {name}"] = sdpa_check(lambda lo=loss_of: lo(data.item(data.batches[0], 0, device)))
         if name == "plain_bert":
             info["parameters, ours"] = sum(p.numel() for p in lit.parameters())
     collator = hf_collator(tokenizer)
@@ -313,10 +326,9 @@ def head_variants(data: Data, args, device) -> tuple[list[harness.Variant], dict
     cfg = load_run_config(bert_config_dict(args))
     torch.manual_seed(0)
     bert = BERT(cfg.model, VOCAB).to(device).train()
-    lit = build_model(cfg)  # for its mask(): the training masking of the run config
-    batch = to_device(data.batches[0], device)
-    masked = lit.mask(batch, "train")
-    valid, sel = batch["valid"], masked.loss_mask
+    item = data.item(data.batches[0], 0, device)  # the training masks of the run config
+    masked = item.masked
+    valid, sel = item.batch.valid, masked.loss_mask
     labels = masked.targets.masked_fill(~sel, -100)  # (B, T): scored positions only
 
     def gathered_loss(h):
@@ -367,26 +379,26 @@ def mask_variants(data: Data, tokenizer, args) -> tuple[list[harness.Variant], d
     word_start = data.dm.word_start
     rows = [r[1:-1].numpy() for r in rows_of(batch)]  # piece ids without [CLS]/[SEP]
     collator = hf_collator(tokenizer)
-    special = (~batch["eligible"]).long()  # (B, T) what the HF collator gets from pad()
+    special = (~batch.eligible).long()  # (B, T) what the HF collator gets from pad()
+    ctx = MaskContext(seed=0, mask_index=0, stage="train")
 
     def ours(b=batch):
-        return strategy(b["tokens"], seed=0, mask_index=0, eligible=b["eligible"], word_start=b["word_start"],
-                        valid=b["valid"], vocab_size=VOCAB, mask_token_id=MASK, random_low=FIRST_PIECE)
+        return strategy(b, ctx)
 
     def hf():
-        return collator.torch_mask_tokens(batch["tokens"].clone(), special_tokens_mask=special)
+        return collator.torch_mask_tokens(batch.tokens.clone(), special_tokens_mask=special)
 
     def ours_collate():
-        return ours(pack(rows, T, word_start))
+        return ours(pack(rows, T, word_start, VOCAB))
 
     def hf_collate():
         return collator(data.examples[0])
 
     # Same input on both sides: HF's padded batch is our batch, its specials our ~eligible.
-    assert torch.equal(hf_collate()["input_ids"].ne(PAD), batch["valid"]), "HF padding != ours"
-    assert torch.equal(pack(rows, T, word_start)["tokens"], batch["tokens"])
-    ours_share = ours().loss_mask.sum().item() / batch["eligible"].sum().item()
-    hf_share = statistics.fmean((hf()[1] != -100).sum().item() / batch["eligible"].sum().item() for _ in range(50))
+    assert torch.equal(hf_collate()["input_ids"].ne(PAD), batch.valid), "HF padding != ours"
+    assert torch.equal(pack(rows, T, word_start, VOCAB).tokens, batch.tokens)
+    ours_share = ours().loss_mask.sum().item() / batch.eligible.sum().item()
+    hf_share = statistics.fmean((hf()[1] != -100).sum().item() / batch.eligible.sum().item() for _ in range(50))
     what = f"{MASK_CALLS} calls per turn, figures per call: "
     return [
         harness.LoopVariant("mask_ours", what + "MLMRandom 15% on the (B, T) tensors", ours, MASK_CALLS),

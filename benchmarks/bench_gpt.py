@@ -28,7 +28,9 @@ used < 10% of the machine during both sides' steps, with the number of such roun
 Variants (a step = fetch a batch + forward + loss + backward (+ clip + AdamW step)):
   lit_fw, lit_fwbw        LitGPT driven by a real ``lightning.Trainer`` fit (the project's
                           ``build_trainer``: logger, progress bar, checkpoints off),
-                          masking.p_bw = 0 / 1 (p_bw = 1 stacks fw and bw views: 2B rows).
+                          masking.p_bw = 0 / 1 (p_bw = 1 stacks fw and bw views: 2B rows);
+                          its loader masks each batch with the run's ``MaskPlan`` (in
+                          this process: the fetch is part of the measured step).
   plain_fw, plain_fwbw    the same nn.Module (``lit_modules.gpt.GPT``) in a hand-written
                           loop: AdamW (same groups and implementation), grad clip 1.0, LR schedule.
   hf_gpt2                 ``GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4,
@@ -38,7 +40,8 @@ Variants (a step = fetch a batch + forward + loss + backward (+ clip + AdamW ste
   hf_gpt2_gelu            the same with ``activation_function="gelu"`` (exact GELU, as ours):
                           the matched architecture.
   pass_fw, pass_bw        one forward+backward (no optimizer) of a fw-only / bw-only batch
-                          built by the library masking: bw = flipped sequence + is_causal.
+                          of the library's causal-LM views (``stacked_views``): bw = flipped
+                          sequence + is_causal.
   pass_bw_dense           the bw batch in original token order with a dense (T, T)
                           upper-triangular bool mask passed to SDPA (the same function).
   attn_causal, attn_dense_triu, attn_flip_causal
@@ -71,9 +74,12 @@ import lightning as L  # noqa: E402
 
 from lit_modules.blocks import run_blocks  # noqa: E402
 from lit_modules.config import load_run_config  # noqa: E402
+from lit_modules.data.masked import Planned  # noqa: E402
 from lit_modules.gpt import GPT  # noqa: E402
 from lit_modules.masking.attention import Attention, backward_causal  # noqa: E402
-from lit_modules.masking.causal_lm import DIRECTIONS  # noqa: E402
+from lit_modules.masking.batches import TokenWindows  # noqa: E402
+from lit_modules.masking.causal_lm import DIRECTIONS, stacked_views  # noqa: E402
+from lit_modules.registry import MODELS  # noqa: E402
 from lit_modules.run import build_model, build_trainer  # noqa: E402
 
 DEPTH, WIDTH, HEADS, T, BATCH, VOCAB = 4, 256, 4, 256, 16, 8192
@@ -108,39 +114,37 @@ DENSE = ("pass_bw_dense", "attn_dense_triu")  # need an attention mask: not with
 
 # ---------------------------------------------------------------- data
 class Windows(Dataset):
-    """Synthetic token windows of length block_size + 1 (inputs and shifted targets)."""
+    """Synthetic step-indexed batches: item ``step`` is a ``TokenWindows`` of B windows of
+    block_size + 1 tokens (inputs and shifted targets), N_BATCHES distinct ones cycled."""
 
-    def __init__(self, n: int, seed: int = 0):
+    def __init__(self, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.data = torch.randint(0, VOCAB, (n, T + 1), generator=g)  # (N, T+1)
+        self.data = torch.randint(0, VOCAB, (N_BATCHES, BATCH, T + 1), generator=g)  # (N, B, T+1)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return FIT_STEPS
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data[i]
-
-
-WINDOWS = Windows(N_BATCHES * BATCH)
+    def __getitem__(self, step: int) -> TokenWindows:
+        return TokenWindows(self.data[step % N_BATCHES])
 
 
-def make_loader() -> DataLoader:
-    return DataLoader(WINDOWS, batch_size=BATCH, shuffle=False, num_workers=0)
+WINDOWS = Windows()
+
+
+def make_loader(plan=None) -> DataLoader:
+    """The windows, one batch per step; with a ``MaskPlan`` the loader masks them (as the
+    project's data modules do: ``TrainItem`` s, masks made where the batch is assembled)."""
+    return DataLoader(Planned(WINDOWS, plan), batch_size=None, shuffle=False, num_workers=0)
 
 
 class Batches:
-    """An endless iterator over a DataLoader (a new epoch when one runs out), on a device."""
+    """The next step's windows (B, T+1), on a device."""
 
-    def __init__(self, loader: DataLoader, device: torch.device):
-        self.loader, self.it, self.device = loader, iter(loader), device
+    def __init__(self, device: torch.device):
+        self.it, self.device = iter(make_loader()), device
 
     def next(self) -> torch.Tensor:
-        try:
-            batch = next(self.it)
-        except StopIteration:
-            self.it = iter(self.loader)
-            batch = next(self.it)
-        return batch.to(self.device, non_blocking=True)
+        return next(self.it).windows.to(self.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------- pieces of the plain loops
@@ -189,12 +193,13 @@ class LitVariant(harness.Variant):
         super().__init__(name, what, rows=2 * BATCH if p_bw >= 1 else BATCH)
         self.cfg = load_run_config(gpt_config_dict(p_bw, args))
         self.module = build_model(self.cfg)
+        self.plan = MODELS.get("gpt").mask_plan(self.cfg, FIT_STEPS)
         self.adamw = harness.module_adamw_impl(self.module)
         self.what += f", AdamW {self.adamw}"
 
     def work(self) -> None:
         trainer = build_trainer(self.cfg, logger=None, callbacks=[harness.TurnTaker(self.baton)], checkpoint_dir=None)
-        trainer.fit(self.module, train_dataloaders=make_loader())
+        trainer.fit(self.module, train_dataloaders=make_loader(self.plan))
 
 
 # ---------------------------------------------------------------- the variants
@@ -205,7 +210,7 @@ def plain_variants(args, device, impl: str) -> tuple[list[harness.Variant], dict
         torch.manual_seed(0)
         model = GPT(cfg.model, VOCAB).to(device).train()
         opt, sched = harness.adamw(model, cfg.optim, FIT_STEPS, impl)
-        batches = Batches(make_loader(), device)
+        batches = Batches(device)
 
         def loss_of(window, model=model, fwbw=fwbw):
             with harness.autocast(args):
@@ -229,7 +234,7 @@ def plain_variants(args, device, impl: str) -> tuple[list[harness.Variant], dict
         if not fwbw:
             checks["tied embeddings, ours"] = model.head.weight is model.tok_emb.weight
             checks["parameters, ours"] = sum(p.numel() for p in model.parameters())
-            checks["SDPA calls, ours (fw step)"] = sdpa_check(lambda lo=loss_of: lo(WINDOWS.data[:BATCH].to(device)))
+            checks["SDPA calls, ours (fw step)"] = sdpa_check(lambda lo=loss_of: lo(WINDOWS.data[0].to(device)))
     return out, checks
 
 
@@ -253,7 +258,7 @@ def hf_variants(args, device, impl: str) -> tuple[list[harness.Variant], dict]:
         torch.manual_seed(0)
         model = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").to(device).train()
         opt, sched = harness.adamw(model, optim, FIT_STEPS, impl)
-        batches = Batches(make_loader(), device)
+        batches = Batches(device)
 
         def loss_of(window, model=model):
             inputs, targets = fw_batch(window)
@@ -269,7 +274,7 @@ def hf_variants(args, device, impl: str) -> tuple[list[harness.Variant], dict]:
         out.append(harness.LoopVariant(name, what, step, rows=BATCH))
         checks[f"tied embeddings, {name}"] = model.lm_head.weight is model.transformer.wte.weight
         checks[f"parameters, {name}"] = sum(p.numel() for p in model.parameters())
-        checks[f"SDPA calls, {name} (fw step)"] = sdpa_check(lambda lo=loss_of: lo(WINDOWS.data[:BATCH].to(device)))
+        checks[f"SDPA calls, {name} (fw step)"] = sdpa_check(lambda lo=loss_of: lo(WINDOWS.data[0].to(device)))
     return out, checks
 
 
@@ -289,15 +294,15 @@ def dense_bw_logits(gpt: GPT, window: torch.Tensor) -> torch.Tensor:
     return gpt.logits(h)
 
 
-def pass_variants(masking, args, device, dense: bool) -> tuple[list[harness.Variant], dict]:
+def pass_variants(args, device, dense: bool) -> tuple[list[harness.Variant], dict]:
     """fw-only, bw-only (flip + is_causal) and bw-only dense-mask forward+backward passes,
     and the max |difference| between the two bw forms' logits (they compute one function)."""
     torch.manual_seed(0)
     gpt = GPT(load_run_config(gpt_config_dict(0.0, args)).model, VOCAB).to(device).train()
-    batches = Batches(make_loader(), device)
+    batches = Batches(device)
 
     def library_pass(direction: str):
-        masked = masking(batches.next(), (direction,))
+        masked = stacked_views(batches.next(), (direction,))  # the causal-lm views, one direction
         with harness.autocast(args):
             logits = gpt(masked.inputs, masked.direction, masked.attention)  # (B, T, V)
             loss = ce(logits, masked.targets)
@@ -320,8 +325,8 @@ def pass_variants(masking, args, device, dense: bool) -> tuple[list[harness.Vari
     if not dense:
         return out, {}
     with torch.no_grad():
-        window = WINDOWS.data[:4].to(device)
-        masked = masking(window, ("bw",))
+        window = WINDOWS.data[0, :4].to(device)
+        masked = stacked_views(window, ("bw",))
         flip_form = gpt(masked.inputs, masked.direction, masked.attention).flip(1)
         diff = (flip_form - dense_bw_logits(gpt, window)).abs().max().item()
     out.append(harness.LoopVariant("pass_bw_dense", "bw-only forward+backward, original order, dense triu mask",
@@ -463,7 +468,7 @@ def main(argv=None) -> int:
             impl = harness.same_impl({v.name: v.adamw for v in lit})
             plain, checks = plain_variants(args, device, impl)
             hf, hf_checks = hf_variants(args, device, impl)
-            passes, pass_checks = pass_variants(lit[0].module.masking, args, device, dense)
+            passes, pass_checks = pass_variants(args, device, dense)
             attn, attn_checks = attention_variants(args, device, dense)
             checks = {**checks, **hf_checks, **pass_checks, **attn_checks, "AdamW implementation, every side": impl}
             variants = [*lit, *plain, *hf, *passes, *attn]

@@ -17,8 +17,9 @@ normalization), ``--batches`` of them fetched once before timing and cycled thro
 on pixel values). Fetching is outside the timed step and the same for every variant.
 
 Variants (a step = mask + forward + loss + backward + clip + AdamW + LR scheduler):
-  ours_S      ``LitMAE._shared_step(batch, "train")`` (mae-random masking of the batch's
-              content keys, norm-pix targets, ``MAE.encode`` on the class token and the
+  ours_S      the run's ``MaskPlan.train_item`` (the masks the data pipeline would draw,
+              here in the step) and ``LitMAE._shared_step(item, "train")`` (mae-random
+              masking of the batch's content keys, norm-pix targets, ``MAE.encode`` on the class token and the
               N/4 visible patches only, ``MAE.decode`` with mask tokens, masked-patch MSE)
               in a plain loop with the optimizer and scheduler of its ``configure_optimizers``.
   masktok_S   the same LitMAE, masking, decoder, loss and optimizer, but with mask tokens
@@ -64,6 +65,7 @@ Usage:  python benchmarks/bench_mae.py [--quick] [--sizes 64,224] [--json PATH] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -85,6 +87,7 @@ from lit_modules.config import load_run_config  # noqa: E402
 from lit_modules.mae import MAE, LitMAE, MAEConfig  # noqa: E402
 from lit_modules.masking.attention import Attention  # noqa: E402
 from lit_modules.paths import Workspace  # noqa: E402
+from lit_modules.registry import MODELS  # noqa: E402
 from lit_modules.run import build_datamodule, build_model  # noqa: E402
 
 PATCH, DEPTH, WIDTH, HEADS = 16, 4, 192, 3
@@ -124,21 +127,23 @@ def workspace() -> Workspace:
     return Workspace.resolve(out, data)
 
 
-def fetch_batches(n: int, args) -> tuple[list[dict], dict]:
-    """The first n training batches of the tiny-imagenet data module (64x64, augmented)."""
+def fetch_batches(n: int, args) -> tuple[list, dict]:
+    """The first n training batches of the tiny-imagenet data module (64x64, augmented),
+    unmasked (``Images``): each size masks them on its own patch grid."""
     dm = build_datamodule(load_run_config(mae_config_dict(DATA_SIZE, args)), workspace())
-    it = iter(dm.train_dataloader())
-    return [next(it) for _ in range(n)], dict(dm.info)
+    base = dm.train_dataloader().dataset.base  # step-indexed Images, before the mask plan
+    return [base[i] for i in range(n)], dict(dm.info)
 
 
-def resized(batches: list[dict], size: int, device: torch.device) -> list[dict]:
-    """The same batches with images bilinearly resized to size x size (keys unchanged), on
-    the device (moved once, before timing)."""
+def resized(batches: list, size: int, device: torch.device) -> list:
+    """The same batches with images bilinearly resized to size x size (content keys
+    unchanged), on the device (moved once, before timing)."""
     out = []
     for b in batches:
-        b = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
+        b = b.to(device)
         if size != DATA_SIZE:
-            b["images"] = F.interpolate(b["images"], size=(size, size), mode="bilinear", align_corners=False)
+            b = dataclasses.replace(b, images=F.interpolate(b.images, size=(size, size), mode="bilinear",
+                                                            align_corners=False))
         out.append(b)
     return out
 
@@ -185,11 +190,11 @@ class LitMaskTokenMAE(LitMAE):
         torch.manual_seed(self.run_config.seed)
         self.model = MaskTokenMAE(self.run_config.model)
 
-    def _shared_step(self, batch: dict, stage: str):
+    def _shared_step(self, item, stage: str):
         assert stage == "train", "the benchmark baseline only trains"
-        v = self.mask(batch, "train")
+        v = item.masked
         pred = self.model.decode_all(self.model.encode_all(v.inputs, v.loss_mask))
-        s, n = self.model.loss_sums(pred, v.targets, v.loss_mask)
+        s, n = self.model.loss_sums(pred, self.model.target(v.targets), v.loss_mask)
         loss = s / max(float(n), 1.0)
         return loss, {"recon_loss": (loss.detach(), int(n))}
 
@@ -200,20 +205,29 @@ class Variant:
     mask + forward + loss alone (for the FLOP count)."""
 
     def __init__(self, name: str, what: str, size: int, model: nn.Module, loss, opt, sched, clip: float,
-                 batches: Cycle, encoder_tokens: int, args):
+                 batches: Cycle, encoder_tokens: int, args, plan=None):
         self.name, self.what, self.size, self.model, self.args = name, what, size, model, args
         self._loss, self.opt, self.sched, self.clip, self.batches = loss, opt, sched, clip, batches
+        self.plan, self.step_index = plan, 0  # our variants: the run's MaskPlan and the step's index
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.n_params = sum(p.numel() for p in self.params)
         self.images, self.encoder_tokens = BATCH, encoder_tokens
         self.flops = self.encoder_flops = 0
 
-    def loss(self, batch: dict) -> Tensor:
+    def loss(self, batch) -> Tensor:
+        """Ours: the step's masks (``MaskPlan.train_item``) + ``_shared_step``; HF: its own."""
+        if self.plan is not None:
+            batch = self.plan.train_item(batch, self.step_index)
         with harness.autocast(self.args):
             return self._loss(batch)
 
+    def masked(self, batch):
+        """Our variants' training masks of ``batch`` at step 0 (a ``MaskedBatch``)."""
+        return self.plan.train_item(batch, 0).masked
+
     def step(self) -> None:
         loss = self.loss(self.batches.next())
+        self.step_index += 1
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip > 0:
@@ -242,7 +256,7 @@ class Variant:
         self.model.zero_grad(set_to_none=True)
         self.flops = fc.get_total_flops()
         if isinstance(self.model, LitMAE):  # our modules: count the encoder on its own
-            mae, mb = self.model.model, self.model.mask(batch, "train")
+            mae, mb = self.model.model, self.masked(batch)
             with harness.flop_counter_mode() as fc, harness.autocast(self.args):
                 if isinstance(mae, MaskTokenMAE):
                     latent = mae.encode_all(mb.inputs, mb.loss_mask)
@@ -262,10 +276,11 @@ def lit_variant(name: str, what: str, lit: LitMAE, batches: Cycle, encoder_token
     conf = lit.configure_optimizers()
     lit.train()
     what += f", AdamW {harness.adamw_impl(conf['optimizer'])}"
+    plan = MODELS.get("mae").mask_plan(lit.run_config, MAX_STEPS)  # masks on this size's patch grid
     return Variant(name, what, lit.run_config.model.image_size, lit,
-                   lambda batch: lit._shared_step(batch, "train")[0],
+                   lambda item: lit._shared_step(item, "train")[0],
                    conf["optimizer"], conf["lr_scheduler"]["scheduler"], lit.run_config.optim.grad_clip,
-                   batches, encoder_tokens, args)
+                   batches, encoder_tokens, args, plan)
 
 
 def hf_variant(size: int, batches: Cycle, impl: str, args, device: torch.device) -> Variant:
@@ -292,7 +307,7 @@ def hf_variant(size: int, batches: Cycle, impl: str, args, device: torch.device)
     what = (f"HF ViTMAEForPreTraining ({c._attn_implementation}, {c.hidden_act}, dropout "
             f"{c.hidden_dropout_prob}), own masking + loss, plain loop")
     what += f", AdamW {harness.adamw_impl(opt)}"
-    return Variant(f"hf_{size}", what, size, model, lambda batch: model(pixel_values=batch["images"]).loss,
+    return Variant(f"hf_{size}", what, size, model, lambda batch: model(pixel_values=batch.images).loss,
                    opt, sched, cfg.optim.grad_clip, batches, 1 + int(n * (1 - MASK_RATIO)), args)
 
 
@@ -379,7 +394,8 @@ def phase_split(variants: list[Variant], reps: int) -> dict:
         if not isinstance(lit, LitMAE):
             continue
         model, mtok = lit.model, isinstance(lit.model, MaskTokenMAE)
-        mb = lit.mask(v.batches.items[0], "train")
+        mb = v.masked(v.batches.items[0])
+        target = model.target(mb.targets)  # (B, N, P) norm-pix targets, made outside the timing
         enc_ms, dec_ms = [], []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -391,7 +407,7 @@ def phase_split(variants: list[Variant], reps: int) -> dict:
             z = latent.detach().requires_grad_()
             with harness.autocast(v.args):
                 pred = model.decode_all(z) if mtok else model.decode(z, mb.keep_idx)
-                s, n = model.loss_sums(pred, mb.targets, mb.loss_mask)
+                s, n = model.loss_sums(pred, target, mb.loss_mask)
             (s / n).backward()
             harness.sync()
             t2 = time.perf_counter()

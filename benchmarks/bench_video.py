@@ -27,11 +27,12 @@ One process, two parts, each its own group of variants:
     runs at the same settings: dropout 0, exact GELU, the AdamW implementation ours'
     ``configure_optimizers`` picks (fused), SDPA attention, the same threads, device and
     precision, train mode.
-  ours          ``LitVideo._shared_step(batch, "train")`` (video-tube masking of the
-                batch's content keys, norm-pix targets, encoder on the visible tubelets
+  ours          the run's ``MaskPlan.train_item`` (the masks the data pipeline would
+                draw, here in the step) and ``LitVideoMAE._shared_step(item, "train")``
+                (video-tube masking of the batch's content keys, norm-pix targets, encoder on the visible tubelets
                 only, light decoder with mask tokens, masked-tubelet MSE) in a plain loop
                 with the optimizer and scheduler of its ``configure_optimizers``.
-  masktok       the same LitVideo, masking, decoder, loss and optimizer, with mask tokens
+  masktok       the same LitVideoMAE, masking, decoder, loss and optimizer, with mask tokens
                 through the encoder (``LitMaskTokenVideo`` below): all N = 128 tubelets enter
                 the encoder, the masked ones as a learned encoder mask token (+ their
                 position); the decoder gets the encoder output for all N (no decoder mask
@@ -42,8 +43,9 @@ One process, two parts, each its own group of variants:
                 decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
                 decoder_intermediate_size=256, norm_pix_loss=True))``, sdpa attention where
                 the installed transformers has it, random init, nothing downloaded;
-                ``bool_masked_pos`` = our ``video-tube`` mask of the same batch, made inside
-                the timed step (so both sides pay the same masking); its own loss
+                ``bool_masked_pos`` = our ``video-tube`` mask of the same batch and step
+                (the same ``MaskPlan.train_item``), made inside the timed step (so both
+                sides pay the same masking); its own loss
                 (``.loss``); the same clips, AdamW groups and implementation, LR schedule and
                 grad clip as ours. HF VideoMAE also encodes the visible tubelets only.
   The clips are synthetic: ``--batches`` batches of standard-normal (B, 16, 3, 64, 64)
@@ -92,11 +94,14 @@ import harness  # noqa: E402
 
 from lit_modules.blocks import run_blocks  # noqa: E402
 from lit_modules.config import load_run_config  # noqa: E402
+from lit_modules.masking import MaskContext  # noqa: E402
 from lit_modules.masking.attention import Attention  # noqa: E402
+from lit_modules.masking.batches import Clips  # noqa: E402
 from lit_modules.masking.rng import content_key  # noqa: E402
 from lit_modules.masking.video import VideoRandom, VideoTube  # noqa: E402
+from lit_modules.registry import MODELS  # noqa: E402
 from lit_modules.run import build_model  # noqa: E402
-from lit_modules.video import LitVideo  # noqa: E402
+from lit_modules.video import LitVideoMAE  # noqa: E402
 
 # (a) mask generation
 MASK_B, MASK_GRID, MASK_RATIO = 64, (8, 14, 14), 0.9
@@ -110,11 +115,11 @@ MAX_STEPS = 1000  # the LR schedule's length: longer than any run here, so the r
 # i.e. the throughput of ours over the other side.
 TARGETS = {
     "video-tube mask / per-sample randperm loop (speed-up)": ("mask_loop", "mask_tube", ">=", 20.0),
-    "LitVideo step / HF VideoMAE step (throughput)": ("hf", "ours", ">=", 1.0),
+    "LitVideoMAE step / HF VideoMAE step (throughput)": ("hf", "ours", ">=", 1.0),
 }
 INFO_RATIOS = {
-    "LitVideo with mask tokens in encoder / HF VideoMAE (throughput)": ("hf", "masktok"),
-    "LitVideo / mask tokens in encoder (speed-up)": ("masktok", "ours"),
+    "LitVideoMAE with mask tokens in encoder / HF VideoMAE (throughput)": ("hf", "masktok"),
+    "LitVideoMAE / mask tokens in encoder (speed-up)": ("masktok", "ours"),
     "video-random mask / per-sample randperm loop (speed-up)": ("mask_loop", "mask_random"),
 }
 GROUPS = (("mask_tube", "mask_random", "mask_loop"), ("ours", "masktok", "hf"))
@@ -126,7 +131,7 @@ def video_config_dict(args) -> dict:
     return {
         "seed": 0,
         "data": {"name": "bbb", "frames": FRAMES, "image_size": SIZE, "batch_size": BATCH},
-        "model": {"name": "video", "clip_kind": "pixels", "stage": "pretrain", "frames": FRAMES,
+        "model": {"name": "video-mae", "stage": "pretrain", "frames": FRAMES,
                   "image_size": SIZE, "tubelet_frames": TUBELET, "patch_size": PATCH, "depth": DEPTH,
                   "width": WIDTH, "heads": HEADS, "decoder_depth": DEC_DEPTH, "decoder_width": DEC_WIDTH,
                   "decoder_heads": DEC_HEADS, "norm_pix_loss": True},
@@ -136,12 +141,12 @@ def video_config_dict(args) -> dict:
     }
 
 
-def make_batches(n: int, device: torch.device, b: int = BATCH) -> list[dict]:
+def make_batches(n: int, device: torch.device, grid: tuple[int, int, int], b: int = BATCH) -> list[Clips]:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
         clips = torch.randn(b, FRAMES, 3, SIZE, SIZE, generator=g)  # (B, F, 3, H, W)
-        out.append({"clips": clips.to(device), "keys": content_key(clips).to(device)})
+        out.append(Clips(clips=clips, keys=content_key(clips), grid=grid).to(device))
     return out
 
 
@@ -191,8 +196,8 @@ def mask_variants() -> tuple[list[Variant], dict]:
     def ours(strategy):
         def call():
             state["i"] += 1  # a fresh mask every call, as in training (mask index = step)
-            return strategy(keys, MASK_GRID, seed=0, mask_index=state["i"], step=state["i"],
-                            total_steps=MAX_STEPS, stage="train")
+            ctx = MaskContext(seed=0, mask_index=state["i"], step=state["i"], total_steps=MAX_STEPS, stage="train")
+            return strategy.masks(keys, MASK_GRID, ctx)  # the PatchMask of the batch's content keys
         return call
 
     # sanity: same counts and tube structure on both sides
@@ -213,8 +218,8 @@ def mask_variants() -> tuple[list[Variant], dict]:
     ], checks
 
 
-class LitMaskTokenVideo(LitVideo):
-    """LitVideo (same masking, targets, loss, optimizer) with mask tokens through the
+class LitMaskTokenVideo(LitVideoMAE):
+    """LitVideoMAE (same masking, targets, loss, optimizer) with mask tokens through the
     encoder: every tubelet enters the blocks, the masked ones as a learned encoder mask
     token (+ their position); the decoder gets all N encoder outputs (no decoder mask tokens)."""
 
@@ -223,31 +228,34 @@ class LitMaskTokenVideo(LitVideo):
         self.enc_mask_token = nn.Parameter(torch.zeros(1, 1, self.cfg.width))
         nn.init.normal_(self.enc_mask_token, std=0.02)
 
-    def _pretrain_out(self, v, h=None) -> Tensor:
+    def pretrain_out(self, v, h=None) -> Tensor:
         """Clips (B, F, 3, H, W), masked (B, N) -> predictions of every tubelet (B, N, P)."""
         m = self.model
         x = m.embed_in(v.inputs.transpose(1, 2)).flatten(2).transpose(1, 2)  # (B, N, D)
         x = torch.where(v.loss_mask[..., None], self.enc_mask_token.to(x.dtype), x) + m.pos[None]
         h = m.norm(run_blocks(self.blocks, x, Attention()))  # (B, N, D)
         y = m.decoder_embed(h) + m.dec_pos[None]  # (B, N, Dd)
-        return m.head(m.decoder_norm(run_blocks(m.decoder_blocks, y, Attention())))
+        return m.decoder_pred(m.decoder_norm(run_blocks(m.decoder_blocks, y, Attention())))
 
 
 class Trainer:
-    """A plain training loop: loss(batch) -> zero_grad, backward, clip, AdamW, scheduler."""
+    """A plain training loop: the step's masks (``MaskPlan.train_item``, the same for
+    every side), loss(item) -> zero_grad, backward, clip, AdamW, scheduler."""
 
-    def __init__(self, model: nn.Module, loss, opt, sched, clip: float, batches: Cycle, args):
+    def __init__(self, model: nn.Module, loss, opt, sched, clip: float, batches: Cycle, args, plan):
         self.model, self.loss_fn, self.opt, self.sched, self.clip, self.batches = model, loss, opt, sched, clip, batches
-        self.args = args
+        self.args, self.plan, self.step_index = args, plan, 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.n_params = sum(p.numel() for p in self.params)
 
-    def loss(self, batch: dict) -> Tensor:
+    def loss(self, batch: Clips) -> Tensor:
+        item = self.plan.train_item(batch, self.step_index)
         with harness.autocast(self.args):
-            return self.loss_fn(batch)
+            return self.loss_fn(item)
 
     def step(self) -> None:
         loss = self.loss(self.batches.next())
+        self.step_index += 1
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip > 0:
@@ -271,25 +279,27 @@ class Trainer:
             return harness.sdpa_calls(lambda: self.loss(self.batches.items[0]))
 
 
-def lit_trainer(lit: LitVideo, batches: list[dict], args, device: torch.device) -> Trainer:
-    """A LitVideo (or subclass) trained by ``_shared_step`` + its ``configure_optimizers``."""
+def lit_trainer(lit: LitVideoMAE, batches: list[Clips], args, device: torch.device, plan) -> Trainer:
+    """A LitVideoMAE (or subclass) trained by ``_shared_step`` + its ``configure_optimizers``."""
     lit.to(device).train()
     conf = lit.configure_optimizers()
-    return Trainer(lit, lambda batch: lit._shared_step(batch, "train")[0], conf["optimizer"],
-                   conf["lr_scheduler"]["scheduler"], lit.run_config.optim.grad_clip, Cycle(batches), args)
+    return Trainer(lit, lambda item: lit._shared_step(item, "train")[0], conf["optimizer"],
+                   conf["lr_scheduler"]["scheduler"], lit.run_config.optim.grad_clip, Cycle(batches), args, plan)
 
 
-def step_variants(batches: list[dict], args, device: torch.device) -> tuple[list[Variant], dict, dict]:
+def step_variants(args, device: torch.device) -> tuple[list[Variant], dict, dict]:
     import transformers
     from transformers import VideoMAEConfig, VideoMAEForPreTraining
 
     transformers.logging.set_verbosity_error()
     cfg = load_run_config(video_config_dict(args))
+    plan = MODELS.get("video-mae").mask_plan(cfg, MAX_STEPS)
+    batches = make_batches(args.batches, device, cfg.model.grid)
     torch.manual_seed(0)
     lit = build_model(cfg)
-    ours = lit_trainer(lit, batches, args, device)
+    ours = lit_trainer(lit, batches, args, device, plan)
     L.seed_everything(cfg.seed, verbose=False)
-    masktok = lit_trainer(LitMaskTokenVideo(cfg.to_dict()), batches, args, device)
+    masktok = lit_trainer(LitMaskTokenVideo(cfg.to_dict()), batches, args, device, plan)
     impl = harness.same_impl({"ours": harness.adamw_impl(ours.opt), "masktok": harness.adamw_impl(masktok.opt)})
 
     hf_cfg = VideoMAEConfig(image_size=SIZE, patch_size=PATCH, num_frames=FRAMES, tubelet_size=TUBELET,
@@ -305,19 +315,18 @@ def step_variants(batches: list[dict], args, device: torch.device) -> tuple[list
     model.to(device).train()
     masking, grid = lit.masking, lit.cfg.grid
 
-    def hf_loss(batch: dict) -> Tensor:
-        pm = masking(batch["keys"], grid, seed=0, mask_index=0, step=0, total_steps=MAX_STEPS, stage="train")
-        return model(pixel_values=batch["clips"], bool_masked_pos=pm.masked).loss
+    def hf_loss(item) -> Tensor:
+        return model(pixel_values=item.batch.clips, bool_masked_pos=item.masked.loss_mask).loss
 
     opt, sched = harness.adamw(model, cfg.optim, cfg.trainer.max_steps, impl)
-    hf = Trainer(model, hf_loss, opt, sched, cfg.optim.grad_clip, Cycle(batches), args)
+    hf = Trainer(model, hf_loss, opt, sched, cfg.optim.grad_clip, Cycle(batches), args, plan)
     c = model.config
     n = grid[0] * grid[1] * grid[2]
     visible = n - masking.num_masked(grid, RATIO)
     variants = [
-        Variant("ours", f"LitVideo._shared_step (encoder on the {visible} visible tubelets), plain loop, AdamW {impl}",
+        Variant("ours", f"LitVideoMAE._shared_step (encoder on the {visible} visible tubelets), plain loop, AdamW {impl}",
                 ours.step, False, BATCH, "clips"),
-        Variant("masktok", f"LitVideo with mask tokens through the encoder (all {n} tubelets), plain loop, "
+        Variant("masktok", f"LitVideoMAE with mask tokens through the encoder (all {n} tubelets), plain loop, "
                 f"AdamW {impl}", masktok.step, False, BATCH, "clips"),
         Variant("hf", f"HF VideoMAEForPreTraining ({c._attn_implementation}, {c.hidden_act}, dropout "
                 f"{c.hidden_dropout_prob}/{c.attention_probs_dropout_prob}), our tube mask, own loss, plain loop, "
@@ -356,11 +365,11 @@ def report(variants: list[Variant], times, checks: dict, info: dict) -> dict:
               f"{busy:>7.0%}{v.items / sec:>10,.0f}  {v.what}")
 
     out, missed = {}, []
-    print(f"\n{'ratio (wall clock unless said)':<64}{'median':>8}{'range':>16}{'best/best':>10}{'cpu':>8}"
+    print(f"\n{'ratio (wall clock unless said)':<67}{'median':>8}{'range':>16}{'best/best':>10}{'cpu':>8}"
           f"{'quiet (n)':>12}{'FLOPs':>7}  target")
     for label, num, den, kind, bound in harness.ratio_rows(TARGETS, INFO_RATIOS):
         if num not in wall or den not in wall:
-            out[label] = harness.not_measured(label, num, den, kind, bound, 64)
+            out[label] = harness.not_measured(label, num, den, kind, bound, 67)
             continue
         r = harness.paired(wall, num, den, others)
         r.update(num=num, den=den, cpu_time_median=harness.paired(cpu, num, den)["median"])
@@ -368,7 +377,7 @@ def report(variants: list[Variant], times, checks: dict, info: dict) -> dict:
             r["flop_ratio"] = info[num]["fwd_bwd_flops"] / info[den]["fwd_bwd_flops"]
         quiet = harness.quiet_cell(r, ".2f")
         flops = f"{r['flop_ratio']:>7.2f}" if "flop_ratio" in r else f"{'':>7}"
-        line = (f"{label:<64}{r['median']:>8.2f}{r['min']:>8.2f}-{r['max']:<7.2f}{r['best_vs_best']:>10.2f}"
+        line = (f"{label:<67}{r['median']:>8.2f}{r['min']:>8.2f}-{r['max']:<7.2f}{r['best_vs_best']:>10.2f}"
                 f"{r['cpu_time_median']:>8.2f}{quiet:>12}{flops}") + harness.judge(r, kind, bound)
         if kind is not None and not r["met"]:
             missed.append((label, num, den))
@@ -423,7 +432,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with harness.sdpa_kernel(args):
         masks, checks = mask_variants()
-        steps, step_checks, info = step_variants(make_batches(args.batches, device), args, device)
+        steps, step_checks, info = step_variants(args, device)
         checks.update(step_checks)
         env = environment(args, info)
         variants = [*masks, *steps]
