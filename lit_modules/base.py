@@ -126,10 +126,9 @@ class MaskedModelBase(L.LightningModule):
         no_decay = [p for p in self.parameters() if p.dim() < 2]  # biases and norms
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        fused = fused_adamw(getattr(getattr(self, "_trainer", None), "precision", ""))
         try:
-            # The fused kernel updates all tensors at once: ~4x cheaper than the
-            # per-parameter loop on CPU (benchmarks/README.md), and available on CUDA.
-            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
         except RuntimeError:  # a device or dtype the fused kernel does not support
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         total = self.run_config.trainer.max_steps
@@ -138,8 +137,23 @@ class MaskedModelBase(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = self.run_config.optim.grad_clip
-        if clip > 0:
+        if clip <= 0:
+            return
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            # A fused AdamW (never under 16-mixed, see configure_optimizers): the gradients
+            # are not scaled, so clip them directly. Lightning's own clip_gradients refuses
+            # any optimizer that could unscale internally, bf16-mixed included.
+            torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
+        else:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+
+def fused_adamw(precision: str) -> bool:
+    """Whether to use the fused AdamW kernel: it updates all tensors at once, ~4x cheaper
+    than the per-parameter loop on CPU (benchmarks/README.md), and exists on CUDA. Not
+    under 16-mixed: a fused AdamW unscales the GradScaler's gradients inside its step,
+    after clipping would have seen them scaled."""
+    return precision != "16-mixed"
 
 
 def lr_factor(step: int, total: int, cfg) -> float:

@@ -67,7 +67,7 @@ class BERT(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         """Hidden states (..., D) *after* the final norm's input -> logits (..., V)."""
         x = self.head_ln(F.gelu(self.head_dense(self.ln_f(h))))
-        return x @ self.tok_emb.weight.t() + self.head_bias  # tied to the input embedding
+        return F.linear(x, self.tok_emb.weight, self.head_bias)  # tied to the input embedding; bias in the matmul
 
     def masked_logits(self, h: Tensor, loss_mask: Tensor) -> Tensor:
         """Logits (M, V) at the M selected positions only (row-major order of loss_mask)."""

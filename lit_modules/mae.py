@@ -71,7 +71,7 @@ class MAE(nn.Module):
         """Latent (B, 1 + N_keep, D) -> pixel predictions of every patch (B, N, P)."""
         y = self.decoder_embed(latent)  # (B, 1 + N_keep, Dd)
         b, dd = y.shape[0], y.shape[-1]
-        full = self.mask_token.expand(b, self.n_patches, dd).clone()  # (B, N, Dd)
+        full = self.mask_token.to(y.dtype).expand(b, self.n_patches, dd).clone()  # (B, N, Dd), autocast dtype
         full.scatter_(1, keep_idx[..., None].expand(-1, -1, dd), y[:, 1:])
         z = torch.cat([y[:, :1], full + self.dec_pos[None]], dim=1)
         z = self.decoder_norm(run_blocks(self.decoder_blocks, z, Attention()))

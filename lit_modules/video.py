@@ -92,7 +92,7 @@ class VideoMAENet(VideoEncoder):
         """Latent (B, N_keep, D) -> pixel predictions of every tubelet (B, N, P)."""
         y = self.decoder_embed(latent)
         b, dd = y.shape[0], y.shape[-1]
-        full = self.mask_token.expand(b, self.n, dd).clone()
+        full = self.mask_token.to(y.dtype).expand(b, self.n, dd).clone()  # (B, N, Dd), autocast dtype
         full.scatter_(1, keep_idx[..., None].expand(-1, -1, dd), y)
         z = run_blocks(self.decoder_blocks, full + self.dec_pos[None], Attention())
         return self.decoder_pred(self.decoder_norm(z))
