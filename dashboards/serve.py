@@ -28,6 +28,7 @@ class DashboardServer(ThreadingHTTPServer):
     """Serves the latest page; :meth:`rebuild` replaces it when the stores changed."""
 
     daemon_threads = True  # a browser holding a connection open never blocks shutdown
+    block_on_close = False  # ... nor does server_close wait for the handlers still running
 
     def __init__(self, build: Callable[[], Dashboard], out: Path, port: int, refresh: float):
         super().__init__((HOST, port), _Handler)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -109,6 +110,8 @@ class LastCheckpoint(L.Callback):
 
 
 def build_trainer(cfg: RunConfig, logger, callbacks: list, checkpoint_dir: Path | None) -> L.Trainer:
+    # Our items move themselves (MaskedModelBase.transfer_batch_to_device), deliberately.
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     t = cfg.trainer
     callbacks = list(callbacks)
     if t.checkpoint and checkpoint_dir is not None:

@@ -207,7 +207,11 @@ def serve_ui(tracking_uri: str, study: str | None, port: int | None, artifact_di
     previous = _on_sigterm(_raise_interrupt)  # `kill PID` of masklab stops the server too
     try:
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            # Its own session: a Ctrl-C in the terminal reaches masklab alone, which then
+            # stops the server by its PID (otherwise the server could exit first and look
+            # like a crash).
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
         try:
             _wait_healthy(proc, base, log_path, HEALTH_TIMEOUT)
             for line in _links(base, study, tracking_uri):

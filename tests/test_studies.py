@@ -208,11 +208,11 @@ def _wait_running(ws, name, proc, timeout=120):
     pytest.fail("no trial started")
 
 
-def _slow_spec(tmp_path, name):
+def _slow_spec(tmp_path, name, steps: int = 200):
     import yaml
 
     d = spec_dict(name=name, grid={"masking.p_bw": [0.0, 0.5]}, replicates=1)
-    d["fixed"]["trainer"].update(max_steps=200, val_every=100)  # long enough to be caught mid-trial
+    d["fixed"]["trainer"].update(max_steps=steps, val_every=steps // 2)  # long enough to be caught mid-trial
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(d))
     return path, d
@@ -239,7 +239,7 @@ def test_killed_worker_trial_is_failed_and_rerun(ws, tmp_path):
 
 
 def test_ctrl_c_marks_the_running_trial_failed(ws, tmp_path):
-    path, _ = _slow_spec(tmp_path, "interrupted")
+    path, _ = _slow_spec(tmp_path, "interrupted", steps=20_000)  # interrupted long before it could end
     proc = _start_worker(path, ws)
     try:
         _wait_running(ws, "interrupted", proc)
