@@ -20,11 +20,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from reports import figures as report_figures
+from reports import transfer
 from reports.checks import Finding, review
 from reports.findings import findings_frame, sentences
 from reports.gallery import GalleryImage, reconstruction_gallery
 from reports.loader import StudyData
-from reports.study_report import param_importances
+from reports.study_report import TRANSFER_NOTE, param_importances, transfer_sections
 from reports.tables import (
     direction_pairs,
     display_frame,
@@ -88,9 +89,11 @@ class Note:
 
 @dataclass
 class Statements:
-    """What a study found, as sentences (``reports.findings.sentences``)."""
+    """What a study found, as sentences (``reports.findings.sentences``; the transfer
+    tasks' sentences under their own title)."""
 
     items: list[str]
+    title: str = "Findings"
 
 
 Block = Header | Warnings | Table | Plot | Gallery | Note | Statements
@@ -205,9 +208,11 @@ def _comparison(studies: Sequence[StudyData], removal: pd.DataFrame, keys: list[
 def metric_keys(data: StudyData) -> list[str]:
     """The metrics a study view offers, as short names (``fw_loss`` stands for the final
     ``val/fw_loss``, the ``fw_loss`` layer-removal curve and the ``train/`` and ``val/``
-    curves): the objective first, then losses, then the rest."""
+    curves), and the transfer scores at the top layer by their full names
+    (``transfer/sst2/probe_acc``): the objective first, then losses, then the rest."""
     a = data.ablation
     found = {c.removeprefix("val/") for c in data.final_metrics}
+    found |= set(transfer.findings_metrics(data))
     found |= set(a.loc[a["variant"] == "truncate", "metric"])
     obj = compare.objective_key(data)
     if _final_column(data, obj):
@@ -226,6 +231,7 @@ def study_view(view_id: str, data: StudyData, findings: list[Finding]) -> View:
     view.blocks.append(Header(_study_header(data)))
     if not data.complete.empty:
         view.blocks.append(Statements(sentences(data, effects)))
+        view.blocks += _transfer_blocks(view_id, data)
     view.blocks.append(Warnings(findings))
     if data.complete.empty:
         counts = ", ".join(f"{n} {s}" for s, n in state_counts(data).items()) or "no trials at all"
@@ -251,12 +257,31 @@ def study_view(view_id: str, data: StudyData, findings: list[Finding]) -> View:
     return view
 
 
+def _transfer_blocks(view_id: str, data: StudyData) -> list[Block]:
+    """The report's Transfer section: per task its sentences, the per-setting table
+    against the three baselines, and the probe by layer (none without transfer metrics)."""
+    tasks = transfer_sections(data)
+    if not tasks:
+        return []
+    blocks: list[Block] = [Note("Transfer", TRANSFER_NOTE)]
+    for t in tasks:
+        if t.statements:
+            blocks.append(Statements(t.statements, title=t.title))
+        blocks.append(Table(f"{view_id}-{t.table.anchor}", f"{t.task}: scores per setting against the baselines",
+                            t.table.frame))
+        blocks.append(Plot(f"{view_id}-{t.figure.anchor}", f"{t.task}: linear probe by layer (mean over seeds, "
+                           "95% CI; baselines and chance as lines)", _single(t.figure.figure),
+                           f"No per-layer probe history of {t.task} in MLflow."))
+    return blocks
+
+
 def _study_plots(view_id: str, data: StudyData, keys: list[str], effects: pd.DataFrame) -> list[Plot]:
     def pid(name: str) -> str:
         return f"{view_id}-{name}"
 
     def forest(key: str) -> go.Figure | None:
-        mine = [m for m in dict.fromkeys(effects["metric"]) if m == f"val/{key}" or m.startswith(f"ablation_delta/{key}_")]
+        mine = [m for m in dict.fromkeys(effects["metric"])
+                if m in (key, f"val/{key}") or m.startswith(f"ablation_delta/{key}_")]
         return report_figures.forest(effects, mine) if mine else None
 
     imp, why = param_importances(data)
@@ -315,19 +340,22 @@ def _only_ablation(data: StudyData, key: str) -> StudyData:
 def _as_objective(data: StudyData, key: str) -> StudyData:
     """The study with ``val/<key>`` in the objective's place (the trials' ``value``).
     Its direction is the study's for the objective; for another metric it is guessed from
-    the name: accuracies (``*_acc``) are maximised, everything else minimised."""
+    the name: accuracies (``*_acc``) and transfer scores (accuracy, R²) are maximised,
+    everything else minimised."""
     column = _final_column(data, key)
     if column is None:
         return dataclasses.replace(data, trials=data.trials.iloc[0:0])
     t = data.trials
     t = t[(t["state"] != "COMPLETE") | t[column].notna()].assign(value=lambda f: f[column])
-    direction = data.direction if column == data.objective else ("maximize" if key.endswith("acc") else "minimize")
+    higher = key.endswith("acc") or transfer.higher_is_better(column)
+    direction = data.direction if column == data.objective else ("maximize" if higher else "minimize")
     return dataclasses.replace(data, trials=t, objective=column, direction=direction)
 
 
 def _final_column(data: StudyData, key: str) -> str | None:
     """The trials column holding the final value of metric ``key``, if there is one."""
     candidates = [f"val/{key}"] + ([data.objective] if key == compare.objective_key(data) else [])
+    candidates += [key] if transfer.parse(key) is not None else []
     return next((c for c in candidates if c in data.trials), None)
 
 

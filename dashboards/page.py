@@ -126,7 +126,7 @@ def _block(block) -> str:
         return f"<h2>{e(block.title)}</h2><p class='note'>{e(block.text)}</p>"
     if isinstance(block, Statements):
         items = "".join(f"<li>{e(t)}</li>" for t in block.items) or "<li>No comparison could be made.</li>"
-        return f"<h2>Findings</h2><ul class='findings'>{items}</ul>"
+        return f"<h2>{e(block.title)}</h2><ul class='findings'>{items}</ul>"
     if isinstance(block, Table):
         return _table(block)
     if isinstance(block, Plot):

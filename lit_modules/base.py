@@ -97,6 +97,21 @@ class MaskedModelBase(L.LightningModule):
         None: the family has no probe."""
         return None
 
+    # Transfer (lit_modules/transfer/features.py): the features of every layer from one
+    # pass. ``transfer_embed(inputs) -> (h_0, attention, ctx)`` gives the first block's
+    # input for a batch of task inputs (text: ``TextRows``; images (B, 3, H, W); clips
+    # (B, F, 3, H, W)); ``transfer_pool(normed, ctx) -> {feature: (B, D)}`` pools the
+    # final-normed states of one layer; ``transfer_norm`` is that final norm. Families
+    # whose config declares no ``transfer_input`` have none.
+    def transfer_embed(self, inputs) -> tuple[Tensor, object, object]:
+        raise NotImplementedError(f"{type(self).__name__} has no transfer features")
+
+    def transfer_pool(self, normed: Tensor, ctx) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def transfer_norm(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         """Our batches and items move themselves (frozen dataclasses of tensors)."""
         if isinstance(batch, Movable):

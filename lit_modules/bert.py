@@ -150,3 +150,25 @@ class LitBERT(MaskedModelBase):
         n = masked.loss_mask.sum().float()
         ce = F.cross_entropy(logits.float(), targets, reduction="sum")
         return {"mlm_loss": (ce, n), "mlm_acc": ((logits.argmax(-1) == targets).sum().float(), n)}
+
+    # ------------------------------------------------------------ transfer features
+    def transfer_embed(self, rows) -> tuple[Tensor, Attention, Tensor]:
+        """``[CLS] row [SEP] [PAD]...`` with the padding mask, as validation rows are laid out."""
+        from .data.mlm import CLS, PAD, SEP
+
+        b, t = rows.ids.shape
+        ids = torch.full((b, t + 2), PAD, dtype=torch.long, device=rows.ids.device)
+        ids[:, 0] = CLS
+        ids[:, 1:-1] = torch.where(rows.valid, rows.ids, torch.full_like(rows.ids, PAD))
+        ids[torch.arange(b, device=ids.device), rows.lengths + 1] = SEP
+        valid = ids != PAD
+        return self.model.embed(ids), Attention(mask=padding(valid)), valid
+
+    def transfer_pool(self, normed: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """mean: over the row's tokens ([CLS] and [SEP] included); cls: the [CLS] token."""
+        w = valid.to(normed.dtype) / valid.sum(1, keepdim=True)
+        return {"mean": torch.einsum("bt,btd->bd", w, normed), "cls": normed[:, 0]}
+
+    def transfer_norm(self, h: Tensor) -> Tensor:
+        return self.model.ln_f(h)
+

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .model_configs import ModelConfig
 
 SECTIONS = ("data", "model", "masking", "optim", "trainer")
+OPTIONAL_SECTIONS = ("transfer",)  # in the dict form (and the hash) only when they do something
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,44 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """What the representations are worth on labelled tasks, measured after training
+    (see ``lit_modules/transfer``): a linear probe on frozen features of every layer,
+    optionally a fine-tune of the whole encoder, against three baselines."""
+
+    # Task names (lit_modules/transfer/tasks.py); none = no transfer stage.
+    tasks: tuple[str, ...] = ()
+    # Feature kinds, the first is the primary one (``transfer/<task>/probe_acc``); empty =
+    # the family's default list (GPT: fw, bw, fw_bw; BERT: mean, cls; MAE: mean, cls; video: mean).
+    features: tuple[str, ...] = ()
+    max_train: int = 2000  # rows of each task used to fit a probe (hash-uniform subset)
+    max_select: int = 500  # held-out training rows that choose the probe's weight decay
+    max_eval: int = 1000  # evaluation rows (disjoint from both by content)
+    max_tokens: int = 64  # text rows are cut to this many tokens (and the model's block size)
+    batch_size: int = 64  # rows per feature-extraction batch
+    baselines: bool = True  # majority class, TF-IDF / raw pixels, the architecture at random init
+    finetune_steps: int = 0  # > 0: also fine-tune the whole encoder with a linear head
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 32
+
+    def __post_init__(self):
+        from .transfer.names import TASK_INPUT_KIND
+
+        for i, t in enumerate(self.tasks):
+            if t not in TASK_INPUT_KIND:
+                raise ConfigError(f"tasks[{i}]", t, f"allowed: {', '.join(TASK_INPUT_KIND)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError("tasks", list(self.tasks), "lists a task twice")
+        for name in ("max_train", "max_select", "max_eval", "max_tokens", "batch_size", "finetune_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
+        if self.finetune_steps < 0:
+            raise ConfigError("finetune_steps", self.finetune_steps, "must be >= 0 (0: probe only)")
+        if not self.finetune_lr > 0:
+            raise ConfigError("finetune_lr", self.finetune_lr, "must be > 0")
+
+
+@dataclass(frozen=True)
 class AblationOptions:
     """Which layer-removal variants a run evaluates (see lit_modules/ablation.py); a
     study spec's ``ablation:`` section."""
@@ -108,11 +147,14 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (the form saved in checkpoints and logged to MLflow)."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["seed"] = self.seed
+        if self.transfer.tasks:  # a run without transfer keeps the config (and hash) it had before
+            out["transfer"] = dataclasses.asdict(self.transfer)
         return out
 
     def flat(self) -> dict[str, Any]:
@@ -193,9 +235,10 @@ def run_config_from_dict(data: Mapping, source: str | None = None) -> RunConfig:
     from .registry import DATASETS, MASKINGS, MODELS
 
     try:
-        unknown = sorted(set(data) - set(SECTIONS) - {"seed"})
+        unknown = sorted(set(data) - set(SECTIONS) - set(OPTIONAL_SECTIONS) - {"seed"})
         if unknown:
-            raise ConfigError(unknown[0], data[unknown[0]], f"unknown key (allowed: seed, {', '.join(SECTIONS)})")
+            allowed = ", ".join(("seed", *SECTIONS, *OPTIONAL_SECTIONS))
+            raise ConfigError(unknown[0], data[unknown[0]], f"unknown key (allowed: {allowed})")
         seed = check_type(data.get("seed", 0), int, "seed")
         sections: dict[str, Any] = {}
         for name, registry in (("data", DATASETS), ("model", MODELS), ("masking", MASKINGS)):
@@ -220,9 +263,29 @@ def run_config_from_dict(data: Mapping, source: str | None = None) -> RunConfig:
             )
         optim = from_dict(OptimConfig, data.get("optim") or {}, "optim")
         trainer = from_dict(TrainerConfig, data.get("trainer") or {}, "trainer")
-        return RunConfig(seed=seed, optim=optim, trainer=trainer, **sections)
+        transfer = from_dict(TransferConfig, data.get("transfer") or {}, "transfer")
+        check_transfer_fits(transfer, model_entry)
+        return RunConfig(seed=seed, optim=optim, trainer=trainer, transfer=transfer, **sections)
     except ConfigError as e:
         raise e.within(source=source) from None
+
+
+def check_transfer_fits(transfer: TransferConfig, model_entry: type) -> None:
+    """The tasks read what the model takes and the features are the family's."""
+    from .transfer.names import TASK_INPUT_KIND
+
+    takes = getattr(model_entry, "transfer_input", "")
+    for i, task in enumerate(transfer.tasks):
+        if TASK_INPUT_KIND[task] != takes:
+            fits = [t for t, kind in TASK_INPUT_KIND.items() if kind == takes] if takes else []
+            raise ConfigError(f"transfer.tasks[{i}]", task,
+                              f"reads {TASK_INPUT_KIND[task]} inputs and model {model_entry.name} takes "
+                              f"{takes or 'none'}; allowed: {', '.join(fits) or 'no transfer task'}")
+    have = getattr(model_entry, "transfer_features", ())
+    for i, feature in enumerate(transfer.features):
+        if feature not in have:
+            raise ConfigError(f"transfer.features[{i}]", feature,
+                              f"allowed for model {model_entry.name}: {', '.join(have) or 'none'}")
 
 
 def load_run_config(

@@ -129,3 +129,28 @@ class LitGPT(MaskedModelBase):
             out[f"{name}_loss"] = (loss_sum[d], count[d])
             out[f"{name}_acc"] = (correct[d], count[d])
         return out
+
+    # ------------------------------------------------------------ transfer features
+    def transfer_embed(self, rows) -> tuple[Tensor, Attention, Tensor]:
+        """Text rows read forward and, stacked below, backward (each row reversed on its
+        own tokens, left-aligned, as the backward task reads a window): (2B, T, D)."""
+        ids, valid = rows.ids, rows.valid
+        b = ids.shape[0]
+        rev = torch.zeros_like(ids)
+        for i, n in enumerate(rows.lengths.tolist()):
+            rev[i, :n] = ids[i, :n].flip(0)
+        direction = torch.cat([torch.full((b,), DIRECTIONS[d], dtype=torch.long, device=ids.device)
+                               for d in ("fw", "bw")])
+        return self.model.embed(torch.cat([ids, rev]), direction), Attention(causal=True), valid
+
+    def transfer_pool(self, normed: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """fw / bw: the mean over a row's tokens of the forward / backward pass; fw_bw: both."""
+        w = valid.to(normed.dtype) / valid.sum(1, keepdim=True).clamp(min=1)
+        b = valid.shape[0]
+        fw = torch.einsum("bt,btd->bd", w, normed[:b])
+        bw = torch.einsum("bt,btd->bd", w, normed[b:])
+        return {"fw": fw, "bw": bw, "fw_bw": torch.cat([fw, bw], dim=1)}
+
+    def transfer_norm(self, h: Tensor) -> Tensor:
+        return self.model.ln_f(h)
+

@@ -130,6 +130,17 @@ class LitMAE(PatchModelBase):
             h = block(h, Attention())
         return self.model.norm(h)[:, 1:].mean(1)
 
+    def transfer_embed(self, images: Tensor) -> tuple[Tensor, Attention, None]:
+        """The whole image (no patch masked): [cls; patches]."""
+        return self.model.embed(images, None), Attention(), None
+
+    def transfer_pool(self, normed: Tensor, ctx) -> dict[str, Tensor]:
+        """mean: of the patch tokens (the probe of ``features``); cls: the class token."""
+        return {"mean": normed[:, 1:].mean(1), "cls": normed[:, 0]}
+
+    def transfer_norm(self, h: Tensor) -> Tensor:
+        return self.model.norm(h)
+
     @torch.no_grad()
     def reconstruction_grid(self, item: EvalItem, n: int = 8) -> Tensor:
         """Rows original | masked | reconstruction | reconstruction with the visible

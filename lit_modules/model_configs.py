@@ -32,6 +32,10 @@ class GPTConfig:
     # What the family trains on: the batch kind its maskings must accept, the data kinds.
     consumes: ClassVar[type] = TokenWindows
     data_kinds: ClassVar[tuple[str, ...]] = ("text",)
+    # Transfer (lit_modules/transfer): the task inputs it reads and its feature kinds,
+    # the first the primary one. fw/bw: mean over tokens of the forward / backward pass.
+    transfer_input: ClassVar[str] = "text"
+    transfer_features: ClassVar[tuple[str, ...]] = ("fw", "bw", "fw_bw")
     name: str = "gpt"
     depth: int = 2
     width: int = 64
@@ -52,6 +56,8 @@ class GPTConfig:
 class BERTConfig:
     consumes: ClassVar[type] = TokenRows
     data_kinds: ClassVar[tuple[str, ...]] = ("text",)
+    transfer_input: ClassVar[str] = "text"
+    transfer_features: ClassVar[tuple[str, ...]] = ("mean", "cls")  # mean over tokens; the [CLS] token
     name: str = "bert"
     depth: int = 2
     width: int = 64
@@ -84,6 +90,8 @@ class BERTConfig:
 class MAEConfig:
     consumes: ClassVar[type] = Images
     data_kinds: ClassVar[tuple[str, ...]] = ("image",)
+    transfer_input: ClassVar[str] = "image"
+    transfer_features: ClassVar[tuple[str, ...]] = ("mean", "cls")  # mean of the patch tokens; the class token
     name: str = "mae"
     image_size: int = 32
     patch_size: int = 16
@@ -124,6 +132,8 @@ class VideoConfig:
     consumes: ClassVar[type] = Clips
     data_kinds: ClassVar[tuple[str, ...]] = ("video",)
     clip_kind: ClassVar[str] = "pixels"
+    transfer_input: ClassVar[str] = "clip"
+    transfer_features: ClassVar[tuple[str, ...]] = ("mean",)  # mean of the tubelet tokens
     name: str = ""
     stage: Literal["pretrain", "autoregressive", "two-stage"] = "pretrain"
     init_from: str = ""  # stage-1 checkpoint for the autoregressive stage ("" = from scratch)
@@ -186,6 +196,8 @@ class MaskViTConfig(VideoConfig):
     ids: masked positions enter as a learned [MASK] embedding."""
 
     clip_kind: ClassVar[str] = "tokens"
+    transfer_input: ClassVar[str] = ""  # token clips: no labelled task reads them
+    transfer_features: ClassVar[tuple[str, ...]] = ()
     name: str = "maskvit"
     tubelet_frames: int = 1
     patch_size: int = 1

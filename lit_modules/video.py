@@ -281,6 +281,20 @@ class VideoFamily(PatchModelBase):
         return {"recon_loss": (s, n)}
 
 
+    # ------------------------------------------------------------ transfer features
+    def transfer_embed(self, clips: Tensor) -> tuple[Tensor, Attention, None]:
+        """Every tubelet of the clip, attended as in the current phase (joint over space
+        and time in pretraining, frame-causal after it)."""
+        attention = self.ar_batch(clips).attention if self.phase() == "autoregressive" else Attention()
+        return self.model.tokens_in(clips), attention, None
+
+    def transfer_pool(self, normed: Tensor, ctx) -> dict[str, Tensor]:
+        return {"mean": normed.mean(1)}
+
+    def transfer_norm(self, h: Tensor) -> Tensor:
+        return self.model.norm(h)
+
+
 @MODELS.register("video-mae")
 class LitVideoMAE(VideoFamily):
     """VideoMAE on pixel clips (the encoder sees the visible tubelets), or its

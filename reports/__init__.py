@@ -6,6 +6,8 @@
   correction and power (pure pandas/numpy/scipy);
 - ``reports.findings``: the comparisons of a study, the sentences that state them,
   layer removal in words, chance levels, ``findings.csv`` / ``findings.json``;
+- ``reports.transfer``: the transfer stage's scores (linear probes by layer, fine-tunes,
+  baselines): which are findings metrics, chance levels and direction, per-task tables;
 - ``reports.tables``: per-setting summaries and trial tables (pandas);
 - ``reports.checks``: the warnings a reviewer needs (bw < fw, failed / pruned / missing
   trials, short replicates, store problems);

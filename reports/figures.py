@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from . import transfer
 from .loader import StudyData, format_value
 from .tables import ablation_metrics, table_metrics
 
@@ -45,6 +46,11 @@ def _rgba(color: str, alpha: float) -> str:
 FACTOR_SCALES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
 CHANCE_LINE = {"dash": "dot", "color": "#7f7f7f", "width": 1.5}
 BASELINE_LINE = {"dash": "dash", "color": "#444", "width": 1}
+# The transfer baselines' reference lines: majority class, TF-IDF / raw pixels, random init.
+TRANSFER_LINES = {"majority": {"dash": "dash", "color": "#8c564b", "width": 1.5},
+                  "tfidf": {"dash": "dashdot", "color": "#2ca02c", "width": 1.5},
+                  "pixels": {"dash": "dashdot", "color": "#2ca02c", "width": 1.5},
+                  "random_init": {"dash": "longdash", "color": "#444", "width": 1.5}}
 
 
 def factor_colors(data: StudyData, factors: list[str]) -> dict[tuple, str]:
@@ -275,6 +281,92 @@ def _block_panels(data: StudyData) -> list[tuple[str, pd.DataFrame]]:
 
 def _by_setting_and_block(part: pd.DataFrame) -> pd.DataFrame:
     return part.groupby(["setting", "block"])["value"].mean().unstack("block")
+
+
+# ------------------------------------------------------------------ transfer
+def setting_colors(data: StudyData, settings: list[str]) -> dict[str, str]:
+    """One colour per setting: for a grid, from the first swept factor's own scale
+    (``factor_colors``); for a search, the palette in rank order."""
+    swept = [s for s in data.swept if s in data.complete]
+    if data.kind == "search" or not swept:
+        return {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(settings)}
+    combos = factor_colors(data, swept)
+    first = data.complete.drop_duplicates("setting").set_index("setting")
+    return {s: combos.get(tuple(first.loc[s, swept]), OTHER_COLOR) if s in first.index else OTHER_COLOR
+            for s in settings}
+
+
+def transfer_layers(data: StudyData, task: str) -> go.Figure | None:
+    """The linear probes of ``task`` by layer: one panel per feature kind (the primary
+    first), layers as categories (0 = embeddings), one line per setting (mean over seeds,
+    error bars the 95% t-interval), and reference lines for the majority-class,
+    TF-IDF / raw-pixel and random-init baselines (the latter measured with the primary
+    feature at the top layer: drawn on its panel, one per setting where they differ) and
+    for chance."""
+    metrics = [m for m in transfer.task_metrics(data, task, ("probe",))
+               if m in set(data.transfer_layers["metric"])]
+    settings = shown_settings(data)
+    curves = {m: transfer.layer_summary(data, m) for m in metrics}
+    settings = [s for s in settings if any(s in set(c["setting"]) for c in curves.values())]
+    if not metrics or not settings:
+        return None
+    layers = sorted({int(x) for c in curves.values() for x in c["layer"]})
+    cats = [str(k) for k in layers]
+    colors = setting_colors(data, settings)
+    fig = make_subplots(rows=1, cols=len(metrics), shared_yaxes=True,
+                        subplot_titles=[transfer.score_label(m, data) for m in metrics])
+    for col, metric in enumerate(metrics, start=1):
+        c = curves[metric]
+        for setting in settings:
+            s = c[c["setting"] == setting].sort_values("layer")
+            if s.empty:
+                continue
+            half = (s["ci_high"] - s["mean"]).fillna(0)
+            fig.add_trace(go.Scatter(
+                x=[str(k) for k in s["layer"]], y=s["mean"], mode="lines+markers", name=setting,
+                legendgroup=setting, showlegend=col == 1, line={"color": colors[setting]},
+                error_y={"type": "data", "array": half.tolist(), "visible": bool((s["n"] > 1).any())},
+                customdata=np.stack([s["n"], s["ci_low"], s["ci_high"]], axis=1), meta="setting",
+                hovertemplate=f"{setting}<br>layer %{{x}}<br>{metric} %{{y:.4f}} [%{{customdata[1]:.4f}}, "
+                              "%{customdata[2]:.4f}] (n=%{customdata[0]})<extra></extra>"), row=1, col=col)
+        _transfer_references(fig, data, task, metric, cats, settings, colors, col, primary=col == 1)
+        fig.update_xaxes(type="category", categoryorder="array", categoryarray=cats,
+                         title_text="layer (0 = embeddings)", row=1, col=col)
+    score = transfer.parse(metrics[0]).score
+    fig.update_yaxes(title_text="probe R²" if score == "r2" else "probe accuracy", row=1, col=1)
+    fig.update_layout(title=f"{transfer.task_title(task)}: linear probe on frozen features by layer "
+                            "(mean over seeds, 95% CI)", height=440, legend_title_text="setting",
+                      legend={"groupclick": "toggleitem"})
+    return fig
+
+
+def _transfer_references(fig: go.Figure, data: StudyData, task: str, metric: str, cats: list[str],
+                         settings: list[str], colors: dict[str, str], col: int, primary: bool) -> None:
+    """The baselines and chance as horizontal lines across every layer (legend entries,
+    shown once); random init only on the primary feature's panel."""
+    done = data.complete[data.complete["setting"].isin(settings)]
+    refs = []
+    for name, column in transfer.baseline_metrics(data, task).items():
+        if name == "random_init" and not primary:
+            continue
+        per = done.groupby("setting")[column].mean().dropna()
+        if per.empty:
+            continue
+        label = transfer.BASELINE_LABELS.get(name, name)
+        style = TRANSFER_LINES.get(name, BASELINE_LINE)
+        if name == "random_init" and per.max() - per.min() > transfer.RANDOM_INIT_SPREAD:
+            refs += [(f"{label}: {s}", v, {**style, "color": colors.get(s, OTHER_COLOR)}) for s, v in per.items()]
+        else:
+            refs.append((label, float(done[column].mean()), style))
+    level = transfer.chance(metric)
+    if level is not None:
+        refs.append((f"chance ({level[1]})", level[0], CHANCE_LINE))
+    for label, value, style in refs:
+        name = label if label.startswith("chance") else f"{label} ({value:.4f})"
+        fig.add_trace(go.Scatter(
+            x=[cats[0], cats[-1]], y=[value, value], mode="lines", name=name, line=style,
+            legendgroup=f"reference: {label}", showlegend=col == 1, meta="reference",
+            hovertemplate=f"{label}: {value:.4f}<extra></extra>"), row=1, col=col)
 
 
 # ------------------------------------------------------------------ training curves

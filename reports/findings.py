@@ -1,8 +1,10 @@
 """What a study found: its effects (``effects.compare``) on its metrics, in numbers and in
 plain sentences, plus layer removal in words and the metrics that sit at chance.
 
-The metrics compared are every final validation metric (``val/*``) and two layer-removal
-summaries per truncation loss, computed per trial from the ablation table:
+The metrics compared are every final validation metric (``val/*``), every transfer score
+at the top layer (``transfer/<task>/probe_*`` and ``finetune_*``; never the baselines,
+which are references: ``reports.transfer``) and two layer-removal summaries per
+truncation loss, computed per trial from the ablation table:
 ``ablation_delta/<metric>_last_block``, the loss added by removing the last block, and
 ``ablation_delta/<metric>_per_block``, the loss added per block when every block is removed
 ((value with all L blocks removed - intact value) / L), so models of different depth
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from . import transfer
 from .effects import ALPHA, COLUMNS, POOLED, compare
 from .loader import StudyData, format_value
 from .tables import ablation_metrics, table_metrics
@@ -51,10 +54,19 @@ def removal_summaries(data: StudyData) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("number").reset_index()
 
 
+def compared_metrics(data: StudyData) -> list[str]:
+    """The final metrics findings compare, in the order sentences state them: the
+    summary table's (the objective first, then losses, then the rest), then the transfer
+    scores at the top layer (not the baselines)."""
+    done = data.complete
+    metrics = [m for m in table_metrics(data) if m in done and done[m].notna().any()]
+    return metrics + [m for m in transfer.findings_metrics(data) if m not in metrics]
+
+
 def observations(data: StudyData) -> tuple[pd.DataFrame, list[str]]:
     """One row per complete trial (swept params, seed, metrics) and the metric names."""
     done = data.complete.copy()
-    metrics = [m for m in table_metrics(data) if m in done and done[m].notna().any()]
+    metrics = compared_metrics(data)
     removal = removal_summaries(data)
     if not removal.empty:
         done = done.merge(removal, on="number", how="left")
@@ -115,7 +127,9 @@ class Chance:
 
 def chance_levels(data: StudyData, metrics: list[str]) -> dict[str, Chance]:
     """The chance level of each metric that has one: ln V for token cross-entropies and
-    1/V for token accuracies (text models), 1/classes for probe accuracies."""
+    1/V for token accuracies (text models), 1/classes for probe accuracies; for the
+    transfer scores 1/classes of the task (1/45 for the digit pair of moving-mnist), 0
+    for an R²."""
     fixed = (data.spec or {}).get("fixed") or {}
     vocab = (fixed.get("data") or {}).get("vocab_size") if isinstance(fixed.get("data"), dict) else None
     is_text = (data.spec or {}).get("model") in ("gpt", "bert", "electra")
@@ -124,6 +138,11 @@ def chance_levels(data: StudyData, metrics: list[str]) -> dict[str, Chance]:
     for m in metrics:
         name = m.rsplit("/", 1)[-1]
         if m.startswith(REMOVAL):
+            continue
+        if transfer.parse(m) is not None:
+            level = transfer.chance(m)
+            if level is not None:
+                out[m] = Chance(*level)
             continue
         if is_text and vocab and "data.vocab_size" not in data.swept:
             if name.endswith("_loss"):
@@ -143,6 +162,8 @@ def _num_classes(data: StudyData) -> int | None:
 
 
 def at_chance(value: float, chance: Chance, metric: str) -> bool:
+    if transfer.parse(metric) is not None:
+        return transfer.at_chance(value, chance.value)
     if metric.endswith("loss"):
         return value >= chance.value * (1 - CHANCE_LOSS_FRACTION)
     return value <= chance.value * CHANCE_ACC_MULTIPLE
@@ -156,7 +177,7 @@ def sentences(data: StudyData, table: pd.DataFrame) -> list[str]:
     if table.empty:
         return []
     simple = table[~table["factor"].str.contains(":") & (table["held"] != POOLED)]
-    metric_rank = {m: i for i, m in enumerate(table_metrics(data))}
+    metric_rank = {m: i for i, m in enumerate(compared_metrics(data))}
     factor_rank = {f: i for i, f in enumerate(data.swept)}
     resolved, unresolved = [], []
     for (metric, factor, level), part in simple.groupby(["metric", "factor", "level"], sort=False):
@@ -189,7 +210,8 @@ def _resolved_sentence(metric: str, factor: str, level: str, rows: pd.DataFrame)
         said = f"{verbs.pop()} {metric} {_join(parts)}"
     else:
         said = _join([f"{_verb(r)} {metric} {_by(r)} {_where(r)}" for r in recs])
-    return f"{factor} = {level} instead of {base} {said} ({_pairing(rows)})."
+    better = "; higher is better" if transfer.higher_is_better(metric) else ""
+    return f"{factor} = {level} instead of {base} {said} ({_pairing(rows)}{better})."
 
 
 def _unresolved_sentence(metric: str, factor: str, level: str, rows: pd.DataFrame) -> str:
@@ -208,7 +230,14 @@ def _verb(r: dict) -> str:
 
 
 def _by(r: dict) -> str:
-    """``by 19.6% [17.0, 22.2]``: the size of a resolved change and its interval."""
+    """``by 19.6% [17.0, 22.2]``: the size of a resolved change and its interval; a
+    transfer accuracy in points (``by 10.0 points [8.1, 11.9]``), an R² as a difference."""
+    score = transfer.parse(r["metric"])
+    if score is not None and score.score in ("acc", "r2"):
+        k, unit = (100, " points") if score.score == "acc" else (1, "")
+        lo, hi = sorted((abs(r["ci_low"]) * k, abs(r["ci_high"]) * k))
+        f = ".1f" if unit else ".4f"
+        return f"by {abs(r['mean_diff']) * k:{f}}{unit} [{lo:{f}}, {hi:{f}}]"
     if math.isnan(r["rel_diff"]):
         lo, hi = sorted((abs(r["ci_low"]), abs(r["ci_high"])))
         return f"by {abs(r['mean_diff']):.4g} [{lo:.4g}, {hi:.4g}]"
@@ -217,6 +246,12 @@ def _by(r: dict) -> str:
 
 
 def _signed(r: dict) -> str:
+    score = transfer.parse(r["metric"])
+    if score is not None and score.score in ("acc", "r2"):
+        k, unit, f = (100, " points", "+.1f") if score.score == "acc" else (1, "", "+.4f")
+        if math.isnan(r["ci_low"]):
+            return f"{r['mean_diff'] * k:{f}}{unit} (no interval at n = {r['n']})"
+        return f"{r['mean_diff'] * k:{f}}{unit} [{r['ci_low'] * k:{f}}, {r['ci_high'] * k:{f}}]"
     if math.isnan(r["rel_diff"]):
         return f"{r['mean_diff']:+.4g} [{_ci_abs(r)}]"
     if math.isnan(r["rel_ci_low"]):
@@ -341,7 +376,7 @@ def _inc(r) -> str:
 def chance_sentences(data: StudyData) -> list[str]:
     """Settings whose mean of a metric is at its chance level."""
     done = data.complete
-    metrics = [m for m in table_metrics(data) if m in done]
+    metrics = [m for m in compared_metrics(data) if m in done]
     chance = chance_levels(data, metrics)
     out = []
     for m, c in chance.items():

@@ -12,7 +12,9 @@ Frames of a :class:`StudyData` (see the dataclass for the columns):
   ``ablation.csv`` artifact of each run, or its ``ablation/*`` metrics when the artifact
   is missing);
 - ``curves``: the ``train/*`` and ``val/*`` histories, one row per trial x metric x step;
-- ``intermediate``: the values the objective reported to Optuna at each validation.
+- ``intermediate``: the values the objective reported to Optuna at each validation;
+- ``transfer_layers``: the linear probes of the transfer stage by layer (the
+  ``transfer/<task>/probe_*`` histories, step = layer), one row per trial x metric x layer.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ from stores.urls import describe, sqlite_path
 
 ABLATION_COLUMNS = ["variant", "removed", "block", "metric", "value"]
 CURVE_STAGES = ("train/", "val/")
+TRANSFER = "transfer/"  # transfer metrics: latest value (top layer) in ``trials``, probes by layer
+TRANSFER_PARAMS = ("transfer.tasks", "transfer.features")  # list params, as str() of the list
+TRANSFER_LAYER_COLUMNS = ["task", "feature", "metric", "layer", "value"]
+TRANSFER_CSV = "transfer.csv"  # the tidy table of a run's transfer stage: task, feature, layer, metric, value
 # MLflow caps one search_runs page at 1000 runs (larger pages are refused).
 RUNS_PAGE = 1000
 # Run ids per bulk metric-history query: keeps the SQL ``IN (...)`` list small.
@@ -53,10 +59,16 @@ class StudyData:
     ``trials`` columns: number, state, value, duration_s, start, end, one column per
     Optuna parameter (dotted path, e.g. ``model.depth``; ``seed`` is not one of them),
     setting, seed, replicate, grid_key, config_hash, run_id, run_status, failure,
-    model.parameters, and the final value of every ``val/*`` metric of the runs.
+    model.parameters, the final value of every ``val/*`` metric of the runs, and where
+    runs have a transfer stage the latest value (top layer) of every ``transfer/*``
+    metric and the ``transfer.tasks`` / ``transfer.features`` params (text, as logged).
     ``ablation`` columns: number, setting, seed, <swept params>, variant, removed, block,
     metric, value, source ("artifact" or "metrics"); ``removed`` and ``block`` are Int64.
     ``curves`` columns: number, metric, step, value. ``intermediate``: number, step, value.
+    ``transfer_layers`` columns: number, setting, seed, <swept params>, task, feature (the
+    feature kind: from the runs' ``transfer.csv``, else the metric's suffix, "" for an
+    unnamed primary feature), metric (the full ``transfer/<task>/probe_*`` name), layer
+    (0 = embeddings), value.
     """
 
     name: str
@@ -72,6 +84,7 @@ class StudyData:
     ablation: pd.DataFrame
     curves: pd.DataFrame
     intermediate: pd.DataFrame
+    transfer_layers: pd.DataFrame = field(default_factory=lambda: _empty_transfer([]))
     notes: list[str] = field(default_factory=list)  # problems met while reading the stores
     data_summary: list[str] = field(default_factory=list)  # what the runs trained and were scored on
     loaded_at: datetime = field(default_factory=lambda: datetime.now().astimezone())
@@ -125,13 +138,14 @@ def load_study(name: str, storage_url: str | optuna.storages.BaseStorage,
     runs = _read_mlflow(name, tracking_uri, parent, notes) if tracking_uri and with_mlflow else None
     if tracking_uri is None and with_mlflow:
         notes.append("no MLflow tracking URI given or recorded on the study: trial metrics come from Optuna only")
-    trials, ablation, curves = _join_runs(trials, runs, swept, notes)
+    trials, ablation, curves, layers = _join_runs(trials, runs, swept, notes)
     trials = _objective_column(trials, objective)
     return StudyData(
         name=name, kind=attrs.get(keys.KIND) or "unknown", objective=objective, direction=direction,
         spec=spec, swept=swept, storage_url=describe(storage_url), tracking_uri=tracking_uri,
         parent_run_id=parent, trials=trials, ablation=ablation, curves=curves,
-        intermediate=intermediate, notes=notes, study=study, data_summary=_data_summaries(runs),
+        intermediate=intermediate, transfer_layers=layers, notes=notes, study=study,
+        data_summary=_data_summaries(runs),
     )
 
 
@@ -318,7 +332,7 @@ def _join_runs(trials: pd.DataFrame, runs: _Runs | None, swept: list[str], notes
     curves = pd.DataFrame(columns=["number", "metric", "step", "value"])
     if runs is None or trials.empty:
         trials = trials.assign(run_status=None, **{"model.parameters": pd.array([pd.NA] * len(trials), "Int64")})
-        return trials, _empty_ablation(swept), curves
+        return trials, _empty_ablation(swept), curves, _empty_transfer(swept)
     by_id = {r["run_id"]: r for r in runs.records}
     by_trial: dict[int, dict] = {}
     for r in sorted(runs.records, key=lambda r: r["start_time"]):
@@ -333,7 +347,8 @@ def _join_runs(trials: pd.DataFrame, runs: _Runs | None, swept: list[str], notes
     trials = _add_run_columns(trials, matched, notes)
     curves = _curves(runs.client, matched)
     ablation = _ablation(runs.client, matched, trials, swept, notes)
-    return trials, ablation, curves
+    layers = _transfer_layers(runs.client, matched, trials, swept)
+    return trials, ablation, curves, layers
 
 
 def _add_run_columns(trials: pd.DataFrame, matched: dict[int, dict], notes: list[str]) -> pd.DataFrame:
@@ -347,7 +362,8 @@ def _add_run_columns(trials: pd.DataFrame, matched: dict[int, dict], notes: list
         row = {"run_id": rec["run_id"], "run_status": rec["run_status"], "run_failure": rec["run_failure"],
                "model.parameters": _to_number(rec["params"].get("model.parameters")),
                "run_seed": _to_number(rec["params"].get("seed"))}
-        row.update({k: v for k, v in rec["metrics"].items() if k.startswith("val/")})
+        row.update({k: v for k, v in rec["metrics"].items() if k.startswith(("val/", TRANSFER))})
+        row.update({k: rec["params"][k] for k in TRANSFER_PARAMS if k in rec["params"] and k not in trials})
         rows.append(row)
     extra = pd.DataFrame(rows, index=trials.index)
     for col in ("run_status", "run_failure", "model.parameters", "run_seed"):
@@ -359,7 +375,8 @@ def _add_run_columns(trials: pd.DataFrame, matched: dict[int, dict], notes: list
     trials["failure"] = trials["failure"].combine_first(extra["run_failure"])
     trials["seed"] = trials["seed"].combine_first(extra["run_seed"])
     trials["model.parameters"] = extra["model.parameters"]
-    vals = sorted(c for c in extra.columns if c.startswith("val/"))
+    vals = sorted(c for c in extra.columns if c.startswith(("val/", TRANSFER)))
+    vals += [c for c in TRANSFER_PARAMS if c in extra.columns]
     trials = pd.concat([trials, extra[vals]], axis=1)
     for col in ("seed", "replicate", "model.parameters"):
         trials[col] = _integers(trials[col])
@@ -411,6 +428,49 @@ def _histories(client, wanted: Mapping[str, list[str]]) -> pd.DataFrame:
     return df.drop(columns="timestamp").reset_index(drop=True)
 
 
+# ------------------------------------------------------------------ transfer
+def _transfer_layers(client, matched: dict[int, dict], trials: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
+    """The ``transfer/<task>/probe_*`` histories (step = layer) of the matched runs."""
+    wanted = {rec["run_id"]: [k for k in rec["metrics"] if _is_probe(k)] for rec in matched.values()}
+    wanted = {run_id: ks for run_id, ks in wanted.items() if ks}
+    if not wanted:
+        return _empty_transfer(swept)
+    hist = _histories(client, wanted)
+    number = {rec["run_id"]: n for n, rec in matched.items()}
+    named = _transfer_features(client, [rec for rec in matched.values() if rec["run_id"] in wanted])
+    suffix = hist["metric"].str.extract(r"/probe_[a-z0-9]+_(.+)$", expand=False).fillna("")
+    df = pd.DataFrame({"number": hist["run_id"].map(number), "task": hist["metric"].str.split("/").str[1],
+                       "feature": hist["metric"].map(named).fillna(suffix).astype(str),
+                       "metric": hist["metric"], "layer": hist["step"], "value": hist["value"]})
+    join = [c for c in ["number", "setting", "seed", *swept] if c in trials.columns]
+    df = df.merge(trials[join], on="number", how="left")
+    return df[[*join, *TRANSFER_LAYER_COLUMNS]].sort_values(["number", "metric", "layer"], ignore_index=True)
+
+
+def _transfer_features(client, recs: list[dict]) -> dict[str, str]:
+    """Probe metric -> feature kind, from the ``transfer.csv`` of the first run with probes
+    (one artifact read: the metric names leave the primary feature unnamed, and every
+    run of a study names its features alike); empty when that run has none."""
+    if not recs:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        table = _read_csv_artifact(client, recs[0], TRANSFER_CSV, ["feature", "metric"], Path(tmp))
+    if table is None:
+        return {}
+    probes = table.dropna(subset=["feature"]).drop_duplicates("metric")
+    return {m: str(f) for m, f in zip(probes["metric"], probes["feature"]) if _is_probe(str(m))}
+
+
+def _is_probe(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == TRANSFER.rstrip("/") and parts[2].startswith("probe_")
+
+
+def _empty_transfer(swept: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(columns=["number", "setting", "seed", *swept, *TRANSFER_LAYER_COLUMNS])
+    return df.astype({"layer": "int64", "value": "float64"})
+
+
 # ------------------------------------------------------------------ ablation
 def _ablation(client, matched: dict[int, dict], trials: pd.DataFrame, swept: list[str],
               notes: list[str]) -> pd.DataFrame:
@@ -445,20 +505,25 @@ def _ablation(client, matched: dict[int, dict], trials: pd.DataFrame, swept: lis
 
 
 def _read_ablation_csv(client, rec: dict, tmp: Path) -> pd.DataFrame | None:
+    return _read_csv_artifact(client, rec, "ablation.csv", ABLATION_COLUMNS, tmp)
+
+
+def _read_csv_artifact(client, rec: dict, name: str, columns: list[str], tmp: Path) -> pd.DataFrame | None:
+    """The run's CSV artifact ``name`` when it exists and has ``columns``, else None."""
     from mlflow.exceptions import MlflowException  # mlflow is loaded by now: the client exists
 
     uri = rec["artifact_uri"] or ""
     try:
         if uri.startswith("file:") or "://" not in uri:
-            path = Path(unquote(urlparse(uri).path) if uri.startswith("file:") else uri) / "ablation.csv"
+            path = Path(unquote(urlparse(uri).path) if uri.startswith("file:") else uri) / name
             if not path.is_file():
                 return None
         else:
-            path = Path(client.download_artifacts(rec["run_id"], "ablation.csv", str(tmp)))
+            path = Path(client.download_artifacts(rec["run_id"], name, str(tmp)))
         df = pd.read_csv(path)
     except (OSError, ValueError, MlflowException):  # absent, unreadable or not a CSV: fall back
         return None
-    return df if set(ABLATION_COLUMNS) <= set(df.columns) else None
+    return df if set(columns) <= set(df.columns) else None
 
 
 def _ablation_from_metrics(hist: pd.DataFrame) -> pd.DataFrame:

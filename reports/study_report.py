@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures
+from . import figures, transfer
 from .checks import Finding, review
 from .effects import POOLED
 from .findings import findings_frame, removal_increments, sentences, write_findings
@@ -54,6 +54,17 @@ class Figure:
 
 
 @dataclass
+class TransferTask:
+    """One task of the Transfer section: sentences, the per-setting table, the layer-wise figure."""
+
+    task: str
+    title: str
+    statements: list[str]
+    table: Table
+    figure: Figure
+
+
+@dataclass
 class Report:
     title: str
     header: list[tuple[str, str]]
@@ -65,6 +76,11 @@ class Report:
     gallery: list = field(default_factory=list)  # GalleryImage, for image and video models
     statements: list[str] = field(default_factory=list)  # what the study found, in sentences
     effects: pd.DataFrame = field(default_factory=pd.DataFrame)  # effects.COLUMNS, one row per comparison
+    transfer: list[TransferTask] = field(default_factory=list)  # empty: no run has transfer metrics
+
+    @property
+    def all_figures(self) -> list[Figure]:
+        return [t.figure for t in self.transfer] + self.figures
 
 
 # ------------------------------------------------------------------ public API
@@ -96,6 +112,7 @@ def build_report(data: StudyData) -> Report:
         importance = param_importances(data) if data.kind == "search" else (None, "")
         report.effects = findings_frame(data)
         report.statements = sentences(data, report.effects) or _no_statements(data)
+        report.transfer = transfer_sections(data)
         report.tables += _result_tables(data, summary, importance, report.effects)
         report.figures += _figures(data, importance, report.effects)
         from .gallery import reconstruction_gallery
@@ -200,6 +217,32 @@ def removal_display(data: StudyData) -> pd.DataFrame:
     return wide.assign(n=n).reset_index().fillna("—")
 
 
+TRANSFER_NOTE = ("Linear probes on frozen features (a fine-tune where logged), scored on held-out rows of each "
+                 "task; the top layer unless said otherwise; mean over complete seeds with a 95% t-interval. "
+                 "Baselines (mean over the setting's runs): the majority class, logistic regression on TF-IDF "
+                 "(text) or raw pixels (images, clips), and the same architecture at random init with the same "
+                 "probe on the primary feature; '− random init' pairs each run with its own random-init model. "
+                 "Effects of the swept factors on these scores, with their intervals, are in Findings.")
+
+
+def transfer_sections(data: StudyData) -> list[TransferTask]:
+    """One entry per transfer task with results (none when no run has transfer metrics)."""
+    settings = figures.shown_settings(data)
+    out = []
+    for task in transfer.tasks(data):
+        table = transfer.summary(data, task, settings)
+        if table.empty:
+            continue
+        slug = "".join(c if c.isalnum() else "-" for c in task.lower())
+        title = transfer.task_title(task)
+        out.append(TransferTask(
+            task, title, transfer.sentences(data, task, table),
+            Table(f"transfer-{slug}", title, transfer.display(data, task, table)),
+            Figure(f"transfer-{slug}-layers", f"{task}: linear probe by layer", figures.transfer_layers(data, task),
+                   "no per-layer probe history in MLflow")))
+    return out
+
+
 def _result_tables(data: StudyData, summary: pd.DataFrame, importance, effects: pd.DataFrame) -> list[Table]:
     metrics = table_metrics(data)
     tables = []
@@ -256,7 +299,8 @@ def _figures(data: StudyData, importance, effects: pd.DataFrame) -> list[Figure]
         Figure("block-heatmaps", "Per-block ablation", figures.block_heatmaps(data),
                "no per-block ablation recorded"),
         Figure("validation-curves", f"{data.objective} during training", figures.validation_curves(data),
-               f"no {data.objective} history in MLflow"),
+               f"{data.objective} is measured after training (see Transfer)" if transfer.parse(data.objective)
+               else f"no {data.objective} history in MLflow"),
     ]
     if data.kind == "search":
         imp, why = importance
@@ -290,7 +334,7 @@ def _name_of(v) -> str:
 def render_markdown(report: Report) -> str:
     lines = [f"# {report.title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in report.header]
-    figs = [f for f in report.figures if f.figure is not None]
+    figs = [f for f in report.all_figures if f.figure is not None]
     if figs:
         links = " · ".join(f"[{f.title}]({REPORT_HTML}#{f.anchor})" for f in figs)
         lines += ["", f"Figures are in [{REPORT_HTML}]({REPORT_HTML}): {links}"]
@@ -302,6 +346,7 @@ def render_markdown(report: Report) -> str:
         if not report.effects.empty:
             lines += ["", "Every comparison, with its interval, power and the seeds it would need: the Effects table "
                           "below and `findings.csv` / `findings.json` beside this report."]
+    lines += _markdown_transfer(report.transfer)
     lines += ["", "## Warnings", ""]
     lines += [f"- **{f.kind}**: {f.message}" for f in report.findings] or ["None."]
     if report.empty:
@@ -315,6 +360,21 @@ def render_markdown(report: Report) -> str:
     if report.spec:
         lines += ["", "## Spec", "", "```yaml", report.spec, "```"]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_transfer(tasks: list[TransferTask]) -> list[str]:
+    if not tasks:
+        return []
+    lines = ["", "## Transfer", "", f"_{TRANSFER_NOTE}_"]
+    for t in tasks:
+        lines += ["", f"### {t.title}", ""]
+        lines += [f"- {s}" for s in t.statements]
+        if t.statements:
+            lines.append("")
+        lines.append(markdown_table(t.table.frame))
+        if t.figure.figure is not None:
+            lines += ["", f"Layer-wise figure: [{t.figure.title}]({REPORT_HTML}#{t.figure.anchor})"]
+    return lines
 
 
 # ------------------------------------------------------------------ HTML
@@ -343,6 +403,15 @@ def render_html(report: Report) -> str:
     if report.statements:
         parts.append("<h2 id='findings'>Findings</h2><ul class='findings'>"
                      + "".join(f"<li>{e(t)}</li>" for t in report.statements) + "</ul>")
+    embedded = [False]  # plotly.js goes inline with the first figure drawn
+    if report.transfer:
+        parts.append(f"<h2 id='transfer'>Transfer</h2><p class='note'>{e(TRANSFER_NOTE)}</p>")
+        for t in report.transfer:
+            parts.append(f"<h3 id='{t.table.anchor}'>{e(t.title)}</h3>")
+            if t.statements:
+                parts.append("<ul class='transfer'>" + "".join(f"<li>{e(s)}</li>" for s in t.statements) + "</ul>")
+            parts.append(t.table.frame.to_html(index=False, border=0, escape=True))
+            parts += _html_figures([t.figure], embedded, level=3)
     parts.append("<h2 id='warnings'>Warnings</h2>")
     if report.findings:
         parts.append("<ul class='warnings'>" + "".join(
@@ -357,7 +426,7 @@ def render_html(report: Report) -> str:
             parts.append(f"<p class='note'>{e(t.note)}</p>")
         if not t.frame.empty:
             parts.append(t.frame.to_html(index=False, border=0, escape=True))
-    parts += _html_figures(report.figures)
+    parts += _html_figures(report.figures, embedded)
     if report.gallery:
         parts.append("<h2 id='gallery'>Reconstructions</h2><p class='note'>best complete trial of each setting, "
                      "last validation; rows: original | masked | reconstruction | reconstruction with the "
@@ -372,16 +441,17 @@ def render_html(report: Report) -> str:
     return "\n".join(parts)
 
 
-def _html_figures(figs: list[Figure]) -> list[str]:
-    """Each figure as a div; the first one carries plotly.js inline, the rest reuse it."""
-    parts, embedded = [], False
+def _html_figures(figs: list[Figure], embedded: list[bool], level: int = 2) -> list[str]:
+    """Each figure as a div; the first one of the page (``embedded[0]`` still False)
+    carries plotly.js inline, the rest reuse it."""
+    parts = []
     for f in figs:
-        parts.append(f"<h2 id='{f.anchor}'>{html.escape(f.title)}</h2>")
+        parts.append(f"<h{level} id='{f.anchor}'>{html.escape(f.title)}</h{level}>")
         if f.figure is None:
             if f.note:
                 parts.append(f"<p class='note'>{html.escape(f.note)}</p>")
             continue
-        parts.append(f.figure.to_html(full_html=False, include_plotlyjs=not embedded,
+        parts.append(f.figure.to_html(full_html=False, include_plotlyjs=not embedded[0],
                                       config={"displaylogo": False, "responsive": True}))
-        embedded = True
+        embedded[0] = True
     return parts

@@ -47,10 +47,14 @@ def cmd_train(args) -> int:
     )
     result = train_run(cfg, ws, tracking)
     print(f"\nrun {result.run_id} finished in {result.seconds:.1f} s (tracking: {tracking.tracking_uri})")
-    for k in sorted(result.metrics):
+    for k in sorted(k for k in result.metrics if not k.startswith("transfer/")):
         print(f"  {k:<14} {result.metrics[k]:.4f}")
     print("\nlayer removal (blocks removed from the back):")
     print(truncation_curves(result.ablation).to_string(float_format=lambda v: f"{v:.4f}"))
+    if result.transfer is not None:
+        from lit_modules.transfer.stage import summary
+
+        print("\n" + summary(result.transfer))
     if result.checkpoint:
         print(f"\ncheckpoint: {result.checkpoint}")
     return 0
@@ -333,6 +337,11 @@ def cmd_list(args) -> int:
         print(f"{title}:")
         for name, obj in reg.items():
             print(f"  {name:<18} {one_line(obj.__doc__)}")
+    from lit_modules.transfer.names import TASK_DESCRIPTION
+
+    print("transfer tasks (a run config's transfer.tasks):")
+    for name, what in TASK_DESCRIPTION.items():
+        print(f"  {name:<22} {what}")
     print("specs (masklab run NAME) and run configs (masklab train studies/specs/NAME.yaml):")
     for path in sorted(SPEC_DIR.glob("*.yaml")):
         raw = load_yaml(path)

@@ -438,7 +438,10 @@ def _trial_callbacks(trial: optuna.Trial, spec: StudySpec, progress_bar: bool) -
     """The pruner's callback, and a progress bar for the trial's steps on a terminal."""
     from optuna_integration import PyTorchLightningPruningCallback
 
-    callbacks = [PyTorchLightningPruningCallback(trial, monitor=spec.objective.metric)]
+    # A transfer objective exists only after training: nothing to prune on (the spec
+    # refuses a pruner with one).
+    pruning = not spec.objective.metric.startswith("transfer/")
+    callbacks = [PyTorchLightningPruningCallback(trial, monitor=spec.objective.metric)] if pruning else []
     if progress_bar and sys.stderr.isatty():
         from lightning.pytorch.callbacks import TQDMProgressBar
 

@@ -356,8 +356,9 @@ def _objective(raw: Any) -> Objective:
     if unknown:
         raise ConfigError(f"objective.{unknown[0]}", raw[unknown[0]], "unknown key (allowed: metric, direction)")
     metric = _typed(raw, "metric", str, required=True, prefix="objective.")
-    if not metric.startswith("val/"):
-        raise ConfigError("objective.metric", metric, "must be a validation metric (val/...)")
+    if not metric.startswith(("val/", "transfer/")):
+        raise ConfigError("objective.metric", metric, "must be a validation metric (val/...) or a transfer "
+                                                      "metric (transfer/<task>/...)")
     direction = _typed(raw, "direction", str, prefix="objective.") or "minimize"
     if direction not in ("minimize", "maximize"):
         raise ConfigError("objective.direction", direction, "allowed: minimize, maximize")
@@ -404,14 +405,30 @@ def _validate_configs(spec: StudySpec) -> None:
 
 def _check_point(spec: StudySpec, point: Mapping, where: str, build) -> None:
     try:
-        build(spec.run_config_dict(point))
+        cfg = build(spec.run_config_dict(point))
     except ConfigError as e:
         raise ConfigError(e.field, e.value, f"{e.allowed} (at {where})") from None
+    _check_transfer_objective(spec, cfg, where)
+
+
+def _check_transfer_objective(spec: StudySpec, cfg, where: str) -> None:
+    """A transfer objective names a task the trials measure, and nothing prunes on it
+    (it exists only after training)."""
+    metric = spec.objective.metric
+    if not metric.startswith("transfer/"):
+        return
+    task = metric.split("/")[1] if metric.count("/") >= 2 else ""
+    if task not in cfg.transfer.tasks:
+        raise ConfigError("objective.metric", metric, f"names task {task or '?'} and the trials measure "
+                          f"{', '.join(cfg.transfer.tasks) or 'no transfer task'} (fixed.transfer.tasks; at {where})")
+    if spec.pruner is not None and spec.pruner.name != "none":
+        raise ConfigError("pruner", spec.pruner.name, "prunes on the objective during training and a transfer "
+                          "objective exists only after it; use pruner: none")
 
 
 def _known_paths(spec: StudySpec) -> set[str]:
     """Every dotted path the run config of this spec accepts."""
-    from lit_modules.config import OptimConfig, TrainerConfig
+    from lit_modules.config import OptimConfig, TrainerConfig, TransferConfig
     from lit_modules.registry import DATASETS, MASKINGS, MODELS
 
     paths = {"seed"}
@@ -424,4 +441,5 @@ def _known_paths(spec: StudySpec) -> set[str]:
         paths |= {f"{section}.{f.name}" for f in fields(cls) if f.init}
     paths |= {f"optim.{f.name}" for f in fields(OptimConfig)}
     paths |= {f"trainer.{f.name}" for f in fields(TrainerConfig)}
+    paths |= {f"transfer.{f.name}" for f in fields(TransferConfig)}
     return paths

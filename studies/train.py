@@ -44,6 +44,7 @@ class RunResult:
     checkpoint: Path | None
     seconds: float
     params: dict[str, object] = field(default_factory=dict)
+    transfer: pd.DataFrame | None = None  # tidy probe curves and baselines (lit_modules/transfer/stage.py)
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,14 @@ def train_run(
         log_params(client, run.run_id, {k: str(v) for k, v in params.items()}, run.logger._params)
         trainer, metrics = _fit(run, cfg, workspace, dm, model, callbacks, tracking.artifacts)
         table = _ablate(run, model, dm, trainer, metrics, ablation or AblationOptions())
+        transfer = _transfer(run, model, dm, cfg, workspace, metrics) if cfg.transfer.tasks else None
         run.logger.close()
         checkpoint = _save_last(cfg, trainer, workspace.checkpoint_dir / run.run_id)
         client.set_terminated(run.run_id, "FINISHED")
     except BaseException as e:
         _record_failure(run, e)
         raise
-    return RunResult(run.run_id, metrics, table, checkpoint, time.monotonic() - start, params)
+    return RunResult(run.run_id, metrics, table, checkpoint, time.monotonic() - start, params, transfer)
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,25 @@ def _ablate(run: _Run, model, dm, trainer, metrics: dict[str, float], ablation: 
         table.to_csv(path, index=False)
         run.client.log_artifact(run.run_id, str(path))
     return table
+
+
+def _transfer(run: _Run, model, dm, cfg: RunConfig, workspace: Workspace, metrics: dict[str, float]) -> pd.DataFrame:
+    """What the representations are worth on the labelled tasks (lit_modules/transfer):
+    probe curves per layer, baselines, fine-tune; metrics, params and ``transfer.csv``."""
+    from lit_modules.run import build_model
+    from lit_modules.transfer.stage import run_transfer
+
+    outcome = run_transfer(model, cfg, workspace.data_dir, workspace.cache_dir,
+                           getattr(dm, "tokenizer_path", None), build_model)
+    log_metric_series(run.client, run.run_id, outcome.points)
+    log_params(run.client, run.run_id, {**outcome.params, **{f"transfer.{k}.seconds": f"{v:.1f}"
+                                                             for k, v in outcome.seconds.items()}})
+    metrics.update(outcome.metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "transfer.csv"
+        outcome.table().to_csv(path, index=False)
+        run.client.log_artifact(run.run_id, str(path))
+    return outcome.table()
 
 
 def _save_last(cfg: RunConfig, trainer, ckpt_dir: Path) -> Path | None:

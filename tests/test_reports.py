@@ -454,7 +454,8 @@ print("ok")
 
 def test_reports_import_no_torch_lightning_or_mlflow(tmp_path):
     """``import reports.loader, reports.study_report`` pulls in none of torch, Lightning
-    or MLflow, and of lit_modules only its torch-free config (the one ``flatten``); an
+    or MLflow, and of lit_modules only its torch-free config (the one ``flatten``) and
+    transfer task names (chance levels); an
     Optuna-only load (journal storage) keeps MLflow out too."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", STATUS_SCRIPT, str(tmp_path / "j.log")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -463,7 +464,8 @@ def test_reports_import_no_torch_lightning_or_mlflow(tmp_path):
     mods = {m.split(".")[0] for m in full}
     assert not mods & {"torch", "lightning", "pytorch_lightning", "mlflow"}
     assert {m for m in full if m.split(".")[0] == "lit_modules"} <= {
-        "lit_modules", "lit_modules.config", "lit_modules.config_errors"}
+        "lit_modules", "lit_modules.config", "lit_modules.config_errors", "lit_modules.transfer",
+        "lit_modules.transfer.names"}
 
 
 def test_study_without_trials_and_missing_journal(tmp_path):

@@ -183,6 +183,7 @@ class TextDataModule(L.LightningDataModule):
         from . import mlm
 
         tokenizer = train_tokenizer(splits.train, self.cfg, cache, mlm.SPECIALS if self.layout == "mlm" else ())
+        self.tokenizer_path = tokenizer  # transfer tasks are tokenized with it too
         if self.layout == "mlm":
             self.word_start = mlm.word_start_table(tokenizer)
         self.train_tokens = encode_to_memmap(splits.train, tokenizer, cache)

@@ -129,16 +129,20 @@ def load_mnist_digits(path: Path) -> np.ndarray:
         return np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, DIGIT_SIZE, DIGIT_SIZE)
 
 
-def generate_moving_mnist(mnist: np.ndarray, n_clips: int, frames: int, digits: int,
-                          seed: int = MOVING_MNIST_SEED) -> np.ndarray:
-    """(n_clips, frames, 64, 64) uint8: ``digits`` random MNIST digits per clip, each with
-    a uniform start position and a random direction at speed ``STEP_LENGTH`` (of the free
-    range per frame), reflected at the borders; overlapping digits combine by max.
+@dataclass(frozen=True)
+class BouncingMotion:
+    """Where each digit of each clip is: the motion of Srivastava et al.'s script.
 
-    Deterministic in its arguments (a numpy generator seeded by ``seed``); vectorized
-    over clips, frames and digits except for a loop over the digit slots."""
-    rng = np.random.default_rng(seed)
-    which = rng.integers(0, len(mnist), size=(n_clips, digits))
+    Positions are fractions of the free range (64 - 28 = 36 px) in (y, x) order."""
+
+    start: np.ndarray  # (N, D, 2) float64 position at frame 0, in [0, 1)
+    velocity: np.ndarray  # (N, D, 2) float64 (vy, vx) per frame at frame 0; speed STEP_LENGTH
+    corners: np.ndarray  # (N, F, D, 2) int64 top-left pixel of each digit in each frame
+
+
+def bouncing_motion(rng: np.random.Generator, n_clips: int, frames: int, digits: int) -> BouncingMotion:
+    """Draw a uniform start position and a random direction at speed ``STEP_LENGTH`` for
+    each digit (in this order, from ``rng``), reflected at the borders."""
     start = rng.random((n_clips, digits, 2))  # (y, x) in [0, 1]
     theta = rng.random((n_clips, digits)) * 2 * np.pi
     velocity = np.stack([np.sin(theta), np.cos(theta)], axis=-1) * STEP_LENGTH  # (N, D, 2)
@@ -147,19 +151,41 @@ def generate_moving_mnist(mnist: np.ndarray, n_clips: int, frames: int, digits: 
     pos = np.mod(pos, 2.0)
     pos = np.where(pos > 1.0, 2.0 - pos, pos)  # reflection at 0 and 1 = triangle wave
     free = NATIVE_SIZE - DIGIT_SIZE
-    px = np.rint(pos * free).astype(np.int64)  # (N, F, D, 2) top-left corner in pixels
+    corners = np.rint(pos * free).astype(np.int64)  # (N, F, D, 2) top-left corner in pixels
+    return BouncingMotion(start, velocity, corners)
+
+
+def render_digits(digit_images: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """(N, D, 28, 28) uint8 digits at ``corners`` (N, F, D, 2) -> (N, F, 64, 64) uint8
+    clips; overlapping digits combine by max. Vectorized except for a loop over the
+    digit slots."""
+    n_clips, frames, digits = corners.shape[:3]
     m = n_clips * frames
     out = np.zeros((m, NATIVE_SIZE, NATIVE_SIZE), dtype=np.uint8)
     ar = np.arange(DIGIT_SIZE)
     rows = np.arange(m)[:, None, None]
     for d in range(digits):
-        y = px[:, :, d, 0].reshape(m)[:, None] + ar  # (M, 28)
-        x = px[:, :, d, 1].reshape(m)[:, None] + ar
-        img = np.repeat(mnist[which[:, d]], frames, axis=0)  # (M, 28, 28)
+        y = corners[:, :, d, 0].reshape(m)[:, None] + ar  # (M, 28)
+        x = corners[:, :, d, 1].reshape(m)[:, None] + ar
+        img = np.repeat(digit_images[:, d], frames, axis=0)  # (M, 28, 28)
         layer = np.zeros_like(out)
         layer[rows, y[:, :, None], x[:, None, :]] = img
         np.maximum(out, layer, out=out)
     return out.reshape(n_clips, frames, NATIVE_SIZE, NATIVE_SIZE)
+
+
+def generate_moving_mnist(mnist: np.ndarray, n_clips: int, frames: int, digits: int,
+                          seed: int = MOVING_MNIST_SEED) -> np.ndarray:
+    """(n_clips, frames, 64, 64) uint8: ``digits`` random MNIST digits per clip, each with
+    a uniform start position and a random direction at speed ``STEP_LENGTH`` (of the free
+    range per frame), reflected at the borders; overlapping digits combine by max.
+
+    Deterministic in its arguments (a numpy generator seeded by ``seed``): the digits
+    are drawn first, then the motion (``bouncing_motion``)."""
+    rng = np.random.default_rng(seed)
+    which = rng.integers(0, len(mnist), size=(n_clips, digits))
+    motion = bouncing_motion(rng, n_clips, frames, digits)
+    return render_digits(mnist[which], motion.corners)  # mnist[which]: (N, D, 28, 28)
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
