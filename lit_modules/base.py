@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import RunConfig, run_config_from_dict
+from .flops import Flops
 from .masking import MaskedBatch
 from .masking.batches import Movable
 from .masking.plan import COMMON, EvalItem, MaskPlan, TrainItem
@@ -53,12 +54,21 @@ class MaskedModelBase(L.LightningModule):
         self.run_config: RunConfig = run_config_from_dict(config)
         # A masking strategy's config is the strategy itself (a frozen dataclass).
         self.masking = self.run_config.masking
+        # Compute so far (lit_modules/flops.py), kept in checkpoints so a resumed run
+        # goes on counting: training FLOPs and the input tokens (patches, tubelets) read.
+        self.register_buffer("flops_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------ to implement
     blocks: nn.ModuleList
 
     def _shared_step(self, item: TrainItem | EvalItem, stage: str) -> tuple[Tensor, dict[str, tuple[Tensor, int]]]:
         """Return (loss to optimize, {metric name: (value, weight)})."""
+        raise NotImplementedError
+
+    def step_flops(self, item: TrainItem) -> tuple[Flops, int]:
+        """The forward FLOPs of this training step from the shapes it runs on
+        (``lit_modules/flops.py``), and the input tokens of its batch."""
         raise NotImplementedError
 
     def ablation_batch(self, item: EvalItem) -> MaskedBatch:
@@ -124,9 +134,21 @@ class MaskedModelBase(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"train/loss = {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self._count_compute(batch)
         for name, (value, weight) in metrics.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=weight)
         return loss
+
+    def _count_compute(self, item: TrainItem) -> None:
+        """Add the step's FLOPs and tokens; log the totals; stop at ``trainer.flops_budget``."""
+        flops, tokens = self.step_flops(item)
+        self.flops_seen += int(flops.training)
+        self.tokens_seen += int(tokens)
+        self.log("train/flops", self.flops_seen.double(), on_step=True, on_epoch=False)
+        self.log("train/tokens", self.tokens_seen.double(), on_step=True, on_epoch=False)
+        budget = self.run_config.trainer.flops_budget
+        if budget and self.flops_seen >= budget and self._trainer is not None:
+            self.trainer.should_stop = True  # this step is the last; its validation follows
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         _, metrics = self._shared_step(batch, "val")

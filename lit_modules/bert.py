@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .base import MaskedModelBase
 from .blocks import Block, init_weights, run_blocks
 from .config_errors import ConfigError
+from .flops import Flops, encoder, linear
 from .masking import MaskedBatch
 from .masking.attention import Attention, padding
 from .masking.plan import COMMON, EvalItem, MaskPlan, TrainItem
@@ -130,6 +131,15 @@ class LitBERT(MaskedModelBase):
             ce, correct, n = ce + c, correct + a, n + m
         n_ = max(float(n), 1.0)
         return ce / n_, {f"{prefix}_loss": (ce / n_, int(n)), f"{prefix}_acc": (correct / n_, int(n))}
+
+    def step_flops(self, item: TrainItem) -> tuple[Flops, int]:
+        """The blocks on every padded row; the MLM head (dense + vocabulary) only at the
+        masked positions (it gathers them first)."""
+        b, t = item.masked.inputs.shape
+        c = self.run_config.model
+        m = int(item.masked.loss_mask.sum())
+        head = linear(m, c.width, c.width) + linear(m, c.width, self.model.tok_emb.num_embeddings)
+        return encoder(b, t, c.width, c.depth) + head, int(item.batch.valid.sum())
 
     # ------------------------------------------------------------ layer removal
     def ablation_batch(self, item: EvalItem) -> MaskedBatch:

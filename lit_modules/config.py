@@ -74,6 +74,9 @@ class TrainerConfig:
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
     progress_bar: bool = True
     checkpoint: bool = True
+    # > 0: training ends at the first step whose cumulative train/flops reach it (the
+    # learning-rate schedule still spans max_steps: set max_steps to about the budget's steps).
+    flops_budget: float = 0.0
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -84,6 +87,8 @@ class TrainerConfig:
             raise ConfigError("log_every", self.log_every, "must be an integer >= 1")
         if self.devices < 1:
             raise ConfigError("devices", self.devices, "must be an integer >= 1")
+        if self.flops_budget < 0:
+            raise ConfigError("flops_budget", self.flops_budget, "must be >= 0 (0: no budget, max_steps ends training)")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .base import MaskedModelBase, token_stats
 from .blocks import Block, init_weights, run_blocks
 from .config_errors import ConfigError
+from .flops import Flops, encoder, linear
 from .masking import MaskedBatch
 from .masking.attention import Attention
 from .masking.causal_lm import DIRECTIONS, reading_order
@@ -101,6 +102,13 @@ class LitGPT(MaskedModelBase):
             metrics["bw_steps"] = (self.bw_steps.float(), 1)
         # Sum of the per-direction mean losses: each direction counts fully when present.
         return mean_loss[count > 0].sum(), metrics
+
+    def step_flops(self, item: TrainItem) -> tuple[Flops, int]:
+        """The blocks and the vocabulary head on every row read (2B when backward too)."""
+        rows, t = item.masked.inputs.shape
+        c = self.model.cfg
+        vocab = self.model.head.out_features
+        return encoder(rows, t, c.width, c.depth) + linear(rows * t, c.width, vocab), item.batch.size * t
 
     @torch.no_grad()
     def predict(self, tokens: Tensor, direction: str) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .blocks import Block, init_weights, run_blocks
 from .config_errors import ConfigError
+from .flops import Flops, encoder, first_layer, linear
 from .masking import MaskedBatch
 from .masking.attention import Attention
 from .masking.plan import EvalItem, TrainItem
@@ -109,6 +110,17 @@ class LitMAE(PatchModelBase):
 
     def _shared_step(self, item: TrainItem | EvalItem, stage: str):
         return self.masked_loss([item.masked] if stage == "train" else item.common, stage)
+
+    def step_flops(self, item: TrainItem) -> tuple[Flops, int]:
+        """Patch embedding of every patch; the encoder on [cls] + the visible patches; the
+        decoder (its own width and depth) on [cls] + every patch."""
+        c = self.run_config.model
+        b, keep = item.masked.keep_idx.shape
+        n, pixels = self.model.n_patches, 3 * c.patch_size**2
+        flops = (first_layer(b * n, pixels, c.width) + encoder(b, 1 + keep, c.width, c.depth)
+                 + linear(b * (1 + keep), c.width, c.decoder_width)
+                 + encoder(b, 1 + n, c.decoder_width, c.decoder_depth) + linear(b * n, c.decoder_width, pixels))
+        return flops, b * n
 
     # ------------------------------------------------------------ layer removal
     def ablation_embed(self, masked: MaskedBatch) -> Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .blocks import Block, init_weights, run_blocks
 from .checkpoints import load_checkpoint
 from .config_errors import ConfigError
+from .flops import Flops, encoder, first_layer, linear
 from .masking import MaskedBatch
 from .masking.attention import Attention, frame_causal
 from .masking.plan import EvalItem, MaskPlan, TrainItem
@@ -281,6 +282,23 @@ class VideoFamily(PatchModelBase):
         return {"recon_loss": (s, n)}
 
 
+    # ------------------------------------------------------------ compute
+    def step_flops(self, item: TrainItem) -> tuple[Flops, int]:
+        """Masked pretraining: the family's embedding and pretraining head; after it, the
+        encoder and the next-frame head on every token."""
+        b, n, c = item.batch.size, self.model.n, self.cfg
+        if item.masked is not None:
+            return self.embed_flops(b * n) + self.pretrain_flops(item.masked), b * n
+        out = self.model.ar_head.out_features
+        return self.embed_flops(b * n) + encoder(b, n, c.width, c.depth) + linear(b * n, c.width, out), b * n
+
+    def embed_flops(self, tokens: int) -> Flops:
+        """The input embedding of ``tokens`` tokens (default: a lookup, no FLOPs)."""
+        return Flops()
+
+    def pretrain_flops(self, masked: MaskedBatch) -> Flops:
+        raise NotImplementedError
+
     # ------------------------------------------------------------ transfer features
     def transfer_embed(self, clips: Tensor) -> tuple[Tensor, Attention, None]:
         """Every tubelet of the clip, attended as in the current phase (joint over space
@@ -313,6 +331,18 @@ class LitVideoMAE(VideoFamily):
 
     def pretrain_embed(self, masked: MaskedBatch) -> Tensor:
         return gather_rows(self.model.tokens_in(masked.inputs), masked.keep_idx)
+
+    def embed_flops(self, tokens: int) -> Flops:
+        c = self.cfg
+        return first_layer(tokens, 3 * c.tubelet_frames * c.patch_size**2, c.width)
+
+    def pretrain_flops(self, masked: MaskedBatch) -> Flops:
+        """The encoder on the visible tubelets, the decoder on every tubelet."""
+        c, (b, keep) = self.cfg, masked.keep_idx.shape
+        out = self.model.decoder_pred.out_features
+        return (encoder(b, keep, c.width, c.depth) + linear(b * keep, c.width, c.decoder_width)
+                + encoder(b, self.model.n, c.decoder_width, c.decoder_depth)
+                + linear(b * self.model.n, c.decoder_width, out))
 
     def pretrain_out(self, masked: MaskedBatch, h: Tensor | None = None) -> Tensor:
         if h is None:
@@ -365,6 +395,12 @@ class LitMaskViT(VideoFamily):
 
     def pretrain_embed(self, masked: MaskedBatch) -> Tensor:
         return self.model.tokens_in(masked.inputs, masked.loss_mask)
+
+    def pretrain_flops(self, masked: MaskedBatch) -> Flops:
+        """Every position through the encoder ([MASK] embeddings where masked), the
+        vocabulary head on every position."""
+        c, b, n = self.cfg, masked.inputs.shape[0], self.model.n
+        return encoder(b, n, c.width, c.depth) + linear(b * n, c.width, c.vocab_size)
 
     def pretrain_out(self, masked: MaskedBatch, h: Tensor | None = None) -> Tensor:
         if h is None:

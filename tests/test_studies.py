@@ -380,3 +380,24 @@ def test_tiny_video_study(ws, model):
     data = load_study(f"tiny_{model}", *stores(ws))
     t = data.ablation[(data.ablation.variant == "truncate") & (data.ablation.metric == "recon_loss")]
     assert sorted(t.removed.unique()) == [0, 1, 2]
+
+
+def test_grid_study_with_a_transfer_objective(ws):
+    """A grid ranked by what its features are worth: every trial is probed on SST-2, the
+    objective is the probe's accuracy, the findings state the effect of the swept factor
+    on it with a CI, and the report has the Transfer section with the baselines."""
+    fixed = copy.deepcopy(TINY["bert"])
+    fixed["trainer"].update(max_steps=6, val_every=3)
+    fixed["transfer"] = {"tasks": ["sst2"], "max_train": 150, "max_select": 60, "max_eval": 120}
+    d = spec_dict(name="tiny_transfer", model="bert", fixed=fixed, grid={"model.depth": [1, 2]}, replicates=2,
+                  objective={"metric": "transfer/sst2/probe_acc", "direction": "maximize"})
+    result = run(load_spec(d), ws, report=True)
+    assert result.counts == {"COMPLETE": 4}
+    values = [t.value for t in trials(ws, "tiny_transfer")]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    findings = pd.read_csv(result.report_md.parent / "findings.csv")
+    rows = findings[(findings.metric == "transfer/sst2/probe_acc") & (findings.factor == "model.depth")]
+    assert len(rows) and (rows.n == 2).all() and rows[["ci_low", "ci_high"]].notna().all().all()
+    assert not findings.metric.str.contains("baseline").any()
+    md = result.report_md.read_text()
+    assert "## Transfer" in md and "random init" in md and "TF-IDF" in md
