@@ -283,6 +283,38 @@ def _by_setting_and_block(part: pd.DataFrame) -> pd.DataFrame:
     return part.groupby(["setting", "block"])["value"].mean().unstack("block")
 
 
+def metric_vs_flops(data: StudyData) -> go.Figure | None:
+    """Each final metric (validation and transfer) against the run's training FLOPs (log
+    axis): one point per complete trial, one colour per setting, the metric's chance
+    level. Settings that cost different compute (depth, a generator) meet here."""
+    from . import transfer
+
+    done = data.complete
+    if done.empty or "train/flops" not in done.columns or not done["train/flops"].notna().any():
+        return None
+    metrics = list(dict.fromkeys([*table_metrics(data), *transfer.findings_metrics(data)]))
+    metrics = [m for m in metrics if m in done.columns and done[m].notna().any()]
+    if not metrics:
+        return None
+    settings = list(dict.fromkeys(done["setting"]))
+    colors = setting_colors(data, settings)
+    fig = make_subplots(rows=len(metrics), cols=1, subplot_titles=[f"{m} vs training FLOPs" for m in metrics])
+    for r, metric in enumerate(metrics, start=1):
+        for setting in settings:
+            part = done[done["setting"] == setting]
+            fig.add_trace(go.Scatter(
+                x=part["train/flops"], y=part[metric], mode="markers", name=setting, legendgroup=setting,
+                marker={"color": colors.get(setting, OTHER_COLOR), "size": 9}, showlegend=r == 1,
+                hovertemplate=f"{setting}<br>%{{x:.3g}} FLOPs<br>{metric} %{{y:.4f}}<extra></extra>",
+            ), row=r, col=1)
+        fig.update_yaxes(title_text=metric, row=r, col=1)
+        fig.update_xaxes(type="log", title_text="training FLOPs (train/flops)", row=r, col=1)
+        add_chance(fig, data, metric, row=r, col=1)
+    fig.update_layout(title="Final metrics against training compute (one point per trial)",
+                      height=300 * len(metrics) + 80)
+    return fig
+
+
 # ------------------------------------------------------------------ transfer
 def setting_colors(data: StudyData, settings: list[str]) -> dict[str, str]:
     """One colour per setting: for a grid, from the first swept factor's own scale

@@ -294,6 +294,8 @@ def _figures(data: StudyData, importance, effects: pd.DataFrame) -> list[Figure]
                "no factor effects (a search, or a single level per factor)"),
         Figure("metric-vs-params", "Metrics against the swept parameters", figures.metric_vs_params(data),
                "not a grid study, or no complete trials"),
+        Figure("metric-vs-flops", "Metrics against training compute", figures.metric_vs_flops(data),
+               "no train/flops recorded (runs from before compute accounting)"),
         Figure("layer-removal", "Layer-removal curves", figures.layer_removal(data),
                "no ablation recorded for the complete trials"),
         Figure("block-heatmaps", "Per-block ablation", figures.block_heatmaps(data),

@@ -401,3 +401,8 @@ def test_grid_study_with_a_transfer_objective(ws):
     assert not findings.metric.str.contains("baseline").any()
     md = result.report_md.read_text()
     assert "## Transfer" in md and "random init" in md and "TF-IDF" in md
+    from reports.loader import load_study
+
+    data = load_study("tiny_transfer", *stores(ws))
+    assert (data.complete["train/flops"] > 0).all()  # every trial's compute, for the per-FLOP figure
+    assert "Metrics against training compute" in result.report_html.read_text()
