@@ -56,19 +56,44 @@ def feature_kinds(cfg: RunConfig) -> tuple[str, ...]:
     return cfg.transfer.features or type(cfg.model).transfer_features
 
 
+class Features:
+    """The features of a model on a task's inputs, computed once per run: tasks that
+    read the same rows (the two Moving-MNIST tasks read the same clips) share them."""
+
+    def __init__(self, cfg: RunConfig, kinds: tuple[str, ...]):
+        self.cfg, self.kinds, self.memo = cfg, kinds, {}
+        self.fresh = None  # the architecture at random init (the run's seed), built on demand
+
+    def random_init(self, build_model):
+        if self.fresh is None:
+            self.fresh = build_model(self.cfg)
+        return self.fresh
+
+    def __call__(self, model, task, split: str, inputs) -> dict[str, np.ndarray]:
+        import hashlib
+
+        keys = np.ascontiguousarray(getattr(task, split).keys, dtype="<i8").tobytes()
+        memo_key = (id(model), task.input_kind, hashlib.sha256(keys).hexdigest())
+        if memo_key not in self.memo:
+            self.memo[memo_key] = layer_features(model, task.input_kind, inputs, self.cfg, self.kinds,
+                                                 self.cfg.transfer.batch_size)
+        return self.memo[memo_key]
+
+
 def run_transfer(model, cfg: RunConfig, data_dir: Path, cache_dir: Path, tokenizer: Path | None,
                  build_model: Callable[[RunConfig], nn.Module]) -> TransferOutcome:
     """Every task of ``cfg.transfer`` on ``model`` (see the module doc)."""
     out = TransferOutcome()
+    features = Features(cfg, feature_kinds(cfg))
     for name in cfg.transfer.tasks:
         start = time.monotonic()
-        _one_task(out, name, model, cfg, data_dir, cache_dir, tokenizer, build_model)
+        _one_task(out, name, model, cfg, data_dir, cache_dir, tokenizer, build_model, features)
         out.seconds[name] = time.monotonic() - start
     return out
 
 
 def _one_task(out: TransferOutcome, name: str, model, cfg: RunConfig, data_dir: Path, cache_dir: Path,
-              tokenizer: Path | None, build_model) -> None:
+              tokenizer: Path | None, build_model, features: Features) -> None:
     from .tasks import load_task
 
     t = cfg.transfer
@@ -79,7 +104,7 @@ def _one_task(out: TransferOutcome, name: str, model, cfg: RunConfig, data_dir: 
     kinds = feature_kinds(cfg)
     inputs = {s: model_inputs(task.input_kind, getattr(task, s).x, cfg, tokenizer, t.max_tokens)
               for s in ("train", "select", "eval")}
-    feats = {s: layer_features(model, task.input_kind, inputs[s], cfg, kinds, t.batch_size) for s in inputs}
+    feats = {s: features(model, task, s, inputs[s]) for s in inputs}
     for feature in kinds:
         metric = probe_metric(name, feature, kinds[0])
         for layer in range(feats["train"][feature].shape[0]):
@@ -89,7 +114,7 @@ def _one_task(out: TransferOutcome, name: str, model, cfg: RunConfig, data_dir: 
         out.metrics[metric] = value  # the top layer
     extra = {}
     if t.baselines:
-        extra.update(_baselines(task, name, cfg, data_dir, cache_dir, inputs, kinds[0], build_model))
+        extra.update(_baselines(task, name, cfg, cache_dir, inputs, kinds[0], build_model, features))
     if t.finetune_steps:
         extra[f"transfer/{name}/finetune_{score_name(name)}"] = finetune(model, cfg, task, inputs, kinds[0],
                                                                           build_model)
@@ -112,8 +137,8 @@ def probe_score(train_x, train_y, select_x, select_y, eval_x, eval_y, target: st
 # ---------------------------------------------------------------- baselines
 
 
-def _baselines(task, name: str, cfg: RunConfig, data_dir: Path, cache_dir: Path, inputs: dict, primary: str,
-               build_model) -> dict[str, float]:
+def _baselines(task, name: str, cfg: RunConfig, cache_dir: Path, inputs: dict, primary: str,
+               build_model, features: Features) -> dict[str, float]:
     from .baselines import cached_baselines
 
     t = cfg.transfer
@@ -128,9 +153,8 @@ def _baselines(task, name: str, cfg: RunConfig, data_dir: Path, cache_dir: Path,
     path = cache_dir / "transfer" / f"random-init-{init_key}.json"
 
     def compute() -> float:
-        fresh = build_model(cfg)
-        kind = task.input_kind
-        feats = {s: layer_features(fresh, kind, inputs[s], cfg, (primary,), t.batch_size) for s in inputs}
+        fresh = features.random_init(build_model)
+        feats = {s: features(fresh, task, s, inputs[s]) for s in inputs}
         return _probe(task, feats, primary, len(fresh.blocks))
 
     out[f"transfer/{name}/baseline_random_init"] = cached_value(path, compute)
