@@ -75,20 +75,13 @@ class BERT(nn.Module):
         return self.head(h[loss_mask])  # gather (M, D) first, then project
 
 
-@MODELS.register("bert")
-class LitBERT(MaskedModelBase):
-    """Bidirectional encoder trained on masked-LM (BERT)."""
+class MLMRows:
+    """What the families that read masked-LM rows share (BERT, ELECTRA): the row layout,
+    the mask plan (the common evaluation task, and the model's own), and the transfer
+    hooks. A mixin placed before ``MaskedModelBase``; ``self.model`` is the encoder kept
+    for transfer, with ``embed(ids)`` and the final norm ``ln_f``."""
 
-    Config = BERTConfig
     data_layout = "mlm"  # padded rows with [CLS]/[SEP], word starts, mask token
-
-    def __init__(self, config: dict):
-        super().__init__(config)
-        self.model = BERT(self.run_config.model, self.run_config.data.vocab_size)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.blocks
 
     # ------------------------------------------------------------ masking
     @classmethod
@@ -103,6 +96,42 @@ class LitBERT(MaskedModelBase):
         tasks = ((COMMON, common),) if own == common else ((COMMON, common), (OWN, own))
         plan = super().mask_plan(cfg, steps_per_epoch)
         return dataclasses.replace(plan, evaluation=tasks)
+
+    # ------------------------------------------------------------ transfer features
+    def transfer_embed(self, rows) -> tuple[Tensor, Attention, Tensor]:
+        """``[CLS] row [SEP] [PAD]...`` with the padding mask, as validation rows are laid out."""
+        from .data.mlm import CLS, PAD, SEP
+
+        b, t = rows.ids.shape
+        ids = torch.full((b, t + 2), PAD, dtype=torch.long, device=rows.ids.device)
+        ids[:, 0] = CLS
+        ids[:, 1:-1] = torch.where(rows.valid, rows.ids, torch.full_like(rows.ids, PAD))
+        ids[torch.arange(b, device=ids.device), rows.lengths + 1] = SEP
+        valid = ids != PAD
+        return self.model.embed(ids), Attention(mask=padding(valid)), valid
+
+    def transfer_pool(self, normed: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """mean: over the row's tokens ([CLS] and [SEP] included); cls: the [CLS] token."""
+        w = valid.to(normed.dtype) / valid.sum(1, keepdim=True)
+        return {"mean": torch.einsum("bt,btd->bd", w, normed), "cls": normed[:, 0]}
+
+    def transfer_norm(self, h: Tensor) -> Tensor:
+        return self.model.ln_f(h)
+
+
+@MODELS.register("bert")
+class LitBERT(MLMRows, MaskedModelBase):
+    """Bidirectional encoder trained on masked-LM (BERT)."""
+
+    Config = BERTConfig
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.model = BERT(self.run_config.model, self.run_config.data.vocab_size)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
 
     def _loss(self, masked: MaskedBatch, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.model.encode(masked.inputs, valid)
@@ -160,25 +189,3 @@ class LitBERT(MaskedModelBase):
         n = masked.loss_mask.sum().float()
         ce = F.cross_entropy(logits.float(), targets, reduction="sum")
         return {"mlm_loss": (ce, n), "mlm_acc": ((logits.argmax(-1) == targets).sum().float(), n)}
-
-    # ------------------------------------------------------------ transfer features
-    def transfer_embed(self, rows) -> tuple[Tensor, Attention, Tensor]:
-        """``[CLS] row [SEP] [PAD]...`` with the padding mask, as validation rows are laid out."""
-        from .data.mlm import CLS, PAD, SEP
-
-        b, t = rows.ids.shape
-        ids = torch.full((b, t + 2), PAD, dtype=torch.long, device=rows.ids.device)
-        ids[:, 0] = CLS
-        ids[:, 1:-1] = torch.where(rows.valid, rows.ids, torch.full_like(rows.ids, PAD))
-        ids[torch.arange(b, device=ids.device), rows.lengths + 1] = SEP
-        valid = ids != PAD
-        return self.model.embed(ids), Attention(mask=padding(valid)), valid
-
-    def transfer_pool(self, normed: Tensor, valid: Tensor) -> dict[str, Tensor]:
-        """mean: over the row's tokens ([CLS] and [SEP] included); cls: the [CLS] token."""
-        w = valid.to(normed.dtype) / valid.sum(1, keepdim=True)
-        return {"mean": torch.einsum("bt,btd->bd", w, normed), "cls": normed[:, 0]}
-
-    def transfer_norm(self, h: Tensor) -> Tensor:
-        return self.model.ln_f(h)
-

@@ -1,7 +1,7 @@
 """The model families' configs: frozen dataclasses, torch-free.
 
-Each family's implementation (``gpt.py``, ``bert.py``, ``mae.py``, ``video.py``) takes its
-config from here. Keeping the configs apart from torch lets ``masklab`` validate a spec
+Each family's implementation (``gpt.py``, ``bert.py``, ``electra.py``, ``mae.py``,
+``video.py``) takes its config from here. Keeping the configs apart from torch lets ``masklab`` validate a spec
 or a ``--set`` value in well under a second, before torch or Lightning is imported; the
 registry (``registry.py``) finds a config by the family's name without importing the
 family. Each config also says what the family trains on: the masking strategies it
@@ -83,6 +83,58 @@ class BERTConfig:
         fits = maskings_for(self.consumes)
         if self.eval_masking not in fits:
             raise ConfigError("eval_masking", self.eval_masking, f"allowed: {', '.join(fits)}")
+
+
+@MODELS.register_config("electra")
+@dataclass(frozen=True)
+class ElectraConfig(BERTConfig):
+    """ELECTRA (Clark et al. 2020): a small masked-LM generator fills the masked positions
+    with samples and the discriminator (``depth``, ``width``, ``heads``: the encoder kept
+    for transfer and layer removal) tells replaced tokens from original ones.
+
+    generator_size:   generator width = round(width * generator_size), in (0, 1]; its
+                      heads: about heads * generator_size, the largest count <= that which
+                      divides the generator width (at least 1).
+    generator_depth:  generator blocks; 0 = as many as the discriminator (the paper's).
+    rtd_weight:       the loss is mlm + rtd_weight * rtd (the paper's lambda = 50).
+    share_embeddings: the generator reads the discriminator's token and position
+                      embeddings (through a linear projection when narrower) and its MLM
+                      output is tied to them; false: its own, at its own width.
+    """
+
+    name: str = "electra"
+    generator_size: float = 0.25
+    generator_depth: int = 0
+    rtd_weight: float = 50.0
+    share_embeddings: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.generator_size <= 1.0:
+            raise ConfigError("generator_size", self.generator_size, "must be in (0, 1]")
+        if self.generator_width < 1:
+            raise ConfigError("generator_size", self.generator_size,
+                              f"gives a generator of width round({self.width} * {self.generator_size:g}) = 0; "
+                              f"must give >= 1")
+        if self.generator_depth < 0:
+            raise ConfigError("generator_depth", self.generator_depth, "must be an integer >= 0 (0 = depth)")
+        if not 0.0 <= self.rtd_weight < float("inf"):
+            raise ConfigError("rtd_weight", self.rtd_weight, "must be a finite number >= 0")
+
+    @property
+    def generator_width(self) -> int:
+        return round(self.width * self.generator_size)
+
+    @property
+    def generator_heads(self) -> int:
+        """About ``heads * generator_size``: the largest count up to that which divides the
+        generator width, so every head has a whole head dimension."""
+        target = max(1, round(self.heads * self.generator_size))
+        return max(h for h in range(1, target + 1) if self.generator_width % h == 0)
+
+    @property
+    def generator_layers(self) -> int:
+        return self.generator_depth or self.depth
 
 
 @MODELS.register_config("mae")
@@ -218,4 +270,4 @@ MODELS.retire("video", "split into video-mae (VideoMAE, pixel clips) and maskvit
                        "set model.name to one of them (a spec: model: video-mae)")
 
 
-ModelConfig = GPTConfig | BERTConfig | MAEConfig | VideoMAEConfig | MaskViTConfig
+ModelConfig = GPTConfig | BERTConfig | ElectraConfig | MAEConfig | VideoMAEConfig | MaskViTConfig

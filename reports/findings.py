@@ -144,6 +144,11 @@ def chance_levels(data: StudyData, metrics: list[str]) -> dict[str, Chance]:
             if level is not None:
                 out[m] = Chance(*level)
             continue
+        if name.startswith("rtd_"):  # ELECTRA's replaced-token detection: a binary task per token
+            level = _rtd_chance(data, name)
+            if level is not None:
+                out[m] = level
+            continue
         if is_text and vocab and "data.vocab_size" not in data.swept:
             if name.endswith("_loss"):
                 out[m] = Chance(math.log(vocab), f"ln {vocab} = {math.log(vocab):.2f}")
@@ -152,6 +157,25 @@ def chance_levels(data: StudyData, metrics: list[str]) -> dict[str, Chance]:
         if "probe" in name and name.endswith("acc") and classes:
             out[m] = Chance(1 / classes, f"1/{classes} = {1 / classes:.3f}")
     return out
+
+
+def _rtd_chance(data: StudyData, name: str) -> Chance | None:
+    """Guessing "original" for every token: accuracy 1 - p and the binary entropy of p
+    (p = the replaced fraction, mean over the trials); AUC 0.5."""
+    if name == "rtd_auc":
+        return Chance(0.5, "0.5")
+    col = data.trials.get("val/replaced_frac")
+    if col is None or not col.notna().any():
+        return None
+    p = float(col.dropna().mean())
+    if not 0 < p < 1:
+        return None
+    if name == "rtd_acc":
+        return Chance(1 - p, f"1 - replaced fraction = {1 - p:.3f}")
+    if name == "rtd_loss":
+        h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+        return Chance(h, f"H(replaced fraction {p:.3f}) = {h:.3f}")
+    return None
 
 
 def _num_classes(data: StudyData) -> int | None:
@@ -164,6 +188,8 @@ def _num_classes(data: StudyData) -> int | None:
 def at_chance(value: float, chance: Chance, metric: str) -> bool:
     if transfer.parse(metric) is not None:
         return transfer.at_chance(value, chance.value)
+    if metric.rsplit("/", 1)[-1] in ("rtd_acc", "rtd_auc"):  # a base rate near 1: within a point of it
+        return value <= chance.value + 0.01
     if metric.endswith("loss"):
         return value >= chance.value * (1 - CHANCE_LOSS_FRACTION)
     return value <= chance.value * CHANCE_ACC_MULTIPLE

@@ -113,6 +113,15 @@ TINY = {
         "optim": {"warmup_steps": 2},
         "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
     },
+    "electra": {
+        "seed": 0,
+        "data": {"name": "wikitext-2", "vocab_size": 512, "batch_size": 4, "val_batch_size": 8, "val_windows": 8},
+        "model": {"name": "electra", "depth": 2, "width": 32, "heads": 2, "block_size": 32, "eval_masks": 2,
+                  "generator_size": 0.5},
+        "masking": {"name": "mlm-random", "mask_ratio": 0.15},
+        "optim": {"warmup_steps": 2},
+        "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
+    },
     "mae": {
         "seed": 0,
         "data": {"name": "cifar10", "batch_size": 8, "val_batch_size": 16, "val_images": 32},

@@ -28,8 +28,9 @@ def readme_commands() -> list[list[str]]:
     after the program name."""
     text = (REPO / "README.md").read_text()
     lines = []
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S):
-        lines += block.replace("\\\n", " ").splitlines()
+    for lang, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):  # fences paired in order
+        if lang in ("", "bash", "sh"):
+            lines += block.replace("\\\n", " ").splitlines()
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     lines += [" ".join(span.split()) for span in re.findall(r"`(masklab [^`]+)`", prose)
               if not PLACEHOLDER.search(span)]

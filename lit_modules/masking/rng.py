@@ -73,6 +73,8 @@ class Stream(IntEnum):
     IMAGE_AUG = 0x1A6F  # their crop and flip
     VIDEO_BATCH = 0x71DE  # the training clips of a step
     VIDEO_FLIP = 0x71DF  # their flips
+    # mask purposes added later (appended: the ids above never change)
+    ELECTRA_SAMPLE = 0xE1EC  # ELECTRA's generator samples, one number per position
 
 
 TEXT_SLOTS = 4  # text mask index k uses ids TEXT_SLOTS * k + slot

@@ -63,8 +63,11 @@ def model_inputs(kind: str, x, cfg, tokenizer: Path | None, max_tokens: int) -> 
 
 
 def text_budget(cfg, max_tokens: int) -> int:
-    """Tokens of a task row the model can read: BERT adds [CLS] and [SEP]."""
-    reserved = 2 if cfg.model.name == "bert" else 0
+    """Tokens of a task row the model can read: the masked-LM row layout (BERT, ELECTRA)
+    adds [CLS] and [SEP]."""
+    from ..registry import MODELS
+
+    reserved = 2 if MODELS.get(cfg.model.name).data_layout == "mlm" else 0
     return max(1, min(max_tokens, cfg.model.block_size - reserved))
 
 
