@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ from lit_modules.config import (
 from lit_modules.config_errors import ConfigError
 from stores.grid import expand_grid, grid_key
 
-KEYS = ("name", "description", "model", "data", "fixed", "grid", "replicates", "baseline", "search", "n_trials",
+KEYS = ("name", "description", "model", "data", "fixed", "grid", "recipes", "replicates", "baseline", "search",
+        "n_trials",
         "sampler", "pruner", "seed", "objective", "ablation")
 SAMPLERS = ("tpe", "random", "cmaes", "qmc")
 PRUNERS = ("none", "median", "hyperband")
@@ -87,6 +88,9 @@ class StudySpec:
     # the first value of its grid list).
     baseline: Mapping[str, Any] | None = None
     search: tuple[SearchParam, ...] = ()
+    # Named sets of settings, one level each of the factor ``recipe`` (a grid key):
+    # settings that go together, e.g. another model family with its own keys.
+    recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     n_trials: int = 0
     sampler: str = "tpe"
     pruner: PrunerSpec = PrunerSpec()
@@ -115,8 +119,11 @@ class StudySpec:
                 yield dict(point), seed
 
     def run_config_dict(self, params: Mapping[str, Any], seed: int | None = None) -> dict:
-        """The nested run config of one trial: ``fixed`` with ``params`` set."""
-        data = apply_overrides(dict(self.fixed), list(params.items()))
+        """The nested run config of one trial: ``fixed`` with its recipe's settings and
+        then ``params`` set."""
+        params = dict(params)
+        recipe = self.recipes.get(params.pop(RECIPE, None), {})
+        data = apply_overrides(dict(self.fixed), [*recipe.items(), *params.items()])
         if seed is not None:
             data["seed"] = seed
         return data
@@ -159,6 +166,10 @@ def _parse(raw: Mapping, where: str | None, overrides: tuple[str, ...]) -> Study
     model = _typed(raw, "model", str, required=True)
     data = _typed(raw, "data", str, required=True)
     fixed = _fixed(raw.get("fixed"), model, data, overrides)
+    if "recipes" in raw and "search" in raw:
+        raise ConfigError("recipes", raw["recipes"], "only for grid: studies (each recipe is a level of the grid)")
+    if "recipes" in raw and "grid" not in raw:
+        raw = {**raw, "grid": {}}
     if ("grid" in raw) == ("search" in raw):
         raise ConfigError("grid/search", None, "a spec needs exactly one of grid: or search:")
     common = dict(
@@ -176,8 +187,10 @@ def _parse(raw: Mapping, where: str | None, overrides: tuple[str, ...]) -> Study
         replicates = 1 if replicates is None else replicates
         if replicates < 1:
             raise ConfigError("replicates", replicates, "must be an integer >= 1")
-        grid = _grid(raw["grid"])
-        spec = StudySpec(grid=grid, replicates=replicates, baseline=_baseline(raw.get("baseline"), grid), **common)
+        recipes = _recipes(raw.get("recipes"))
+        grid = {**({RECIPE: tuple(recipes)} if recipes else {}), **_grid(raw.get("grid") or {}, bool(recipes))}
+        spec = StudySpec(grid=grid, replicates=replicates, baseline=_baseline(raw.get("baseline"), grid),
+                         recipes=recipes, **common)
     else:
         for key in ("replicates", "baseline"):
             if key in raw:
@@ -204,6 +217,9 @@ def _check_overrides_not_swept(spec: StudySpec) -> None:
         if key == "seed" and spec.grid is not None:
             raise ConfigError(f"--set {key}", value, f"the spec's replicates: {spec.replicates} sets the seed "
                                                      "of every trial (0..N-1); change replicates instead")
+        for name, settings in spec.recipes.items():
+            if any(path == key or path.startswith(key + ".") for path in settings):
+                raise ConfigError(f"--set {key}", value, f"the spec's recipe {name} sets this key; change it there")
         for path in spec.swept:
             if path == key or path.startswith(key + "."):
                 if spec.grid is not None:
@@ -252,7 +268,29 @@ def _fixed(fixed: Any, model: str, data: str, overrides: tuple[str, ...]) -> dic
         raise e.within("fixed") from None
 
 
-def _grid(grid: Any) -> dict[str, tuple]:
+RECIPE = "recipe"  # the grid factor whose levels are the spec's recipes
+
+
+def _recipes(raw: Any) -> dict[str, dict[str, Any]]:
+    """``recipes: {bert: {model.name: bert}, electra-1/4: {model.name: electra, ...}}``."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or len(raw) < 2:
+        raise ConfigError("recipes", raw, "must map at least two names to mappings of dotted config paths to values")
+    out = {}
+    for name, settings in raw.items():
+        if not isinstance(settings, Mapping) or not settings:
+            raise ConfigError(f"recipes.{name}", settings, "must map dotted config paths to values")
+        for path, value in settings.items():
+            if not isinstance(path, str) or "." not in path or not isinstance(value, SCALARS):
+                raise ConfigError(f"recipes.{name}.{path}", value, "keys are dotted config paths, values scalars")
+        out[str(name)] = dict(settings)
+    return out
+
+
+def _grid(grid: Any, may_be_empty: bool = False) -> dict[str, tuple]:
+    if may_be_empty and isinstance(grid, Mapping) and not grid:
+        return {}
     if not isinstance(grid, Mapping) or not grid:
         raise ConfigError("grid", grid, "must map dotted config paths to non-empty lists of values")
     out = {}
@@ -390,6 +428,8 @@ def _validate_configs(spec: StudySpec) -> None:
 
     known = _known_paths(spec)
     for path in spec.swept:
+        if path == RECIPE and spec.recipes:  # its settings are checked with each grid point
+            continue
         if path not in known:
             section = "grid" if spec.grid is not None else "search"
             raise ConfigError(f"{section}.{path}", None, "is not a field of the run config "

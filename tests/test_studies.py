@@ -385,18 +385,23 @@ def test_tiny_video_study(ws, model):
 def test_grid_study_with_a_transfer_objective(ws):
     """A grid ranked by what its features are worth: every trial is probed on SST-2, the
     objective is the probe's accuracy, the findings state the effect of the swept factor
-    on it with a CI, and the report has the Transfer section with the baselines."""
+    (two recipes: BERT, ELECTRA with its generator's width) on it with a CI, and the
+    report has the Transfer section with the baselines."""
     fixed = copy.deepcopy(TINY["bert"])
     fixed["trainer"].update(max_steps=6, val_every=3)
     fixed["transfer"] = {"tasks": ["sst2"], "max_train": 150, "max_select": 60, "max_eval": 120}
-    d = spec_dict(name="tiny_transfer", model="bert", fixed=fixed, grid={"model.depth": [1, 2]}, replicates=2,
+    d = spec_dict(name="tiny_transfer", model="bert", fixed=fixed, replicates=2,
                   objective={"metric": "transfer/sst2/probe_acc", "direction": "maximize"})
+    del d["grid"]  # the factor is the recipe: BERT, or ELECTRA with its own keys
+    d["recipes"] = {"bert": {"model.name": "bert"},
+                     "electra": {"model.name": "electra", "model.generator_size": 0.5}}
     result = run(load_spec(d), ws, report=True)
     assert result.counts == {"COMPLETE": 4}
     values = [t.value for t in trials(ws, "tiny_transfer")]
     assert all(0.0 <= v <= 1.0 for v in values)
     findings = pd.read_csv(result.report_md.parent / "findings.csv")
-    rows = findings[(findings.metric == "transfer/sst2/probe_acc") & (findings.factor == "model.depth")]
+    rows = findings[(findings.metric == "transfer/sst2/probe_acc") & (findings.factor == "recipe")]
+    assert set(rows.level) == {"electra"} and set(rows.baseline) == {"bert"}
     assert len(rows) and (rows.n == 2).all() and rows[["ci_low", "ci_high"]].notna().all().all()
     assert not findings.metric.str.contains("baseline").any()
     md = result.report_md.read_text()
@@ -406,3 +411,22 @@ def test_grid_study_with_a_transfer_objective(ws):
     data = load_study("tiny_transfer", *stores(ws))
     assert (data.complete["train/flops"] > 0).all()  # every trial's compute, for the per-FLOP figure
     assert "Metrics against training compute" in result.report_html.read_text()
+
+
+def test_recipes_are_the_levels_of_one_factor(tmp_path):
+    """``recipes:`` set keys together (another family and its own keys); a bad recipe
+    and ``--set`` of a key a recipe sets are one-line errors."""
+    d = spec_dict(recipes={"fw": {"masking.p_bw": 0.0}, "fw+bw": {"masking.p_bw": 0.5, "model.depth": 1}})
+    spec = load_spec(d)
+    assert spec.swept == ["recipe", "masking.p_bw"] and spec.grid["recipe"] == ("fw", "fw+bw")
+    cfg = spec.run_config_dict({"recipe": "fw+bw", "masking.p_bw": 0.0}, 0)
+    assert cfg["model"]["depth"] == 1 and cfg["masking"]["p_bw"] == 0.0  # the grid's own key wins
+    for changes, field in (({"recipes": {"a": {"model.depth": 1}}}, "recipes"),
+                           ({"recipes": {"a": {"model.depth": 1}, "b": {"model.nope": 1}}}, "model.nope"),
+                           ({"recipes": {"a": {"depth": 1}, "b": {"model.depth": 2}}}, "recipes.a.depth")):
+        with pytest.raises(ConfigError) as e:
+            load_spec(spec_dict(**changes))
+        assert e.value.field == field and "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_spec(d, overrides=["model.depth=3"])
+    assert e.value.field == "--set model.depth" and "recipe fw+bw" in str(e.value)
