@@ -143,10 +143,10 @@ class LitGPT(MaskedModelBase):
         """Text rows read forward and, stacked below, backward (each row reversed on its
         own tokens, left-aligned, as the backward task reads a window): (2B, T, D)."""
         ids, valid = rows.ids, rows.valid
-        b = ids.shape[0]
-        rev = torch.zeros_like(ids)
-        for i, n in enumerate(rows.lengths.tolist()):
-            rev[i, :n] = ids[i, :n].flip(0)
+        b, t = ids.shape
+        # Position j of the reversed row reads token n - 1 - j (padding past n stays 0).
+        back = (rows.lengths[:, None] - 1 - torch.arange(t, device=ids.device)).clamp(min=0)
+        rev = torch.where(valid, ids.gather(1, back), torch.zeros_like(ids))
         direction = torch.cat([torch.full((b,), DIRECTIONS[d], dtype=torch.long, device=ids.device)
                                for d in ("fw", "bw")])
         return self.model.embed(torch.cat([ids, rev]), direction), Attention(causal=True), valid

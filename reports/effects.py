@@ -120,6 +120,21 @@ class Estimate:
                 "base_mean": self.base_mean}
 
 
+def mean_ci(values) -> tuple[int, float, float, float]:
+    """(n, mean, low, high): the 95% t-interval of the mean of ``values`` (NaNs dropped;
+    NaN bounds when n < 2)."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    n = len(v)
+    if n == 0:
+        return 0, math.nan, math.nan, math.nan
+    mean = float(v.mean())
+    if n < 2:
+        return n, mean, math.nan, math.nan
+    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return n, mean, mean - half, mean + half
+
+
 def detectable(se: float, df: float, alpha: float = ALPHA, power: float = POWER) -> float:
     """The true effect δ at which a two-sided t-test (standard error ``se``, ``df``
     degrees of freedom) rejects with probability ``power``: solves

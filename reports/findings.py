@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from . import transfer
-from .effects import ALPHA, COLUMNS, POOLED, compare
+from .effects import COLUMNS, POOLED, compare, mean_ci
 from .loader import StudyData, format_value
 from .tables import ablation_metrics, table_metrics
 
@@ -353,12 +352,9 @@ def removal_increments(data: StudyData) -> pd.DataFrame:
         for k in [c for c in wide.columns if c >= 1]:
             if k - 1 not in wide.columns:
                 continue
-            inc = (wide[k] - wide[k - 1]).dropna().to_numpy()
-            n = len(inc)
-            mean = float(inc.mean()) if n else math.nan
-            half = stats.t.ppf(1 - ALPHA / 2, n - 1) * inc.std(ddof=1) / math.sqrt(n) if n >= 2 else math.nan
+            n, mean, low, high = mean_ci((wide[k] - wide[k - 1]).to_numpy())
             rows.append({"setting": setting, "metric": metric, "k": int(k), "n": n, "mean": mean,
-                         "ci_low": mean - half, "ci_high": mean + half})
+                         "ci_low": low, "ci_high": high})
     out = pd.DataFrame(rows)
     order = {s: i for i, s in enumerate(data.settings)}
     return out.sort_values(["metric", "setting", "k"], key=lambda c: c.map(order) if c.name == "setting" else c,

@@ -25,12 +25,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 
 from lit_modules.transfer.names import TASK_CLASSES, TASK_INPUT_KIND, TASK_TARGET, chance_level
 
+from .effects import mean_ci
 from .loader import StudyData
 
 PREFIX = "transfer/"
@@ -234,19 +233,6 @@ def param_list(value) -> list[str]:
 
 
 # ------------------------------------------------------------------ summaries
-def mean_ci(values: Sequence[float]) -> tuple[int, float, float, float]:
-    """(n, mean, low, high): the 95% t-interval of the mean (NaN bounds when n < 2)."""
-    v = np.asarray([x for x in values if not (isinstance(x, float) and math.isnan(x))], dtype=float)
-    n = len(v)
-    if n == 0:
-        return 0, math.nan, math.nan, math.nan
-    mean = float(v.mean())
-    if n < 2:
-        return n, mean, math.nan, math.nan
-    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return n, mean, mean - half, mean + half
-
-
 def summary(data: StudyData, task: str, settings: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per setting with transfer results on ``task`` (complete trials, top layer):
     ``setting``, ``n``; per score metric ``<m> n|mean|ci_low|ci_high``; per baseline

@@ -110,16 +110,21 @@ def _area_pool(x: np.ndarray, axis: int, side: int) -> np.ndarray:
 
 
 def cached_baselines(task: TaskData, probe: Probe, cache_dir: Path, key: str) -> dict[str, float]:
-    """``baselines(task, probe)``, kept in ``cache_dir/transfer/baselines-<hash>.json``.
+    """``baselines(task, probe)``, kept in ``cache_dir/transfer/baselines-<hash>.json``."""
+    return cached(cache_dir, "baselines", key, lambda: baselines(task, probe))
 
-    ``key`` names everything the numbers depend on (task, caps, the data's fingerprint,
-    the probe); it is stored in the file and must match for the file to be used."""
+
+def cached(cache_dir: Path, prefix: str, key: str, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``compute()``, kept in ``cache_dir/transfer/<prefix>-<hash>.json`` (written
+    atomically). ``key`` names everything the numbers depend on (task, caps, the data's
+    fingerprint, the probe, a model config); it is stored in the file and must match
+    for the file to be used."""
     stamp = f"v{CACHE_VERSION}|{key}"
-    path = Path(cache_dir) / "transfer" / f"baselines-{hashlib.sha256(stamp.encode()).hexdigest()[:20]}.json"
+    path = Path(cache_dir) / "transfer" / f"{prefix}-{hashlib.sha256(stamp.encode()).hexdigest()[:20]}.json"
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == stamp:
             return {k: float(v) for k, v in stored["values"].items()}
-    values = baselines(task, probe)
-    atomic_write(path, json.dumps({"key": stamp, "task": task.name, "values": values}, indent=1).encode())
+    values = {k: float(v) for k, v in compute().items()}
+    atomic_write(path, json.dumps({"key": stamp, "values": values}, indent=1).encode())
     return values

@@ -48,9 +48,7 @@ def encode_texts(texts: Sequence[str], tokenizer: Path, max_tokens: int) -> list
 
 def text_rows(rows: Sequence[np.ndarray]) -> TextRows:
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.from_numpy(r)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(r) for r in rows], batch_first=True)
     valid = torch.arange(ids.shape[1])[None] < lengths[:, None]
     return TextRows(ids, valid, lengths)
 

@@ -17,7 +17,6 @@ Tracking-agnostic: returns the metric points and a tidy table; the caller logs t
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,7 +138,7 @@ def probe_score(train_x, train_y, select_x, select_y, eval_x, eval_y, target: st
 
 def _baselines(task, name: str, cfg: RunConfig, cache_dir: Path, inputs: dict, primary: str,
                build_model, features: Features) -> dict[str, float]:
-    from .baselines import cached_baselines
+    from .baselines import cached, cached_baselines
 
     t = cfg.transfer
     caps = {"max_train": t.max_train, "max_select": t.max_select, "max_eval": t.max_eval,
@@ -150,27 +149,14 @@ def _baselines(task, name: str, cfg: RunConfig, cache_dir: Path, inputs: dict, p
     init_key = config_hash({"task": name, "source": task.source, "model": cfg.to_dict()["model"],
                             "data": cfg.to_dict()["data"], "seed": cfg.seed, "feature": primary,
                             "max_tokens": t.max_tokens, **caps})
-    path = cache_dir / "transfer" / f"random-init-{init_key}.json"
 
-    def compute() -> float:
+    def compute() -> dict[str, float]:
         fresh = features.random_init(build_model)
         feats = {s: features(fresh, task, s, inputs[s]) for s in inputs}
-        return _probe(task, feats, primary, len(fresh.blocks))
+        return {"random_init": _probe(task, feats, primary, len(fresh.blocks))}
 
-    out[f"transfer/{name}/baseline_random_init"] = cached_value(path, compute)
+    out[f"transfer/{name}/baseline_random_init"] = cached(cache_dir, "random-init", init_key, compute)["random_init"]
     return out
-
-
-def cached_value(path: Path, compute: Callable[[], float]) -> float:
-    """A number computed once and kept in ``path`` (written atomically)."""
-    from ..paths import atomic_write
-
-    if path.is_file():
-        return float(json.loads(path.read_text())["value"])
-    value = float(compute())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"value": value}).encode())
-    return value
 
 
 # ---------------------------------------------------------------- fine-tuning

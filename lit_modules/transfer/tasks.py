@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import html
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ import numpy as np
 
 from ..config_errors import ConfigError
 from ..paths import Workspace
-from .names import TASK_INPUT_KIND, TASK_TARGET
+from .names import DIGITS_PER_CLIP, TASK_INPUT_KIND, TASK_TARGET, chance_level
 
 __all__ = ["TASKS", "TASK_INPUT_KIND", "TASK_TARGET", "Split", "TaskData", "chance", "fingerprint",
            "digit_pools", "labelled_moving_mnist", "load_task", "text_keys"]
@@ -59,7 +58,7 @@ __all__ = ["TASKS", "TASK_INPUT_KIND", "TASK_TARGET", "Split", "TaskData", "chan
 SELECT_FRACTION = 0.1  # images and AG News: the share of the training data held out as select
 AGNEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 MNIST_LABELS = "mnist/t10k-labels-idx1-ubyte.gz"
-CLIP_DIGITS = 2  # digits per labelled clip, of distinct classes
+CLIP_DIGITS = DIGITS_PER_CLIP  # digits per labelled clip, of distinct classes
 # Per-split generator seeds of the labelled clips: fixed (never the run seed), distinct
 # from each other and from the pretraining clips' MOVING_MNIST_SEED.
 CLIP_SEEDS = {"train": 1, "select": 2, "eval": 3}
@@ -398,14 +397,9 @@ def _take(x: Sequence, index: np.ndarray) -> list[str] | np.ndarray:
 
 
 def chance(task: TaskData) -> float:
-    """The score of guessing: 1/classes; a set of k of K labels 1/C(K, k) (k = the
-    labels a train row has, 2 of 10 for moving-mnist: 1/45); R² 0.0."""
-    if task.target == "class":
-        return 1.0 / task.num_outputs
-    if task.target == "multilabel":
-        k = int(round(float(np.asarray(task.train.y).sum(1).mean())))
-        return 1.0 / math.comb(task.num_outputs, k)
-    return 0.0
+    """The score of guessing (``names.chance_level``): 1/classes; the 2 of 10 digits of
+    a clip 1/45; R² 0.0."""
+    return chance_level(task.name)
 
 
 def fingerprint(task: TaskData) -> str:
