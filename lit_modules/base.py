@@ -45,6 +45,8 @@ class MaskedModelBase(L.LightningModule):
     # How the text data module lays out rows: "windows" (causal LM) or "mlm" (padded
     # rows with [CLS]/[SEP] and word starts). Other data kinds ignore it.
     data_layout: ClassVar[str] = "windows"
+    # Whether the blocks attend causally (in the reading order of each row).
+    causal: ClassVar[bool] = False
 
     def __init__(self, config: dict):
         super().__init__()
@@ -58,6 +60,19 @@ class MaskedModelBase(L.LightningModule):
         # goes on counting: training FLOPs and the input tokens (patches, tubelets) read.
         self.register_buffer("flops_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    def run_params(self) -> dict[str, object]:
+        """What the run records beside its config: for a sparse attention pattern, the keys
+        a query attends on average at the model's length (mean over layers and queries;
+        full attention: T, or (T + 1) / 2 causal) and the pairs its kernel computes."""
+        patterns = [b.attn.pattern for b in getattr(self, "blocks", ()) if hasattr(b, "attn")]
+        if not any(p is not None for p in patterns):
+            return {}
+        t = self.run_config.model.block_size
+        keys = [float(p.pattern.dense(t, self.causal).sum(1).float().mean()) if p is not None
+                else (t + 1) / 2 if self.causal else float(t) for p in patterns]
+        return {"attention.keys_per_query": round(sum(keys) / len(keys), 2),
+                "attention.kernel_cpu": patterns[0].layout(t, self.causal).kernel}
 
     # ------------------------------------------------------------ to implement
     blocks: nn.ModuleList

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import MaskedModelBase
-from .blocks import Block, init_weights, run_blocks
+from .blocks import attention_pairs, init_weights, make_blocks, run_blocks
 from .config_errors import ConfigError
 from .flops import Flops, encoder, linear
 from .masking import MaskedBatch
@@ -40,13 +40,14 @@ OWN = "own"  # the evaluation task of the model's own training strategy
 class BERT(nn.Module):
     """Token + position embeddings -> bidirectional blocks -> final norm -> MLM head."""
 
-    def __init__(self, cfg: BERTConfig, vocab_size: int):
+    def __init__(self, cfg: BERTConfig, vocab_size: int, attention=None, seed: int = 0):
+        """``attention``: the run's ``AttentionConfig`` (None: full), its random blocks drawn with ``seed``."""
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(vocab_size, cfg.width)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.width)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.depth))
+        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads, cfg.dropout, attention, seed)
         self.ln_f = nn.LayerNorm(cfg.width)
         self.head_dense = nn.Linear(cfg.width, cfg.width)
         self.head_ln = nn.LayerNorm(cfg.width)
@@ -127,7 +128,8 @@ class LitBERT(MLMRows, MaskedModelBase):
 
     def __init__(self, config: dict):
         super().__init__(config)
-        self.model = BERT(self.run_config.model, self.run_config.data.vocab_size)
+        rc = self.run_config
+        self.model = BERT(rc.model, rc.data.vocab_size, rc.attention, rc.seed)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -168,7 +170,8 @@ class LitBERT(MLMRows, MaskedModelBase):
         c = self.run_config.model
         m = int(item.masked.loss_mask.sum())
         head = linear(m, c.width, c.width) + linear(m, c.width, self.model.tok_emb.num_embeddings)
-        return encoder(b, t, c.width, c.depth) + head, int(item.batch.valid.sum())
+        pairs = attention_pairs(self.model.blocks, t, causal=False)
+        return encoder(b, t, c.width, c.depth, pairs) + head, int(item.batch.valid.sum())
 
     # ------------------------------------------------------------ layer removal
     def ablation_batch(self, item: EvalItem) -> MaskedBatch:

@@ -1,7 +1,10 @@
 """Transformer building blocks shared by every model family.
 
 Pre-LayerNorm blocks (GPT-2 / ViT style); attention goes through
-``F.scaled_dot_product_attention`` with the pattern handed in by the masking module.
+``F.scaled_dot_product_attention`` with the pattern handed in by the masking module, or,
+for a layer built with a sparse pattern (the run config's ``attention:`` section), through
+that layer's ``sparse_attention.PatternAttention`` (its own pattern ANDed with the causal
+flag and padding handed in).
 Axis letters: B batch, T tokens (or N patches), D width, H heads.
 """
 
@@ -12,13 +15,15 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masking.attention import Attention
+from .masking.attention import Attention, Pattern
+from .sparse_attention import PatternAttention
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, pattern: PatternAttention | None = None):
         super().__init__()
         self.heads = heads
+        self.pattern = pattern  # None: full attention (or what the Attention handed in says)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.dropout = dropout
@@ -29,9 +34,11 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(d, dim=2)
         # (B, T, D) -> (B, H, T, D/H)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, **attention.sdpa_args(t, t)
-        )
+        dropout = self.dropout if self.training else 0.0
+        if self.pattern is not None:
+            y = self.pattern(q, k, v, attention, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **attention.sdpa_args(t, t))
         y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return self.resid_drop(self.proj(y))
 
@@ -51,16 +58,37 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, pattern: PatternAttention | None = None):
         super().__init__()
         self.ln1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads, dropout)
+        self.attn = SelfAttention(width, heads, dropout, pattern)
         self.ln2 = nn.LayerNorm(width)
         self.mlp = MLP(width, dropout)
 
     def forward(self, x: Tensor, attention: Attention) -> Tensor:
         x = x + self.attn(self.ln1(x), attention)
         return x + self.mlp(self.ln2(x))
+
+
+def make_blocks(depth: int, width: int, heads: int, dropout: float = 0.0, attention=None, seed: int = 0,
+                first_layer: int = 0) -> nn.ModuleList:
+    """``depth`` blocks; with an ``AttentionConfig`` of a sparse kind, block i runs the
+    pattern of layer ``first_layer + i`` (BigBird draws its random blocks per layer)."""
+    kernel = getattr(attention, "kernel", "auto")
+    blocks = []
+    for i in range(depth):
+        pattern = Pattern.from_config(attention, seed, first_layer + i)
+        blocks.append(Block(width, heads, dropout, None if pattern is None else PatternAttention(pattern, kernel)))
+    return nn.ModuleList(blocks)
+
+
+def attention_pairs(blocks: nn.ModuleList, t: int, causal: bool) -> float | None:
+    """Mean over the blocks of the query-key pairs per row their attention computes at
+    length ``t`` (for the FLOP count); None when every block is full attention."""
+    patterns = [b.attn.pattern for b in blocks]
+    if all(p is None for p in patterns):
+        return None
+    return sum(t * t if p is None else p.pairs(t, causal) for p in patterns) / len(patterns)
 
 
 def init_weights(module: nn.Module, depth: int) -> None:

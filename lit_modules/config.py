@@ -2,7 +2,8 @@
 Lightning / MLflow boundary.
 
 A run config has the sections ``data``, ``model``, ``masking``, ``optim``, ``trainer``
-and a top-level ``seed``. ``data``, ``model`` and ``masking`` carry a ``name`` that picks
+and a top-level ``seed``; the optional ``attention`` and ``transfer`` sections appear in
+the dict form (and the hash) only when they differ from their defaults. ``data``, ``model`` and ``masking`` carry a ``name`` that picks
 their dataclass from the registries; every other key must be a field of that dataclass.
 Unknown keys and wrong types are errors naming the key (and the file).
 Dataclass defaults are tiny (seconds on a CPU); real sizes live in the specs.
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from .model_configs import ModelConfig
 
 SECTIONS = ("data", "model", "masking", "optim", "trainer")
-OPTIONAL_SECTIONS = ("transfer",)  # in the dict form (and the hash) only when they do something
+OPTIONAL_SECTIONS = ("attention", "transfer")  # in the dict form (and the hash) only when they do something
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,62 @@ class TransferConfig:
             raise ConfigError("finetune_lr", self.finetune_lr, "must be > 0")
 
 
+ATTENTION_KINDS = ("full", "sliding", "longformer", "bigbird", "prefix")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Which keys each query of a token model may attend (the rules, in reading order, are
+    in ``lit_modules/masking/attention.py``; the kernels in ``lit_modules/sparse_attention.py``).
+
+    kind:           full | sliding (|q - k| <= window) | longformer (sliding + global
+                    tokens) | bigbird (longformer + random key blocks) | prefix (GPT's
+                    prefix-LM: the first ``prefix`` tokens see each other, the rest causal).
+                    Causal models AND the pattern with causal attention in their reading
+                    order, so GPT's backward direction gets the mirror pattern.
+    window:         one-sided width: a query sees keys at most ``window`` positions away.
+    global_tokens:  the leading tokens (e.g. ``[CLS]``) that attend to every token and are
+                    attended by every token (longformer, bigbird; -1 = 1 for those, 0 else).
+    random_blocks:  bigbird: key blocks of ``block_size`` tokens each query block also reads,
+                    drawn per layer from the counter-based hash of (seed, layer).
+    block_size:     bigbird's block, and the tile of the block-sparse CPU kernel.
+    prefix:         prefix: the bidirectional prefix length (its positions are not scored:
+                    their next token is visible to them).
+    kernel:         auto (flex_attention on CUDA, the block-sparse kernel where it computes
+                    fewer pairs than dense, else SDPA with a cached boolean mask) | flex |
+                    blocks | dense.
+    """
+
+    kind: Literal["full", "sliding", "longformer", "bigbird", "prefix"] = "full"
+    window: int = 16
+    global_tokens: int = -1
+    random_blocks: int = 2
+    block_size: int = 16
+    prefix: int = 0
+    kernel: Literal["auto", "flex", "blocks", "dense"] = "auto"
+
+    def __post_init__(self):
+        if self.global_tokens == -1:  # resolved, so the hash and the params say what ran
+            object.__setattr__(self, "global_tokens", 1 if self.kind in ("longformer", "bigbird") else 0)
+        if self.window < 0:
+            raise ConfigError("window", self.window, "must be an integer >= 0 (one-sided width)")
+        if self.global_tokens < 0:
+            raise ConfigError("global_tokens", self.global_tokens, "must be an integer >= 0 (-1: the kind's default)")
+        if self.global_tokens and self.kind not in ("longformer", "bigbird"):
+            raise ConfigError("global_tokens", self.global_tokens,
+                              f"only longformer and bigbird have global tokens (kind is {self.kind})")
+        if self.kind == "longformer" and self.global_tokens < 1:
+            raise ConfigError("global_tokens", self.global_tokens, "longformer needs >= 1 (0 is kind sliding)")
+        if self.random_blocks < 0:
+            raise ConfigError("random_blocks", self.random_blocks, "must be an integer >= 0")
+        if self.block_size < 1:
+            raise ConfigError("block_size", self.block_size, "must be an integer >= 1")
+        if self.kind == "prefix" and self.prefix < 1:
+            raise ConfigError("prefix", self.prefix, "kind prefix needs a prefix length >= 1")
+        if self.kind != "prefix" and self.prefix:
+            raise ConfigError("prefix", self.prefix, f"only kind prefix has a prefix (kind is {self.kind})")
+
+
 @dataclass(frozen=True)
 class AblationOptions:
     """Which layer-removal variants a run evaluates (see lit_modules/ablation.py); a
@@ -153,11 +210,14 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (the form saved in checkpoints and logged to MLflow)."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["seed"] = self.seed
+        if self.attention != AttentionConfig():  # full attention keeps the config (and hash) it had before
+            out["attention"] = dataclasses.asdict(self.attention)
         if self.transfer.tasks:  # a run without transfer keeps the config (and hash) it had before
             out["transfer"] = dataclasses.asdict(self.transfer)
         return out
@@ -270,7 +330,9 @@ def run_config_from_dict(data: Mapping, source: str | None = None) -> RunConfig:
         trainer = from_dict(TrainerConfig, data.get("trainer") or {}, "trainer")
         transfer = from_dict(TransferConfig, data.get("transfer") or {}, "transfer")
         check_transfer_fits(transfer, model_entry)
-        return RunConfig(seed=seed, optim=optim, trainer=trainer, transfer=transfer, **sections)
+        attention = from_dict(AttentionConfig, data.get("attention") or {}, "attention")
+        check_attention_fits(attention, sections["model"])
+        return RunConfig(seed=seed, optim=optim, trainer=trainer, transfer=transfer, attention=attention, **sections)
     except ConfigError as e:
         raise e.within(source=source) from None
 
@@ -291,6 +353,20 @@ def check_transfer_fits(transfer: TransferConfig, model_entry: type) -> None:
         if feature not in have:
             raise ConfigError(f"transfer.features[{i}]", feature,
                               f"allowed for model {model_entry.name}: {', '.join(have) or 'none'}")
+
+
+def check_attention_fits(attention: AttentionConfig, model) -> None:
+    """The family supports the kind, and the pattern fits its sequences."""
+    kinds = getattr(type(model), "attention_kinds", ("full",))
+    if attention.kind not in kinds:
+        raise ConfigError("attention.kind", attention.kind, f"allowed for model {model.name}: {', '.join(kinds)}")
+    t = getattr(model, "block_size", 0)
+    if attention.kind == "prefix" and attention.prefix >= t:
+        raise ConfigError("attention.prefix", attention.prefix, f"must be < model.block_size ({t}): "
+                          "the positions after the prefix are the ones scored")
+    if attention.kind in ("longformer", "bigbird") and attention.global_tokens >= t:
+        raise ConfigError("attention.global_tokens", attention.global_tokens,
+                          f"must be < model.block_size ({t})")
 
 
 def load_run_config(

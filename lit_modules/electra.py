@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from .base import MaskedModelBase
 from .bert import OWN, MLMRows
-from .blocks import Block, init_weights, run_blocks
+from .blocks import attention_pairs, init_weights, make_blocks, run_blocks
 from .config_errors import ConfigError
 from .flops import Flops, encoder, linear
 from .masking import MaskedBatch
@@ -86,10 +86,10 @@ class Discriminator(nn.Module):
     """Embeddings -> bidirectional blocks -> final norm -> RTD head (dense -> GELU ->
     dense to one logit per token: HF's ``ElectraDiscriminatorPredictions``)."""
 
-    def __init__(self, cfg: ElectraConfig, vocab_size: int):
+    def __init__(self, cfg: ElectraConfig, vocab_size: int, attention=None, seed: int = 0):
         super().__init__()
         self.embeddings = TokenEmbedding(vocab_size, cfg.block_size, cfg.width, cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.depth))
+        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads, cfg.dropout, attention, seed)
         self.ln_f = nn.LayerNorm(cfg.width)
         self.rtd_dense = nn.Linear(cfg.width, cfg.width)
         self.rtd_out = nn.Linear(cfg.width, 1)
@@ -116,14 +116,17 @@ class Generator(nn.Module):
     """(Shared) embeddings -> [projection to the generator width] -> bidirectional blocks
     -> final norm -> MLM head tied to the token embedding (see the module docstring)."""
 
-    def __init__(self, cfg: ElectraConfig, vocab_size: int, shared: TokenEmbedding | None):
+    def __init__(self, cfg: ElectraConfig, vocab_size: int, shared: TokenEmbedding | None, attention=None,
+                 seed: int = 0):
+        """``attention``: the discriminator's pattern; the generator's layers draw BigBird's
+        random blocks as layers ``depth``, ``depth + 1``, ... of the same run."""
         super().__init__()
         width = cfg.generator_width
         own = shared is None
         if own:
             self.embeddings = TokenEmbedding(vocab_size, cfg.block_size, width, cfg.dropout)
-        self.blocks = nn.ModuleList(Block(width, cfg.generator_heads, cfg.dropout)
-                                    for _ in range(cfg.generator_layers))
+        self.blocks = make_blocks(cfg.generator_layers, width, cfg.generator_heads, cfg.dropout, attention, seed,
+                                  first_layer=cfg.depth)
         self.ln_f = nn.LayerNorm(width)
         emb_width = width if own else shared.width
         # The paper's "embeddings_project": shared embeddings wider than the generator.
@@ -190,8 +193,10 @@ class LitElectra(MLMRows, MaskedModelBase):
     def __init__(self, config: dict):
         super().__init__(config)
         cfg, vocab = self.run_config.model, self.run_config.data.vocab_size
-        self.model = Discriminator(cfg, vocab)
-        self.generator = Generator(cfg, vocab, self.model.embeddings if cfg.share_embeddings else None)
+        rc = self.run_config
+        self.model = Discriminator(cfg, vocab, rc.attention, rc.seed)
+        self.generator = Generator(cfg, vocab, self.model.embeddings if cfg.share_embeddings else None,
+                                   rc.attention, rc.seed)
         self._val_scores: list[tuple[Tensor, Tensor]] = []  # (logits, labels) of this validation epoch
 
     @property
@@ -291,9 +296,10 @@ class LitElectra(MLMRows, MaskedModelBase):
         vocab = g.embeddings.tok_emb.num_embeddings
         m, n = int(item.masked.loss_mask.sum()), int(item.batch.valid.sum())
         project = linear(b * t, emb, c.generator_width) if g.embeddings_project is not None else Flops()
-        generator = project + encoder(b, t, c.generator_width, c.generator_layers) \
+        generator = project + encoder(b, t, c.generator_width, c.generator_layers,
+                                      attention_pairs(g.blocks, t, causal=False)) \
             + linear(m, c.generator_width, emb) + linear(m, emb, vocab)
-        discriminator = encoder(b, t, c.width, c.depth) + linear(n, c.width, c.width) + linear(n, c.width, 1)
+        discriminator = encoder(b, t, c.width, c.depth, attention_pairs(self.model.blocks, t, causal=False)) + linear(n, c.width, c.width) + linear(n, c.width, 1)
         return generator + discriminator, n
 
     # ------------------------------------------------------------ layer removal

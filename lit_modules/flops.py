@@ -38,9 +38,12 @@ def linear(tokens: float, d_in: int, d_out: int) -> Flops:
     return Flops(dense=2.0 * tokens * d_in * d_out)
 
 
-def encoder(rows: int, tokens: int, width: int, depth: int) -> Flops:
-    """``depth`` pre-LN blocks (4x MLP) on ``rows`` sequences of ``tokens`` tokens."""
-    per_block = 24.0 * rows * tokens * width**2 + 4.0 * rows * tokens**2 * width
+def encoder(rows: int, tokens: int, width: int, depth: int, pairs: float | None = None) -> Flops:
+    """``depth`` pre-LN blocks (4x MLP) on ``rows`` sequences of ``tokens`` tokens; ``pairs``:
+    the query-key pairs a block's attention computes per sequence (default tokens², a
+    dense kernel; a sparse pattern's kernel computes fewer, ``blocks.attention_pairs``)."""
+    pairs = tokens**2 if pairs is None else pairs
+    per_block = 24.0 * rows * tokens * width**2 + 4.0 * rows * pairs * width
     return Flops(dense=depth * per_block)
 
 

@@ -10,15 +10,22 @@ Both directions use the fused causal kernel: the backward task is the forward ta
 the reversed sequence (see ``masking/causal_lm.py``). When the per-step coin comes up,
 the forward and backward views are stacked into one batch of 2B sequences and run in one
 forward pass; their mean token losses are summed before one backward pass.
+
+A sparse attention pattern (the run config's ``attention:`` section: sliding window,
+Longformer, BigBird, prefix-LM) is ANDed with causal attention on the sequence each
+direction reads, so the backward direction gets the mirror pattern. Under prefix-LM the
+prefix positions are not scored (their next token is visible to them).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor, nn
 
 from .base import MaskedModelBase, token_stats
-from .blocks import Block, init_weights, run_blocks
+from .blocks import attention_pairs, init_weights, make_blocks, run_blocks
 from .config_errors import ConfigError
 from .flops import Flops, encoder, linear
 from .masking import MaskedBatch
@@ -34,14 +41,15 @@ N_DIRECTIONS = len(DIRECTIONS)
 class GPT(nn.Module):
     """Token + position + direction embeddings -> blocks -> final norm -> vocabulary."""
 
-    def __init__(self, cfg: GPTConfig, vocab_size: int):
+    def __init__(self, cfg: GPTConfig, vocab_size: int, attention=None, seed: int = 0):
+        """``attention``: the run's ``AttentionConfig`` (None: full), its random blocks drawn with ``seed``."""
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(vocab_size, cfg.width)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.width)
         self.dir_emb = nn.Embedding(N_DIRECTIONS, cfg.width)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.depth))
+        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads, cfg.dropout, attention, seed)
         self.ln_f = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, vocab_size, bias=False)
         init_weights(self, cfg.depth)
@@ -70,10 +78,12 @@ class LitGPT(MaskedModelBase):
     """Causal LM trained forward and, with probability p_bw per step, backward."""
 
     Config = GPTConfig
+    causal = True
 
     def __init__(self, config: dict):
         super().__init__(config)
-        self.model = GPT(self.run_config.model, self.run_config.data.vocab_size)
+        rc = self.run_config
+        self.model = GPT(rc.model, rc.data.vocab_size, rc.attention, rc.seed)
         # Steps that also trained the backward direction (persisted in checkpoints).
         self.register_buffer("bw_steps", torch.zeros((), dtype=torch.long))
 
@@ -84,7 +94,7 @@ class LitGPT(MaskedModelBase):
     def _shared_step(self, item: TrainItem | EvalItem, stage: str):
         """Training: the step's windows, forward and (when the step's coin came up)
         backward, stacked by the data pipeline. Validation always scores both."""
-        masked = item.masked if stage == "train" else item.common[0]
+        masked = self._scorable(item.masked if stage == "train" else item.common[0])
         logits = self.model(masked.inputs, masked.direction, masked.attention)  # (nB, T, V)
         loss_sum, correct, count = token_stats(logits, masked.targets, masked.loss_mask, masked.direction,
                                                N_DIRECTIONS, accuracy=stage != "train")
@@ -103,12 +113,20 @@ class LitGPT(MaskedModelBase):
         # Sum of the per-direction mean losses: each direction counts fully when present.
         return mean_loss[count > 0].sum(), metrics
 
+    def _scorable(self, masked: MaskedBatch) -> MaskedBatch:
+        """The batch with the positions the attention pattern lets see their own target
+        taken out of the loss (prefix-LM's prefix); unchanged for every other pattern."""
+        pattern = self.model.blocks[0].attn.pattern
+        scored = None if pattern is None else pattern.pattern.scored(masked.inputs.shape[1], masked.inputs.device)
+        return masked if scored is None else dataclasses.replace(masked, loss_mask=masked.loss_mask & scored)
+
     def step_flops(self, item: TrainItem) -> tuple[Flops, int]:
         """The blocks and the vocabulary head on every row read (2B when backward too)."""
         rows, t = item.masked.inputs.shape
         c = self.model.cfg
         vocab = self.model.head.out_features
-        return encoder(rows, t, c.width, c.depth) + linear(rows * t, c.width, vocab), item.batch.size * t
+        pairs = attention_pairs(self.model.blocks, t, causal=True)
+        return encoder(rows, t, c.width, c.depth, pairs) + linear(rows * t, c.width, vocab), item.batch.size * t
 
     @torch.no_grad()
     def predict(self, tokens: Tensor, direction: str) -> Tensor:
@@ -124,7 +142,7 @@ class LitGPT(MaskedModelBase):
 
     # ------------------------------------------------------------ layer removal
     def ablation_batch(self, item: EvalItem) -> MaskedBatch:
-        return item.common[0]  # both directions
+        return self._scorable(item.common[0])  # both directions
 
     def ablation_embed(self, masked: MaskedBatch) -> Tensor:
         return self.model.embed(masked.inputs, masked.direction)

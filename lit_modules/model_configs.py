@@ -36,6 +36,8 @@ class GPTConfig:
     # the first the primary one. fw/bw: mean over tokens of the forward / backward pass.
     transfer_input: ClassVar[str] = "text"
     transfer_features: ClassVar[tuple[str, ...]] = ("fw", "bw", "fw_bw")
+    # The attention section's kinds it supports (config.AttentionConfig); others: full only.
+    attention_kinds: ClassVar[tuple[str, ...]] = ("full", "sliding", "longformer", "bigbird", "prefix")
     name: str = "gpt"
     depth: int = 2
     width: int = 64
@@ -58,6 +60,7 @@ class BERTConfig:
     data_kinds: ClassVar[tuple[str, ...]] = ("text",)
     transfer_input: ClassVar[str] = "text"
     transfer_features: ClassVar[tuple[str, ...]] = ("mean", "cls")  # mean over tokens; the [CLS] token
+    attention_kinds: ClassVar[tuple[str, ...]] = ("full", "sliding", "longformer", "bigbird")
     name: str = "bert"
     depth: int = 2
     width: int = 64

@@ -468,7 +468,7 @@ def _check_transfer_objective(spec: StudySpec, cfg, where: str) -> None:
 
 def _known_paths(spec: StudySpec) -> set[str]:
     """Every dotted path the run config of this spec accepts."""
-    from lit_modules.config import OptimConfig, TrainerConfig, TransferConfig
+    from lit_modules.config import AttentionConfig, OptimConfig, TrainerConfig, TransferConfig
     from lit_modules.registry import DATASETS, MASKINGS, MODELS
 
     paths = {"seed"}
@@ -482,4 +482,5 @@ def _known_paths(spec: StudySpec) -> set[str]:
     paths |= {f"optim.{f.name}" for f in fields(OptimConfig)}
     paths |= {f"trainer.{f.name}" for f in fields(TrainerConfig)}
     paths |= {f"transfer.{f.name}" for f in fields(TransferConfig)}
+    paths |= {f"attention.{f.name}" for f in fields(AttentionConfig)}
     return paths

@@ -138,7 +138,8 @@ def train_run(
     try:
         if on_run is not None:
             on_run(run.run_id)
-        params = {**cfg.flat(), **dm.info, "model.parameters": sum(p.numel() for p in model.parameters())}
+        params = {**cfg.flat(), **dm.info, "model.parameters": sum(p.numel() for p in model.parameters()),
+                  **model.run_params()}
         log_params(client, run.run_id, {k: str(v) for k, v in params.items()}, run.logger._params)
         trainer, metrics = _fit(run, cfg, workspace, dm, model, callbacks, tracking.artifacts)
         table = _ablate(run, model, dm, trainer, metrics, ablation or AblationOptions())

@@ -278,27 +278,6 @@ def test_padding():
 
 
 @pytest.mark.parametrize("t", SIZES)
-@pytest.mark.parametrize("window", [1, 2, 3, 10])
-def test_sliding_window(t, window):
-    fw = attention.sliding_window(t, window, "fw")
-    bw = attention.sliding_window(t, window, "bw")
-    assert torch.equal(fw, _expected(t, lambda q, k: q - window < k <= q))
-    assert torch.equal(bw, _expected(t, lambda q, k: q <= k < q + window))
-    if window >= t:
-        assert torch.equal(fw, attention.forward_causal(t))
-        assert torch.equal(bw, attention.backward_causal(t))
-    if window == 1:
-        assert torch.equal(fw, torch.eye(t, dtype=torch.bool))
-
-
-def test_sliding_window_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="window"):
-        attention.sliding_window(4, 0)
-    with pytest.raises(ValueError, match="direction"):
-        attention.sliding_window(4, 2, "sideways")
-
-
-@pytest.mark.parametrize("t", SIZES)
 @pytest.mark.parametrize("prefix", [0, 1, 2, 3])
 def test_prefix_lm_int(t, prefix):
     assert torch.equal(attention.prefix_lm(t, prefix), _expected(t, lambda q, k: k <= q or k < prefix))
@@ -329,7 +308,7 @@ def test_combine():
 def test_attention_dense(t):
     assert Attention().dense(t).all()
     assert torch.equal(Attention(causal=True).dense(t), attention.forward_causal(t))
-    win = attention.sliding_window(t, 2, "bw")
+    win = attention.prefix_lm(t, 2)
     assert torch.equal(Attention(mask=win).dense(t), win)
     assert torch.equal(Attention(causal=True, mask=win).dense(t), win & attention.forward_causal(t))
 

@@ -7,10 +7,17 @@ mask wherever the pattern is plain causal: only that form reaches the fused/flas
 The backward-causal task is expressed as a flip of the sequence plus ``causal=True`` (see
 ``causal_lm.py``); ``backward_causal`` below is the dense reference used by tests and by
 patterns that must be combined with others.
+
+``Pattern`` is one layer's sparse attention rule (the ``attention:`` section of a run
+config: sliding windows, Longformer's global tokens, BigBird's random blocks, GPT's
+prefix-LM), stated once as ``rule(q, k)`` on position indices in reading order. The
+kernels that run it (``lit_modules/sparse_attention.py``) build their block layouts from
+this rule and nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,24 +80,6 @@ def padding(valid: Tensor) -> Tensor:
     return valid[:, None, None, :]
 
 
-def sliding_window(
-    t: int, window: int, direction: str = "fw", device: torch.device | str = "cpu"
-) -> Tensor:
-    """(T, T) causal attention limited to the last ``window`` keys (including itself).
-
-    direction "fw": keys in (t - window, t]; "bw": keys in [t, t + window).
-    """
-    if window < 1:
-        raise ValueError(f"sliding window = {window}: must be an integer >= 1")
-    q = torch.arange(t, device=device)[:, None]
-    k = torch.arange(t, device=device)[None, :]
-    if direction == "fw":
-        return (k <= q) & (k > q - window)
-    if direction == "bw":
-        return (k >= q) & (k < q + window)
-    raise ValueError(f"sliding window direction = {direction!r}: allowed 'fw', 'bw'")
-
-
 def prefix_lm(t: int, prefix: Tensor | int, device: torch.device | str = "cpu") -> Tensor:
     """Prefix-LM: the first ``prefix`` positions attend bidirectionally among themselves,
     the rest causally. ``prefix`` is an int or a (B,) tensor -> (T, T) or (B, 1, T, T)."""
@@ -118,3 +107,102 @@ def combine(*masks: Tensor | None) -> Tensor | None:
             continue
         out = m if out is None else (out & m)
     return out
+
+
+# ---------------------------------------------------------------- sparse patterns
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One layer's attention pattern (an ``AttentionConfig`` bound to the run's seed and a
+    layer), in reading order: a causal model ANDs it with causal attention on the
+    sequence it reads, so GPT's backward direction (the reversed sequence) gets the mirror.
+
+    sliding:     |q - k| <= window.
+    longformer:  sliding, or q < global_tokens, or k < global_tokens.
+    bigbird:     longformer, or key block k // block_size is one of ``random_blocks``
+                 blocks drawn for query block q // block_size (per layer, from the hash of
+                 (seed, layer); never a block the window or the global tokens already cover;
+                 for a causal model only blocks up to the query's).
+    prefix:      k <= q or k < prefix (prefix-LM; it replaces causal attention).
+    """
+
+    kind: str
+    window: int = 0
+    global_tokens: int = 0
+    random_blocks: int = 0
+    block_size: int = 16
+    prefix: int = 0
+    seed: int = 0
+    layer: int = 0
+
+    @classmethod
+    def from_config(cls, cfg, seed: int, layer: int) -> Pattern | None:
+        """The pattern of layer ``layer`` for a ``config.AttentionConfig``; None for full."""
+        if cfg is None or cfg.kind == "full":
+            return None
+        return cls(kind=cfg.kind, window=cfg.window, global_tokens=cfg.global_tokens,
+                   random_blocks=cfg.random_blocks if cfg.kind == "bigbird" else 0,
+                   block_size=cfg.block_size, prefix=cfg.prefix, seed=seed, layer=layer)
+
+    def random_table(self, t: int, causal: bool, device: torch.device | str = "cpu") -> Tensor | None:
+        """(nb, nb) bool, nb = ceil(t / block_size): key block j is one of query block i's
+        random blocks. The ``random_blocks`` eligible blocks with the smallest hash of
+        (seed, layer, i, j) (so a block pair's draw does not depend on t)."""
+        if not self.random_blocks:
+            return None
+        from .rng import Stream, bits_at, step_stream
+
+        nb = -(-t // self.block_size)
+        i = torch.arange(nb, device=device)[:, None]
+        j = torch.arange(nb, device=device)[None, :]
+        stream = step_stream(self.seed, self.layer, Stream.ATTENTION_BLOCKS).to(device)
+        score = bits_at(stream, i * (1 << 20) + j)  # (nb, nb), 32-bit
+        near = -(-self.window // self.block_size)  # blocks a window of that width reaches
+        eligible = ((i - j).abs() > near) & (j * self.block_size >= self.global_tokens)
+        if causal:
+            eligible &= j <= i
+        score = torch.where(eligible, score, torch.full_like(score, 1 << 40))
+        r = min(self.random_blocks, nb)
+        pick = score.topk(r, dim=1, largest=False).indices  # (nb, r)
+        table = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+        table.scatter_(1, pick, True)
+        return table & eligible
+
+    def rule(self, t: int, causal: bool, device: torch.device | str = "cpu") -> Callable[[Tensor, Tensor], Tensor]:
+        """``allowed(q, k)`` on broadcastable position tensors (< t): True = q may attend k.
+        Written with elementwise ops and one table lookup, so it is also a FlexAttention
+        ``mask_mod`` (``lambda b, h, q, k: rule(q, k)``)."""
+        if self.kind == "prefix":
+            p = self.prefix
+            return lambda q, k: (k <= q) | (k < p)
+        w, g, bs = self.window, self.global_tokens, self.block_size
+        table = self.random_table(t, causal, device)
+
+        def allowed(q: Tensor, k: Tensor) -> Tensor:
+            ok = (q - k).abs() <= w
+            if g:
+                ok = ok | (q < g) | (k < g)
+            if table is not None:
+                ok = ok | table[q // bs, k // bs]
+            if causal:
+                ok = ok & (k <= q)
+            return ok
+
+        return allowed
+
+    def dense(self, t: int, causal: bool, device: torch.device | str = "cpu") -> Tensor:
+        """(T, T) bool, the rule at every (query, key)."""
+        pos = torch.arange(t, device=device)
+        return self.rule(t, causal, device)(pos[:, None], pos[None, :])
+
+    def scored(self, t: int, device: torch.device | str = "cpu") -> Tensor | None:
+        """(T,) bool: the positions a next-token loss may score without the target being
+        visible (prefix-LM: position q < prefix - 1 sees its next token); None = all."""
+        if self.kind != "prefix":
+            return None
+        return torch.arange(t, device=device) >= self.prefix - 1
+
+    def global_rows(self, causal: bool) -> int:
+        """Leading query rows that attend to every key (none under causal attention)."""
+        return 0 if causal else self.global_tokens

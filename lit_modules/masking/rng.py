@@ -51,7 +51,9 @@ class Stream(IntEnum):
       key, k)`` with the purpose id absorbed as one more word, so a new purpose is a new
       member here and changes no existing mask;
     - per-step streams (batch samplers, augmentation, per-step coins): keyed by the
-      training step, ``seed_hash(seed, step, id)``, independent of every mask.
+      training step, ``seed_hash(seed, step, id)``, independent of every mask; a
+      per-layer stream (BigBird's random blocks) is drawn the same way with the layer
+      index in place of the step, so every step, trial and worker sees the same pattern.
     """
 
     # text-mask slots
@@ -75,12 +77,14 @@ class Stream(IntEnum):
     VIDEO_FLIP = 0x71DF  # their flips
     # mask purposes added later (appended: the ids above never change)
     ELECTRA_SAMPLE = 0xE1EC  # ELECTRA's generator samples, one number per position
+    # per-layer streams (keyed by the layer where a per-step stream has the step)
+    ATTENTION_BLOCKS = 0xA77B  # BigBird's random key blocks, one number per (query block, key block)
 
 
 TEXT_SLOTS = 4  # text mask index k uses ids TEXT_SLOTS * k + slot
 _SLOTS = {Stream.TEXT_SELECT, Stream.TEXT_REPLACE, Stream.TEXT_RANDOM_TOKEN, Stream.TEXT_SPAN_LENGTH}
 _STEP = {Stream.BW_COIN, Stream.TEXT_BATCH, Stream.MLM_BATCH, Stream.IMAGE_BATCH, Stream.IMAGE_AUG,
-         Stream.VIDEO_BATCH, Stream.VIDEO_FLIP}
+         Stream.VIDEO_BATCH, Stream.VIDEO_FLIP, Stream.ATTENTION_BLOCKS}
 assert {int(s) for s in _SLOTS} == set(range(TEXT_SLOTS)), "the text slots are 0..TEXT_SLOTS-1"
 
 
@@ -201,6 +205,12 @@ def bits(ids: Tensor, n: int, start: int = 0) -> Tensor:
     """(B, n) int64 in [0, 2**32): counters start..start+n-1 of each row's stream."""
     counter = torch.arange(start, start + n, dtype=torch.int64, device=ids.device)
     return mix32(_absorb(ids[:, None], counter[None, :]))
+
+
+def bits_at(ids: Tensor, counters: Tensor) -> Tensor:
+    """32-bit numbers at explicit ``counters`` of the stream ``ids`` (broadcast together):
+    a number depends on its counter alone, not on how many others are drawn."""
+    return mix32(_absorb(ids, counters))
 
 
 def to_uniform(b: Tensor, dtype=None) -> Tensor:
