@@ -234,6 +234,7 @@ def run_table(what: str, kinds: list[str], lengths: list[int], args, device: tor
         print(f"| {k} | {fits[k]['time']:.2f} | {fits[k]['time_last']:.2f} | {fits[k]['memory']:.2f} |")
     if args.json:
         path = args.json.with_name(f"{args.json.stem}_{what}{args.json.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"rows": rows, "exponents": fits, "args": vars(args) | {"json": str(args.json)}},
                                    indent=1, default=str))
 

@@ -62,17 +62,17 @@ class MaskedModelBase(L.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
 
     def run_params(self) -> dict[str, object]:
-        """What the run records beside its config: for a sparse attention pattern, the keys
-        a query attends on average at the model's length (mean over layers and queries;
-        full attention: T, or (T + 1) / 2 causal) and the pairs its kernel computes."""
-        patterns = [b.attn.pattern for b in getattr(self, "blocks", ()) if hasattr(b, "attn")]
-        if not any(p is not None for p in patterns):
-            return {}
+        """What the run records beside its config: for a family with the attention section,
+        the keys a query attends on average at the model's length (mean over layers and
+        queries; full attention: T, or (T + 1) / 2 causal) and the kernel that runs on CPU."""
+        if not hasattr(type(self.run_config.model), "attention_kinds"):
+            return {}  # a family without the attention section
+        patterns = [b.attn.pattern for b in self.blocks]
         t = self.run_config.model.block_size
         keys = [float(p.pattern.dense(t, self.causal).sum(1).float().mean()) if p is not None
                 else (t + 1) / 2 if self.causal else float(t) for p in patterns]
-        return {"attention.keys_per_query": round(sum(keys) / len(keys), 2),
-                "attention.kernel_cpu": patterns[0].layout(t, self.causal).kernel}
+        kernel = "sdpa" if patterns[0] is None else patterns[0].layout(t, self.causal).kernel
+        return {"attention.keys_per_query": round(sum(keys) / len(keys), 2), "attention.kernel_cpu": kernel}
 
     # ------------------------------------------------------------ to implement
     blocks: nn.ModuleList

@@ -342,10 +342,13 @@ def cmd_list(args) -> int:
     print("transfer tasks (a run config's transfer.tasks):")
     for name, what in TASK_DESCRIPTION.items():
         print(f"  {name:<22} {what}")
+    print("attention kinds (a run config's attention.kind; lit_modules/masking/attention.py):")
+    for name in MODELS.names():
+        print(f"  {name:<18} {', '.join(getattr(MODELS.config(name), 'attention_kinds', ('full',)))}.")
     print("specs (masklab run NAME) and run configs (masklab train studies/specs/NAME.yaml):")
     for path in sorted(SPEC_DIR.glob("*.yaml")):
         raw = load_yaml(path)
-        if "grid" in raw or "search" in raw:
+        if "grid" in raw or "search" in raw or "recipes" in raw:
             what = f"study: {raw.get('description') or raw.get('name')}"
         else:  # a run config: its first comment line says what it is
             first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "# ")

@@ -365,3 +365,51 @@ def test_specs_sweep_the_attention_axis():
     assert {c.seed for c in bert} == {0, 1}
     gpt = configs("gpt_window")
     assert len({(c.attention.window, c.masking.p_bw) for c in gpt}) >= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind,causal", [("sliding", True), ("longformer", False), ("bigbird", False)])
+def test_flex_kernel_trains_on_cuda(kind, causal):
+    """On CUDA, auto picks compiled FlexAttention; its outputs and gradients equal the
+    dense rule's, with padding."""
+    pattern = Pattern.from_config(AttentionConfig(kind=kind, **{**KINDS[kind], "block_size": 16}), 0, 0)
+    b, h, t, d = 2, 2, 300, 16
+    valid = torch.arange(t)[None] < torch.tensor([t, 200])[:, None]
+    valid = valid.cuda()
+    attention = Attention(causal=True) if causal else Attention(mask=padding(valid))
+    rows = torch.ones(b, t, dtype=torch.bool, device="cuda") if causal else valid
+    q, k, v = (torch.randn(b, h, t, d, device="cuda", requires_grad=True) for _ in range(3))
+    pa = PatternAttention(pattern, "auto")
+    assert pa.layout(t, causal, "cuda").kernel == "flex"
+    w = torch.randn(b, h, t, d, device="cuda") * rows[:, None, :, None]
+    y = pa(q, k, v, attention)
+    grads = torch.autograd.grad((y * w).sum(), (q, k, v))
+    ref = PatternAttention(pattern, "dense")(q, k, v, attention)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(y * rows[:, None, :, None], ref * rows[:, None, :, None], atol=1e-4, rtol=1e-4)
+    for a, c in zip(grads, ref_grads):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+
+
+def test_transfer_on_a_patterned_model_with_its_own_random_init_baseline(tiny_config, workspace):
+    """The transfer stage runs on a sliding-window BERT unchanged (every layer probed),
+    and its random-init baseline is the sliding-window architecture's, not a cached
+    full-attention one."""
+    from lit_modules.run import build_datamodule, build_model
+    from lit_modules.transfer.stage import run_transfer
+
+    caps = {"transfer.tasks": ["sst2"], "transfer.max_train": 120, "transfer.max_select": 60, "transfer.max_eval": 80}
+    scores = {}
+    for kind in ("full", "sliding"):
+        over = {**caps, "attention.kind": kind, **({"attention.window": 1} if kind == "sliding" else {})}
+        cfg = tiny_config("bert", over)
+        dm = build_datamodule(cfg, workspace)
+        model = build_model(cfg)
+        out = run_transfer(model, cfg, workspace.data_dir, workspace.cache_dir, dm.tokenizer_path, build_model)
+        layers = sorted(s for m, _, s in out.points if m == "transfer/sst2/probe_acc")
+        assert layers == list(range(len(model.blocks) + 1))
+        scores[kind] = out.metrics["transfer/sst2/baseline_random_init"]
+        # at init, the run's own model is the random-init model: its top-layer probe is the baseline
+        assert out.metrics["transfer/sst2/probe_acc"] == pytest.approx(scores[kind])
+    assert scores["full"] != scores["sliding"]

@@ -145,9 +145,10 @@ def _baselines(task, name: str, cfg: RunConfig, cache_dir: Path, inputs: dict, p
             "image_size": getattr(cfg.model, "image_size", 0), "frames": getattr(cfg.model, "frames", 16)}
     key = config_hash({"task": name, "source": task.source, **caps})
     out = {f"transfer/{name}/baseline_{k}": v for k, v in cached_baselines(task, probe_score, cache_dir, key).items()}
-    # The architecture at random init: the weights this run started from (same seed).
-    init_key = config_hash({"task": name, "source": task.source, "model": cfg.to_dict()["model"],
-                            "data": cfg.to_dict()["data"], "seed": cfg.seed, "feature": primary,
+    # The architecture at random init: the weights this run started from (same seed), its
+    # attention pattern included (a run without an attention section keeps its old key).
+    arch = {k: v for k, v in cfg.to_dict().items() if k in ("model", "data", "attention")}
+    init_key = config_hash({"task": name, "source": task.source, **arch, "seed": cfg.seed, "feature": primary,
                             "max_tokens": t.max_tokens, **caps})
 
     def compute() -> dict[str, float]:
