@@ -8,7 +8,8 @@ a causal kernel skips about half); plus the family's own embeddings and heads on
 tokens they run on (BERT's head only at the masked positions, an MAE encoder only on
 the visible patches). The backward pass costs twice the forward (gradients of the
 inputs and of the weights), except for a first layer whose input needs no gradient (a
-patch embedding of pixels: weights only, once). LayerNorms, activations, softmax and
+patch embedding of pixels: weights only, once) and for products no gradient flows
+through (BEiT's tokenizer finding each patch's word: forward only). LayerNorms, activations, softmax and
 losses are not counted: they are a few percent of a step at any realistic width.
 ``tests/test_flops.py`` checks every family against torch's own FLOP counter.
 """
@@ -20,18 +21,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Flops:
-    """Forward FLOPs of a step: ``dense`` (backward 2x), ``first`` (backward 1x)."""
+    """Forward FLOPs of a step: ``dense`` (backward 2x), ``first`` (backward 1x),
+    ``nograd`` (no backward: e.g. BEiT's tokenizer finding each patch's word)."""
 
     dense: float = 0.0
     first: float = 0.0
+    nograd: float = 0.0
 
     def __add__(self, other: Flops) -> Flops:
-        return Flops(self.dense + other.dense, self.first + other.first)
+        return Flops(self.dense + other.dense, self.first + other.first, self.nograd + other.nograd)
 
     @property
     def training(self) -> float:
         """Forward plus backward."""
-        return 3 * self.dense + 2 * self.first
+        return 3 * self.dense + 2 * self.first + self.nograd
 
 
 def linear(tokens: float, d_in: int, d_out: int) -> Flops:

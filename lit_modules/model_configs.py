@@ -140,6 +140,45 @@ class ElectraConfig(BERTConfig):
         return self.generator_depth or self.depth
 
 
+@MODELS.register_config("beit")
+@dataclass(frozen=True)
+class BEiTConfig:
+    """BEiT (Bao et al. 2021): a ViT encoder reads every patch, the masked ones replaced by
+    a learned [MASK] embedding, and predicts the masked patches' discrete visual tokens
+    (``patch_tokenizer.py``: ``codebook_size`` k-means words of ``patch_size`` patches,
+    fit on the run's training images) by cross-entropy."""
+
+    consumes: ClassVar[type] = Images
+    data_kinds: ClassVar[tuple[str, ...]] = ("image",)
+    transfer_input: ClassVar[str] = "image"
+    transfer_features: ClassVar[tuple[str, ...]] = ("mean", "cls")
+    name: str = "beit"
+    image_size: int = 32
+    patch_size: int = 8
+    depth: int = 2
+    width: int = 64
+    heads: int = 2
+    codebook_size: int = 256  # visual words of the patch tokenizer
+    tokenizer_patches: int = 40000  # training patches its k-means sees
+    eval_masks: int = 2  # fixed validation masks per image
+
+    def __post_init__(self):
+        check_at_least(self, ("depth", "heads", "patch_size", "eval_masks"))
+        check_at_least(self, ("codebook_size",), 2)
+        if self.image_size < 1 or self.image_size % self.patch_size:
+            raise ConfigError("image_size", self.image_size,
+                              f"must be a positive multiple of patch_size ({self.patch_size})")
+        if self.tokenizer_patches < self.codebook_size:
+            raise ConfigError("tokenizer_patches", self.tokenizer_patches,
+                              f"must be >= codebook_size ({self.codebook_size}): k-means needs a patch per word")
+        check_width(self)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return g, g
+
+
 @MODELS.register_config("mae")
 @dataclass(frozen=True)
 class MAEConfig:

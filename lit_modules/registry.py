@@ -103,6 +103,6 @@ def ensure_configs() -> None:
 def ensure_registered() -> None:
     """Import the modules whose decorators fill the registries (idempotent)."""
     ensure_configs()
-    from . import bert, electra, gpt, mae  # noqa: F401
+    from . import beit, bert, electra, gpt, mae  # noqa: F401
     from . import video as video_model  # noqa: F401  (aliased: data.video and masking.video share the name)
     from .data import images, text, video  # noqa: F401

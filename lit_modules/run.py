@@ -53,9 +53,15 @@ def check_fits_data(cfg: RunConfig, dm) -> None:
                                                     f"set model.vocab_size >= {have} (data.vocab_size)")
 
 
-def build_model(cfg: RunConfig) -> L.LightningModule:
+def build_model(cfg: RunConfig, datamodule: L.LightningDataModule | None = None) -> L.LightningModule:
+    """The run's module, seeded; with its data module, a family that learns something
+    from the data before training (BEiT's patch tokenizer: ``fit_to_data``) learns it here
+    (otherwise Lightning's ``setup`` hook does, when it trains)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    return MODELS.get(cfg.model.name)(cfg.to_dict())
+    model = MODELS.get(cfg.model.name)(cfg.to_dict())
+    if datamodule is not None and hasattr(model, "fit_to_data"):
+        model.fit_to_data(datamodule)
+    return model
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

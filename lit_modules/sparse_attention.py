@@ -253,8 +253,10 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, lay: Layout, valid: Tensor | None
     if valid is not None:  # the cached block lists, the batch's padding in the mask_mod
         base = mask.mask_mod
 
-        def with_padding(b, h, q_idx, k_idx):
-            return base(b, h, q_idx, k_idx) & (valid[b, k_idx] | ~valid[b, q_idx])
+        last = lay.t - 1
+
+        def with_padding(b, h, q_idx, k_idx):  # indices past t (the kernel's padding) clamped
+            return base(b, h, q_idx, k_idx) & (valid[b, k_idx.clamp(max=last)] | ~valid[b, q_idx.clamp(max=last)])
 
         mask = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, BLOCK_SIZE=FLEX_BLOCK,
                                         mask_mod=with_padding, seq_lengths=(lay.t, lay.t))

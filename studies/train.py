@@ -170,7 +170,7 @@ def _build(cfg: RunConfig, workspace: Workspace):
     from lit_modules.run import build_datamodule, build_model
 
     dm = build_datamodule(cfg, workspace)
-    model = build_model(cfg)
+    model = build_model(cfg, dm)
     init_from = getattr(cfg.model, "init_from", "")
     if init_from:  # a bad or unsafe stage-1 checkpoint is refused before the run exists
         model.load_pretrained(init_from)

@@ -131,6 +131,15 @@ TINY = {
         "optim": {"warmup_steps": 2},
         "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
     },
+    "beit": {
+        "seed": 0,
+        "data": {"name": "cifar10", "batch_size": 8, "val_batch_size": 16, "val_images": 32},
+        "model": {"name": "beit", "image_size": 32, "patch_size": 8, "depth": 2, "width": 32, "heads": 2,
+                  "codebook_size": 16, "tokenizer_patches": 2000, "eval_masks": 2},
+        "masking": {"name": "mae-block", "mask_ratio": 0.4},
+        "optim": {"warmup_steps": 2},
+        "trainer": {"max_steps": 4, "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False},
+    },
     "video-mae": {
         "seed": 0,
         "data": {"name": "moving-mnist", "frames": 4, "image_size": 64, "n_clips": 64, "batch_size": 2,

@@ -209,13 +209,14 @@ def test_nothing_removed_is_the_validation_score(tiny_config, workspace, name):
     from lit_modules.run import build_datamodule, build_model
 
     cfg = tiny_config(name)
-    model = build_model(cfg).eval()
+    dm = build_datamodule(cfg, workspace)
+    model = build_model(cfg, dm).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # off the init, where a block's residual branch is near zero
         for p in model.parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.5 / p[0].numel() ** 0.5))
-    item = next(iter(build_datamodule(cfg, workspace).val_dataloader()))
+    item = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         _, metrics = model._shared_step(item, "val")
     df = layer_removal(model, [item], AblationOptions(drop_one=False, similarity=False))

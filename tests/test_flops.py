@@ -20,8 +20,9 @@ def test_step_flops_match_torch_flop_counter(tiny_config, workspace, name):
     stages = ["pretrain", "autoregressive"] if name in ("video-mae", "maskvit") else [None]
     for stage in stages:
         cfg = tiny_config(name, {"model.stage": stage} if stage else None)
-        model = build_model(cfg).train()
-        item = next(iter(build_datamodule(cfg, workspace).train_dataloader()))
+        dm = build_datamodule(cfg, workspace)
+        model = build_model(cfg, dm).train()
+        item = next(iter(dm.train_dataloader()))
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             loss, _ = model._shared_step(item, "train")
             loss.backward()

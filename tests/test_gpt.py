@@ -106,8 +106,8 @@ def test_model_smoke(tiny_config, workspace, name):
     from lit_modules.run import build_datamodule, build_model
 
     cfg = tiny_config(name)
-    model = build_model(cfg).train()
     dm = build_datamodule(cfg, workspace)
+    model = build_model(cfg, dm).train()
     item = next(iter(dm.train_dataloader()))
     assert isinstance(item, TrainItem) and item.step == 0 and item.masked is not None
     assert isinstance(item.batch, cfg.model.consumes)

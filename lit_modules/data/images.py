@@ -185,6 +185,13 @@ def normalize_images(x: Tensor) -> Tensor:
     return (x - mean) / std
 
 
+def denormalize_images(x: Tensor) -> Tensor:
+    """The inverse of ``normalize_images``: back to [0, 1] pixels."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)[None, :, None, None]
+    return x * std + mean
+
+
 def crop_params(u: Tensor, size: int, scale_min: float) -> tuple[Tensor, Tensor]:
     """RandomResizedCrop boxes and flips from uniforms ``u`` (B, 4 * CROP_ATTEMPTS + 1).
 

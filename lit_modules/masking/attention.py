@@ -178,13 +178,14 @@ class Pattern:
             return lambda q, k: (k <= q) | (k < p)
         w, g, bs = self.window, self.global_tokens, self.block_size
         table = self.random_table(t, causal, device)
+        last = -(-t // bs) - 1  # a kernel may ask about positions past t (its padding): no index past the table
 
         def allowed(q: Tensor, k: Tensor) -> Tensor:
             ok = (q - k).abs() <= w
             if g:
                 ok = ok | (q < g) | (k < g)
             if table is not None:
-                ok = ok | table[q // bs, k // bs]
+                ok = ok | table[(q // bs).clamp(max=last), (k // bs).clamp(max=last)]
             if causal:
                 ok = ok & (k <= q)
             return ok

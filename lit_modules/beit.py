@@ -1,0 +1,204 @@
+"""BEiT (Bao et al. 2021): masked image modeling on discrete visual tokens.
+
+The forward splits as MAE's: **masking** (``masking/patches.py``; BEiT's block-wise
+``mae-block`` at 40% is the family's usual strategy; True = masked), **encoder** (patch
+embedding + fixed 2-D sin-cos positions; *every* patch goes through the blocks, a masked
+patch's embedding replaced by a learned [MASK] embedding before the position is added,
+and a class token in front), **head** (final norm, then a linear layer to the K visual
+words, run only at the masked patches: gathered first) and **loss** (cross-entropy on the
+masked patches' token ids). The targets are the ids the run's patch tokenizer
+(``patch_tokenizer.py``: k-means words of ``patch_size`` patches, fit on the run's
+training images, cached) gives each patch of the *unmasked* input image; its codebook is
+a buffer of the model, so a checkpoint carries the tokenizer it trained against.
+
+The tokenizer is fit when the model meets its data: ``fit_to_data(datamodule)``, called
+by ``run.build_model(cfg, datamodule)`` and by Lightning's ``setup`` hook; it logs its
+codebook perplexity and reconstruction PSNR with the run (``tokenizer/*``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import init_weights, make_blocks, run_blocks
+from .config_errors import ConfigError
+from .flops import Flops, encoder, first_layer, linear
+from .masking import MaskedBatch
+from .masking.attention import Attention
+from .masking.plan import EvalItem, TrainItem
+from .model_configs import BEiTConfig
+from .patch_base import PatchModelBase
+from .patchify import patchify, sincos_2d
+from .registry import MODELS
+
+
+class BEiT(nn.Module):
+    """Patch embedding + [MASK] + positions -> blocks -> final norm -> K-way head."""
+
+    def __init__(self, cfg: BEiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, n = cfg.patch_size, cfg.grid[0] * cfg.grid[1]
+        self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.register_buffer("pos", sincos_2d(cfg.width, cfg.grid), persistent=False)  # (N, D)
+        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads)
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.codebook_size)
+        init_weights(self, cfg.depth)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.n_patches = n
+
+    def embed(self, images: Tensor, masked: Tensor | None) -> Tensor:
+        """Images (B, 3, H, W), masked (B, N) bool or None -> [cls; patches] (B, 1 + N, D)."""
+        if images.shape[-1] != self.cfg.image_size or images.shape[-2] != self.cfg.image_size:
+            raise ConfigError("model.image_size", self.cfg.image_size,
+                              f"the images are {images.shape[-2]}x{images.shape[-1]}; set it to match data.image_size")
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        if masked is not None:
+            x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
+        x = x + self.pos[None]
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+    def masked_logits(self, h: Tensor, masked: Tensor) -> Tensor:
+        """Hidden states (B, 1 + N, D) before the final norm -> logits (M, K) at the M
+        masked patches (row-major order of ``masked``)."""
+        return self.head(self.norm(h[:, 1:][masked]))
+
+
+@MODELS.register("beit")
+class LitBEiT(PatchModelBase):
+    """ViT on every patch ([MASK] at the masked ones) predicting their discrete visual tokens."""
+
+    Config = BEiTConfig
+    recon_metric = "token_loss"
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        c = self.run_config.model
+        self.model = BEiT(c)
+        # The patch tokenizer's codebook (K, P * P * 3), in checkpoints; zeros until fit.
+        self.register_buffer("codebook", torch.zeros(c.codebook_size, 3 * c.patch_size**2))
+        self.register_buffer("codebook_fitted", torch.zeros((), dtype=torch.bool))
+        self.tokenizer_stats: dict[str, float] = {}
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
+
+    # ------------------------------------------------------------ the tokenizer
+    def fit_to_data(self, dm) -> None:
+        """Fit (or load from the cache) the patch tokenizer on the data module's training
+        images, scored on its validation images; no-op once fitted."""
+        if bool(self.codebook_fitted):
+            return
+        from .patch_tokenizer import TokenizerOptions, fit
+
+        c = self.run_config.model
+        options = TokenizerOptions(codebook_size=c.codebook_size, patch_size=c.patch_size,
+                                   max_patches=c.tokenizer_patches, seed=self.run_config.seed)
+        data = dm.data
+        tok = fit(data.pixels[dm.train_index], data.keys[dm.train_index], data.pixels[dm.val_index], options,
+                  dm.workspace.cache_dir)
+        self.codebook.copy_(tok.centroids)
+        self.codebook_fitted.fill_(True)
+        self.tokenizer_stats = tok.stats
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            self.fit_to_data(dm)
+
+    def on_fit_start(self) -> None:
+        if self.tokenizer_stats and self.logger is not None:  # with the run, at step 0
+            self.logger.log_metrics({f"tokenizer/{k}": v for k, v in self.tokenizer_stats.items()}, step=0)
+
+    def run_params(self) -> dict[str, object]:
+        return {f"tokenizer.{k}": round(v, 4) for k, v in self.tokenizer_stats.items()}
+
+    def targets(self, images: Tensor) -> Tensor:
+        """The token id of every patch of the (unmasked) input images: (B, N) int64."""
+        if not bool(self.codebook_fitted):
+            raise RuntimeError("beit: the patch tokenizer is not fit; build the model with its data module "
+                               "(run.build_model(cfg, datamodule)) or train it with one")
+        from .data.images import denormalize_images
+        from .patch_tokenizer import nearest
+
+        if self.run_config.data.normalize:  # the tokenizer reads [0, 1] pixels
+            images = denormalize_images(images)
+        return nearest(patchify(images.float(), self.run_config.model.patch_size), self.codebook)
+
+    # ------------------------------------------------------------ the masked step
+    def _masked_ce(self, h: Tensor, masked: MaskedBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Sum of the cross-entropy and of the correct predictions at the masked patches, their count."""
+        logits = self.model.masked_logits(h, masked.loss_mask)  # (M, K)
+        target = self.targets(masked.targets)[masked.loss_mask]  # (M,)
+        ce = F.cross_entropy(logits.float(), target, reduction="sum")
+        return ce, (logits.argmax(-1) == target).sum().float(), masked.loss_mask.sum().float()
+
+    def view_stats(self, masked: MaskedBatch) -> tuple[Tensor, Tensor, Tensor]:
+        h = run_blocks(self.model.blocks, self.model.embed(masked.inputs, masked.loss_mask), Attention())
+        return self._masked_ce(h, masked)
+
+    def view_loss(self, masked: MaskedBatch) -> tuple[Tensor, Tensor]:
+        ce, _, n = self.view_stats(masked)
+        return ce, n
+
+    def _shared_step(self, item: TrainItem | EvalItem, stage: str):
+        """Mean cross-entropy over the masked patches of the step's view (training) or of
+        the K evaluation masks, and the token accuracy."""
+        views = [item.masked] if stage == "train" else item.common
+        ce = correct = n = 0.0
+        for v in views:
+            c, a, m = self.view_stats(v)
+            ce, correct, n = ce + c, correct + a, n + m
+        count = max(float(n), 1.0)
+        loss = ce / count
+        metrics = {"token_loss": (loss.detach(), int(n)), "token_acc": (correct / count, int(n))}
+        if stage == "train":
+            metrics["mask_ratio"] = (torch.tensor(views[0].ratio), 1)  # the ratio this step trained on
+        return loss, metrics
+
+    def step_flops(self, item: TrainItem) -> tuple[Flops, int]:
+        """Patch embedding of every patch, the encoder on [cls] + every patch, the head at
+        the masked patches; and the tokenizer's nearest-word search for the targets
+        (every patch against the K words, forward only)."""
+        c = self.run_config.model
+        b = item.masked.inputs.shape[0]
+        n, pixels = self.model.n_patches, 3 * c.patch_size**2
+        m = int(item.masked.loss_mask.sum())
+        flops = first_layer(b * n, pixels, c.width) + encoder(b, 1 + n, c.width, c.depth) \
+            + linear(m, c.width, c.codebook_size) + Flops(nograd=2.0 * b * n * pixels * c.codebook_size)
+        return flops, b * n
+
+    # ------------------------------------------------------------ layer removal
+    def ablation_embed(self, masked: MaskedBatch) -> Tensor:
+        return self.model.embed(masked.inputs, masked.loss_mask)
+
+    def ablation_score(self, h: Tensor, masked: MaskedBatch) -> dict[str, tuple[Tensor, Tensor]]:
+        ce, correct, n = self._masked_ce(h, masked)
+        return {"token_loss": (ce, n), "token_acc": (correct, n)}
+
+    # ------------------------------------------------------------ representations
+    @torch.no_grad()
+    def features(self, images: Tensor, blocks: int | None = None) -> Tensor:
+        """Frozen features (B, D): mean of the patch tokens of the unmasked image after the
+        first ``blocks`` blocks (all by default) and the final norm."""
+        h = self.model.embed(images, None)
+        for block in list(self.model.blocks)[: len(self.model.blocks) if blocks is None else blocks]:
+            h = block(h, Attention())
+        return self.model.norm(h)[:, 1:].mean(1)
+
+    def transfer_embed(self, images: Tensor) -> tuple[Tensor, Attention, None]:
+        """The whole image (no patch masked): [cls; patches]."""
+        return self.model.embed(images, None), Attention(), None
+
+    def transfer_pool(self, normed: Tensor, ctx) -> dict[str, Tensor]:
+        return {"mean": normed[:, 1:].mean(1), "cls": normed[:, 0]}
+
+    def transfer_norm(self, h: Tensor) -> Tensor:
+        return self.model.norm(h)
