@@ -156,3 +156,37 @@ def test_tokenizer_fits_the_data_module_images():
     # 8 patches = 2 images of 4 patches: the two with the smallest keys (indices 8 and 9)
     x = pt.patchify(torch.from_numpy(pixels[8:]).permute(0, 3, 1, 2).float() / 255, 8).reshape(-1, 192)
     assert torch.equal(tok.centroids, pt.kmeans(x, 4, 2, 0))
+
+
+def test_video_tokens_from_a_pixel_dataset(workspace):
+    """data.source tokenizes Moving-MNIST with the patch tokenizer: ids in [0, K) on the
+    (frames, S / P, S / P) grid, the pixel dataset's splits, the tokenizer's scores in the
+    run's params, and the same ids from the cache the second time."""
+    from lit_modules.data.configs import VideoDataConfig
+    from lit_modules.data.video import MovingMnist, VideoTokens
+
+    common = dict(frames=4, image_size=32, n_clips=40, batch_size=2, val_batch_size=4)
+    cfg = VideoDataConfig(name="video-tokens", clip_kind="tokens", source="moving-mnist", vocab_size=16,
+                          token_patch=8, **common)
+    dm = VideoTokens(cfg, 0, 0, 4, workspace)
+    dm.setup()
+    ids = np.asarray(dm.data.clips)
+    assert ids.shape == (40, 4, 4, 4) and ids.min() >= 0 and ids.max() < 16
+    pixels = MovingMnist(VideoDataConfig(name="moving-mnist", **common), 0, 0, 4, workspace)
+    pixels.setup()
+    assert np.array_equal(dm.train_index, pixels.train_index) and np.array_equal(dm.val_split, pixels.val_split)
+    assert dm.info["data.tokenizer.psnr"] > dm.info["data.tokenizer.psnr_mean_patch"]
+    again = VideoTokens(cfg, 0, 0, 4, workspace)
+    again.setup()
+    assert np.array_equal(np.asarray(again.data.clips), ids)
+    item = next(iter(dm.train_dataloader()))
+    assert item.clips.dtype == torch.int64 and item.clips.shape == (2, 4, 4, 4)
+
+
+def test_video_tokens_source_errors():
+    from lit_modules.data.configs import VideoDataConfig
+
+    with pytest.raises(ConfigError, match="source = 'bbb': tokenizes a pixel dataset"):
+        VideoDataConfig(name="video-tokens", clip_kind="tokens", source="bbb", path="x.npy", vocab_size=16)
+    with pytest.raises(ConfigError, match="token_patch = 6"):
+        VideoDataConfig(name="video-tokens", clip_kind="tokens", source="bbb", vocab_size=16, token_patch=6)

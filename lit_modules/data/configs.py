@@ -103,6 +103,12 @@ class VideoDataConfig:
     # moving-mnist only: number of clips and digits per clip.
     n_clips: int = 2000
     digits: int = 2
+    # video-tokens only: tokenize a pixel dataset ("bbb" or "moving-mnist", at frames,
+    # image_size, n_clips, digits above) with the patch tokenizer instead of reading
+    # `path`: vocab_size k-means words of token_patch x token_patch patches, fit on the
+    # training clips' frames (lit_modules/patch_tokenizer.py), both cached.
+    source: Literal["", "bbb", "moving-mnist"] = ""
+    token_patch: int = 8
 
     def __post_init__(self):
         for name in ("frames", "image_size", "batch_size", "val_batch_size", "n_clips", "digits"):
@@ -114,6 +120,14 @@ class VideoDataConfig:
             raise ConfigError("vocab_size", self.vocab_size, "must be >= 0")
         if self.clip_kind == "tokens" and self.vocab_size < 1:
             raise ConfigError("vocab_size", self.vocab_size, "required (>= 1) when clip_kind is 'tokens'")
+        if self.source and self.path:
+            raise ConfigError("source", self.source, f"tokenizes a pixel dataset; data.path ({self.path!r}) reads "
+                                                     "ready-made ids: set one of them")
+        if self.source and self.vocab_size < 2:
+            raise ConfigError("vocab_size", self.vocab_size, "is the tokenizer's codebook size with data.source: >= 2")
+        if self.token_patch < 1 or self.image_size % self.token_patch:
+            raise ConfigError("token_patch", self.token_patch,
+                              f"must be a positive divisor of image_size ({self.image_size})")
 
 
 DataConfig = TextDataConfig | ImageDataConfig | VideoDataConfig

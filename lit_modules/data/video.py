@@ -373,15 +373,19 @@ class MovingMnist(VideoDataModule):
 
 @DATASETS.register("video-tokens")
 class VideoTokens(VideoDataModule):
-    """Pre-tokenized clips: a .npy of integer ids (n_clips, frames, h, w), memory-mapped."""
+    """Token clips: a .npy of integer ids (n_clips, frames, h, w), memory-mapped, or a pixel
+    dataset (``data.source``) tokenized by the patch tokenizer."""
 
     clip_kind = "tokens"
 
     def load(self) -> LoadedClips:
         cfg = self.cfg
+        if cfg.source:
+            return self._tokenize()
         if not cfg.path:
             raise ConfigError("data.path", cfg.path,
-                              "required for dataset 'video-tokens': a .npy of integer ids shaped (n_clips, frames, h, w)")
+                              "required for dataset 'video-tokens' (or data.source): a .npy of integer ids shaped "
+                              "(n_clips, frames, h, w)")
         path = self.workspace.data_file(cfg.path, "data.path")
         try:
             ids = np.load(path, mmap_mode="r")
@@ -400,6 +404,49 @@ class VideoTokens(VideoDataModule):
         clips = ids[:, : cfg.frames]
         train, val = _last_fraction_split(len(clips), "data.path", str(path))
         return LoadedClips(clips, clip_keys(clips), train, val, str(path), "val = last 10% of clips")
+
+    def _tokenize(self) -> LoadedClips:
+        """The pixel dataset ``data.source`` (same frames, size, clips), every frame cut into
+        ``token_patch`` patches and each replaced by its word: a patch tokenizer of
+        ``vocab_size`` words fit on the training clips' frames (scored on the validation
+        clips'), both cached; the splits are the pixel dataset's. Its perplexity and PSNR
+        go into the run's params (``data.tokenizer.*``)."""
+        import dataclasses
+
+        from ..patch_tokenizer import TokenizerOptions, fit
+        from .images import image_keys
+
+        cfg = self.cfg
+        pixel_cfg = dataclasses.replace(cfg, name=cfg.source, clip_kind="pixels", source="", vocab_size=0)
+        pixels = DATASETS.get(cfg.source)(pixel_cfg, 0, self.seed, 1, self.workspace).load()
+        clips = np.asarray(pixels.clips)
+        if clips.ndim == 4:  # grayscale frames: three equal channels, as the pixel models read them
+            clips = np.repeat(clips[..., None], 3, axis=-1)
+        n, f, size = clips.shape[0], clips.shape[1], clips.shape[2]
+        frames = clips.reshape(n * f, size, size, 3)
+        train_frames = frames.reshape(n, f, size, size, 3)[pixels.train_index].reshape(-1, size, size, 3)
+        val_frames = frames.reshape(n, f, size, size, 3)[pixels.val_index].reshape(-1, size, size, 3)
+        options = TokenizerOptions(codebook_size=cfg.vocab_size, patch_size=cfg.token_patch, seed=0)
+        tok = fit(train_frames, image_keys(train_frames), val_frames, options, self.workspace.cache_dir)
+        stem = hashlib.sha256(np.ascontiguousarray(pixels.keys).tobytes() + repr(options).encode()).hexdigest()[:20]
+        path = self.workspace.cache_dir / "video" / f"tokens-{cfg.source}-{stem}.npy"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid = size // cfg.token_patch
+            images = torch.from_numpy(frames).permute(0, 3, 1, 2)
+            ids = torch.cat([tok.encode(part.float() / 255) for part in images.split(4096)])  # (n * F, h * w)
+            _save_atomic(path, ids.reshape(n, f, grid, grid).numpy())  # int64 ids
+        ids = np.load(path, mmap_mode="r")
+        self.tokenizer_stats = tok.stats
+        return LoadedClips(ids, clip_keys(ids), pixels.train_index, pixels.val_index, str(path),
+                           f"{cfg.source} clips tokenized by the patch tokenizer ({cfg.vocab_size} words of "
+                           f"{cfg.token_patch}x{cfg.token_patch} patches, fit on the training clips); "
+                           f"{pixels.split_note}")
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for k, v in getattr(self, "tokenizer_stats", {}).items():
+            self.info[f"data.tokenizer.{k}"] = round(v, 4)
 
 
 def decode_video_file(path: Path, image_size: int) -> np.ndarray:
