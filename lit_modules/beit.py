@@ -29,7 +29,7 @@ from .masking import MaskedBatch
 from .masking.attention import Attention
 from .masking.plan import EvalItem, TrainItem
 from .model_configs import BEiTConfig
-from .patch_base import PatchModelBase
+from .patch_base import ImageEncoderFeatures, PatchModelBase
 from .patchify import patchify, sincos_2d
 from .registry import MODELS
 
@@ -71,7 +71,7 @@ class BEiT(nn.Module):
 
 
 @MODELS.register("beit")
-class LitBEiT(PatchModelBase):
+class LitBEiT(ImageEncoderFeatures, PatchModelBase):
     """ViT on every patch ([MASK] at the masked ones) predicting their discrete visual tokens."""
 
     Config = BEiTConfig
@@ -182,23 +182,3 @@ class LitBEiT(PatchModelBase):
     def ablation_score(self, h: Tensor, masked: MaskedBatch) -> dict[str, tuple[Tensor, Tensor]]:
         ce, correct, n = self._masked_ce(h, masked)
         return {"token_loss": (ce, n), "token_acc": (correct, n)}
-
-    # ------------------------------------------------------------ representations
-    @torch.no_grad()
-    def features(self, images: Tensor, blocks: int | None = None) -> Tensor:
-        """Frozen features (B, D): mean of the patch tokens of the unmasked image after the
-        first ``blocks`` blocks (all by default) and the final norm."""
-        h = self.model.embed(images, None)
-        for block in list(self.model.blocks)[: len(self.model.blocks) if blocks is None else blocks]:
-            h = block(h, Attention())
-        return self.model.norm(h)[:, 1:].mean(1)
-
-    def transfer_embed(self, images: Tensor) -> tuple[Tensor, Attention, None]:
-        """The whole image (no patch masked): [cls; patches]."""
-        return self.model.embed(images, None), Attention(), None
-
-    def transfer_pool(self, normed: Tensor, ctx) -> dict[str, Tensor]:
-        return {"mean": normed[:, 1:].mean(1), "cls": normed[:, 0]}
-
-    def transfer_norm(self, h: Tensor) -> Tensor:
-        return self.model.norm(h)

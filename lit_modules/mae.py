@@ -26,7 +26,7 @@ from .masking import MaskedBatch
 from .masking.attention import Attention
 from .masking.plan import EvalItem, TrainItem
 from .model_configs import MAEConfig
-from .patch_base import PatchModelBase
+from .patch_base import ImageEncoderFeatures, PatchModelBase
 from .patchify import gather_rows, head, normalize_patches, patchify, sincos_2d, unpatchify
 from .registry import MODELS
 
@@ -91,7 +91,7 @@ class MAE(nn.Module):
 
 
 @MODELS.register("mae")
-class LitMAE(PatchModelBase):
+class LitMAE(ImageEncoderFeatures, PatchModelBase):
     """Masked autoencoder on image patches; the encoder sees visible patches only."""
 
     Config = MAEConfig
@@ -132,27 +132,7 @@ class LitMAE(PatchModelBase):
         s, n = self.model.loss_sums(pred, self.model.target(masked.targets), masked.loss_mask)
         return {"recon_loss": (s, n)}
 
-    # ------------------------------------------------------------ representations
-    @torch.no_grad()
-    def features(self, images: Tensor, blocks: int | None = None) -> Tensor:
-        """Frozen features (B, D): mean of the patch tokens of the unmasked image after
-        the first ``blocks`` encoder blocks (all by default) and the final norm."""
-        h = self.model.embed(images, None)
-        for block in list(self.model.blocks)[: len(self.model.blocks) if blocks is None else blocks]:
-            h = block(h, Attention())
-        return self.model.norm(h)[:, 1:].mean(1)
-
-    def transfer_embed(self, images: Tensor) -> tuple[Tensor, Attention, None]:
-        """The whole image (no patch masked): [cls; patches]."""
-        return self.model.embed(images, None), Attention(), None
-
-    def transfer_pool(self, normed: Tensor, ctx) -> dict[str, Tensor]:
-        """mean: of the patch tokens (the probe of ``features``); cls: the class token."""
-        return {"mean": normed[:, 1:].mean(1), "cls": normed[:, 0]}
-
-    def transfer_norm(self, h: Tensor) -> Tensor:
-        return self.model.norm(h)
-
+    # ------------------------------------------------------------ pictures
     @torch.no_grad()
     def reconstruction_grid(self, item: EvalItem, n: int = 8) -> Tensor:
         """Rows original | masked | reconstruction | reconstruction with the visible

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .base import MaskedModelBase
 from .masking import MaskedBatch
+from .masking.attention import Attention
 from .masking.plan import EvalItem
 from .patchify import stack_views
 
@@ -66,3 +67,30 @@ class PatchModelBase(MaskedModelBase):
             image = self.validation_image(next(iter(dm.val_dataloader())).to(self.device))
         if image is not None:
             log_image(f"reconstructions/step_{self.global_step:06d}.png", image, self.global_step)
+
+
+class ImageEncoderFeatures:
+    """What the image families whose encoder reads ``[cls; patches]`` share (MAE, BEiT):
+    the frozen features of the old probe and the transfer hooks. A mixin placed before
+    ``PatchModelBase``; ``self.model`` has ``embed(images, None)`` (the whole image, no
+    patch masked), ``blocks`` and the final norm ``norm``."""
+
+    @torch.no_grad()
+    def features(self, images: Tensor, blocks: int | None = None) -> Tensor:
+        """Frozen features (B, D): mean of the patch tokens of the unmasked image after
+        the first ``blocks`` encoder blocks (all by default) and the final norm."""
+        h = self.model.embed(images, None)
+        for block in list(self.model.blocks)[: len(self.model.blocks) if blocks is None else blocks]:
+            h = block(h, Attention())
+        return self.model.norm(h)[:, 1:].mean(1)
+
+    def transfer_embed(self, images: Tensor) -> tuple[Tensor, Attention, None]:
+        """The whole image (no patch masked): [cls; patches]."""
+        return self.model.embed(images, None), Attention(), None
+
+    def transfer_pool(self, normed: Tensor, ctx) -> dict[str, Tensor]:
+        """mean: of the patch tokens (the probe of ``features``); cls: the class token."""
+        return {"mean": normed[:, 1:].mean(1), "cls": normed[:, 0]}
+
+    def transfer_norm(self, h: Tensor) -> Tensor:
+        return self.model.norm(h)

@@ -70,7 +70,7 @@ def nearest(patches: Tensor, centroids: Tensor, chunk: int = 8192) -> Tensor:
     """(..., D) patches -> (...) index of the nearest centroid (squared distance)."""
     flat = patches.reshape(-1, patches.shape[-1])
     c2 = (centroids * centroids).sum(1)  # (K,)
-    out = [((c2[None] - 2 * part @ centroids.T)).argmin(1) for part in flat.split(chunk)]  # |x|² is common to a row
+    out = [(c2[None] - 2 * part @ centroids.T).argmin(1) for part in flat.split(chunk)]  # |x|² is common to a row
     return torch.cat(out).reshape(patches.shape[:-1])
 
 

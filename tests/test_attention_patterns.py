@@ -226,7 +226,7 @@ def test_gpt_target_never_visible(tiny_config, kind):
     scored = model.model.blocks[0].attn.pattern.pattern.scored(T)
     scored = torch.ones(T, dtype=torch.bool) if scored is None else scored
     for direction, offset in (("fw", 1), ("bw", -1)):
-        infl = _influence(lambda x: model.predict(x, direction), tokens, vocab)
+        infl = _influence(lambda x, d=direction: model.predict(x, d), tokens, vocab)
         for q in range(T):
             target = q + offset
             reading_q = q if direction == "fw" else T - 1 - q
