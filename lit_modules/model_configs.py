@@ -240,9 +240,14 @@ class VideoConfig:
     width: int = 64
     heads: int = 2
     eval_masks: int = 2
+    # > 0: action-conditioned (data with per-frame actions, e.g. moving-mnist actions: 5):
+    # one learned embedding per action, added to every token of the frame it was taken at.
+    actions: int = 0
 
     def __post_init__(self):
         check_at_least(self, ("frames", "tubelet_frames", "patch_size", "depth", "heads", "eval_masks"))
+        if self.actions < 0:
+            raise ConfigError("actions", self.actions, "must be >= 0 (0: not action-conditioned)")
         if self.frames % self.tubelet_frames:
             raise ConfigError("frames", self.frames, f"must be a multiple of tubelet_frames ({self.tubelet_frames})")
         if self.image_size % self.patch_size:

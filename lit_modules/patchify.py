@@ -28,13 +28,15 @@ def stack_views(views) -> MaskedBatch:
         inputs=torch.cat([v.inputs for v in views]), targets=torch.cat([v.targets for v in views]),
         loss_mask=torch.cat([v.loss_mask for v in views]), attention=first.attention,
         keep_idx=torch.cat([v.keep_idx for v in views]), ratio=first.ratio,
+        actions=None if first.actions is None else torch.cat([v.actions for v in views]),
     )
 
 
 def head(masked: MaskedBatch, n: int) -> MaskedBatch:
     """The first ``n`` rows of a masked image or clip view."""
     return dataclasses.replace(masked, inputs=masked.inputs[:n], targets=masked.targets[:n],
-                               loss_mask=masked.loss_mask[:n], keep_idx=masked.keep_idx[:n])
+                               loss_mask=masked.loss_mask[:n], keep_idx=masked.keep_idx[:n],
+                               actions=None if masked.actions is None else masked.actions[:n])
 
 
 def sincos_2d(width: int, grid: tuple[int, int]) -> Tensor:

@@ -61,9 +61,22 @@ class VideoEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         if cfg.stage != "pretrain":
             self.ar_head = nn.Linear(cfg.width, out)
+        if cfg.actions:
+            self.action_emb = nn.Embedding(cfg.actions, cfg.width)
 
     def finish(self) -> None:
         init_weights(self, self.cfg.depth)
+
+    def add_actions(self, x: Tensor, actions: Tensor | None) -> Tensor:
+        """x (B, N, D) tokens on the (F', h, w) grid + the embedding of the action taken at
+        each frame, on every token of that frame (a tubelet of several frames: the sum of
+        theirs). ``actions`` (B, F) or None: unconditioned (the model's "no actions")."""
+        if actions is None or not self.cfg.actions:
+            return x
+        f, h, w = self.cfg.grid
+        a = self.action_emb(actions[:, : f * self.cfg.tubelet_frames])  # (B, F, D)
+        a = a.view(a.shape[0], f, self.cfg.tubelet_frames, -1).sum(2)  # (B, F', D)
+        return x + a.repeat_interleave(h * w, dim=1).to(x.dtype)  # (B, N, D)
 
 
 class VideoMAENet(VideoEncoder):
@@ -85,9 +98,10 @@ class VideoMAENet(VideoEncoder):
         if hasattr(self, "mask_token"):
             nn.init.normal_(self.mask_token, std=0.02)
 
-    def tokens_in(self, clips: Tensor, masked: Tensor | None = None) -> Tensor:
-        """(B, F, 3, H, W) -> (B, N, D) tubelet embeddings + positions."""
-        return self.embed_in(clips.transpose(1, 2)).flatten(2).transpose(1, 2) + self.pos[None]
+    def tokens_in(self, clips: Tensor, masked: Tensor | None = None, actions: Tensor | None = None) -> Tensor:
+        """(B, F, 3, H, W) -> (B, N, D) tubelet embeddings + positions (+ the frames' actions)."""
+        x = self.embed_in(clips.transpose(1, 2)).flatten(2).transpose(1, 2) + self.pos[None]
+        return self.add_actions(x, actions)
 
     def decode(self, latent: Tensor, keep_idx: Tensor) -> Tensor:
         """Latent (B, N_keep, D) -> pixel predictions of every tubelet (B, N, P)."""
@@ -108,12 +122,13 @@ class MaskViTNet(VideoEncoder):
             self.token_head = nn.Linear(cfg.width, cfg.vocab_size)
         self.finish()
 
-    def tokens_in(self, ids: Tensor, masked: Tensor | None = None) -> Tensor:
-        """(B, F, h, w) ids -> (B, N, D); ``masked`` (B, N) positions enter as [MASK]."""
+    def tokens_in(self, ids: Tensor, masked: Tensor | None = None, actions: Tensor | None = None) -> Tensor:
+        """(B, F, h, w) ids -> (B, N, D); ``masked`` (B, N) positions enter as [MASK]; the
+        frames' actions added."""
         ids = ids.flatten(1)  # (B, N)
         if masked is not None:
             ids = torch.where(masked, torch.full_like(ids, self.cfg.vocab_size), ids)
-        return self.embed_in(ids) + self.pos[None]
+        return self.add_actions(self.embed_in(ids) + self.pos[None], actions)
 
 
 # ------------------------------------------------------------------ the autoregressive stage
@@ -124,14 +139,16 @@ class NextFrame:
     def __init__(self, grid: tuple[int, int, int]):
         self.grid = grid
 
-    def batch(self, clips: Tensor, targets: Tensor) -> MaskedBatch:
-        """The autoregressive view of ``clips`` given their per-token ``targets`` (B, N, ...)."""
+    def batch(self, clips: Tensor, targets: Tensor, actions: Tensor | None = None) -> MaskedBatch:
+        """The autoregressive view of ``clips`` given their per-token ``targets`` (B, N, ...)
+        and the actions taken at each frame (B, F), if any: frame t's tokens carry the
+        actions up to t, so its prediction of t + 1 sees no later action."""
         _, h, w = self.grid
         s = h * w
         shifted = torch.cat([targets[:, s:], targets[:, :s]], dim=1)  # position i -> target of i + s
         scored = next_frame_loss_mask(targets.shape[0], self.grid, targets.device)
         return MaskedBatch(inputs=clips, targets=shifted, loss_mask=scored,
-                           attention=Attention(mask=frame_causal(self.grid, clips.device)))
+                           attention=Attention(mask=frame_causal(self.grid, clips.device)), actions=actions)
 
 
 # ------------------------------------------------------------------ the families
@@ -223,34 +240,56 @@ class VideoFamily(PatchModelBase):
     def view_loss(self, masked: MaskedBatch) -> tuple[Tensor, Tensor]:
         return self.loss_sums(self.pretrain_out(masked), self.targets(masked.targets), masked.loss_mask)
 
-    def ar_batch(self, clips: Tensor) -> MaskedBatch:
-        return self.next_frame.batch(clips, self.targets(clips))
+    def ar_batch(self, clips: Tensor, actions: Tensor | None = None) -> MaskedBatch:
+        return self.next_frame.batch(clips, self.targets(clips), actions)
 
     def ar_out(self, v: MaskedBatch, h: Tensor | None = None) -> Tensor:
         if h is None:
-            h = run_blocks(self.blocks, self.model.tokens_in(v.inputs), v.attention)
+            h = run_blocks(self.blocks, self.model.tokens_in(v.inputs, actions=v.actions), v.attention)
         return self.model.ar_head(self.model.norm(h))
 
-    def ar_loss(self, clips: Tensor):
-        v = self.ar_batch(clips)
+    def ar_loss(self, clips: Tensor, actions: Tensor | None = None, name: str = "next_frame_loss"):
+        v = self.ar_batch(clips, actions)
         total, count = self.loss_sums(self.ar_out(v), v.targets, v.loss_mask)
         loss = total / max(float(count), 1.0)
-        return loss, {"next_frame_loss": (loss.detach(), int(count))}
+        return loss, {name: (loss.detach(), int(count))}
+
+    def conditioned(self, item) -> Tensor | None:
+        """The batch's per-frame actions when the model is action-conditioned, else None."""
+        return item.batch.actions if self.cfg.actions else None
+
+    def action_metrics(self, clips: Tensor, actions: Tensor) -> dict[str, tuple[Tensor, int]]:
+        """The next-frame loss with the actions shuffled across the clips of the batch
+        (each clip gets the next clip's) and with no actions; and, for pixel models, the
+        fraction of clips whose predicted frame moves the way a changed action says."""
+        with torch.no_grad():
+            out = {**self.ar_loss(clips, actions.roll(1, dims=0), "next_frame_loss_shuffled")[1],
+                   **self.ar_loss(clips, None, "next_frame_loss_no_actions")[1]}
+            frac = self.action_effect(clips, actions)
+            if frac is not None:
+                out["action_effect_frac"] = (torch.tensor(frac), clips.shape[0])
+        return out
+
+    def action_effect(self, clips: Tensor, actions: Tensor) -> float | None:
+        """Families that predict pixels say how a changed action moves the prediction."""
+        return None
 
     def _shared_step(self, item: TrainItem | EvalItem, stage: str):
-        clips = item.batch.clips
+        clips, actions = item.batch.clips, self.conditioned(item)
         if stage != "train":
             if self.cfg.stage == "pretrain":
                 return self.masked_loss(item.common, stage)
             # The autoregressive stage is scored on next frames (the objective); a
             # two-stage run is also scored on its pretraining task.
-            loss, metrics = self.ar_loss(clips)
+            loss, metrics = self.ar_loss(clips, actions)
+            if actions is not None:
+                metrics.update(self.action_metrics(clips, actions))
             if item.common:
                 metrics.update(self.masked_loss(item.common, stage)[1])
             return loss, metrics
         if item.masked is not None:
             return self.masked_loss([item.masked], stage)
-        loss, metrics = self.ar_loss(clips)
+        loss, metrics = self.ar_loss(clips, actions)
         if self.cfg.stage == "two-stage":
             # Nothing is masked after pretraining; without this the curve would repeat the
             # last pretraining ratio (Lightning keeps a step metric until the epoch ends).
@@ -258,20 +297,20 @@ class VideoFamily(PatchModelBase):
         return loss, metrics
 
     @torch.no_grad()
-    def predict_next(self, clips: Tensor) -> Tensor:
+    def predict_next(self, clips: Tensor, actions: Tensor | None = None) -> Tensor:
         """Autoregressive stage: predictions (B, N, ...); position i predicts the token
-        one time step later at the same place."""
-        return self.ar_out(self.ar_batch(clips))
+        one time step later at the same place (given the frames' actions, if any)."""
+        return self.ar_out(self.ar_batch(clips, actions))
 
     # ------------------------------------------------------------ layer removal
     def ablation_batch(self, item: EvalItem) -> MaskedBatch:
         if self.phase() == "autoregressive":
-            return self.ar_batch(item.batch.clips)
+            return self.ar_batch(item.batch.clips, self.conditioned(item))
         return super().ablation_batch(item)
 
     def ablation_embed(self, masked: MaskedBatch) -> Tensor:
         if self.phase() == "autoregressive":
-            return self.model.tokens_in(masked.inputs)
+            return self.model.tokens_in(masked.inputs, actions=masked.actions)
         return self.pretrain_embed(masked)
 
     def ablation_score(self, h: Tensor, masked: MaskedBatch) -> dict[str, tuple[Tensor, Tensor]]:
@@ -330,7 +369,8 @@ class LitVideoMAE(VideoFamily):
         return ((((out.float() - target.float()) ** 2).mean(-1)) * m).sum(), m.sum()
 
     def pretrain_embed(self, masked: MaskedBatch) -> Tensor:
-        return gather_rows(self.model.tokens_in(masked.inputs), masked.keep_idx)
+        actions = masked.actions if self.cfg.actions else None
+        return gather_rows(self.model.tokens_in(masked.inputs, actions=actions), masked.keep_idx)
 
     def embed_flops(self, tokens: int) -> Flops:
         c = self.cfg
@@ -350,6 +390,36 @@ class LitVideoMAE(VideoFamily):
         return self.model.decode(self.model.norm(h), masked.keep_idx)
 
     @torch.no_grad()
+    def action_effect(self, clips: Tensor, actions: Tensor) -> float | None:
+        """The counterfactual: the action at the middle frame t set to right, then left
+        (and down, then up), every other action kept; the fraction of (clip, axis) pairs
+        whose predicted frame t + 1 has its centre of mass (pixel intensity) further
+        right (down) under right (down). Only the controlled digit obeys the actions, so
+        0.5 is chance and 1.0 every prediction moving the right way. Needs pixel
+        predictions (``norm_pix_loss: false``) and one frame per time step."""
+        c = self.cfg
+        if c.norm_pix_loss or c.tubelet_frames != 1 or c.frames < 2:
+            return None
+        from .data.video import ACTION_NAMES
+
+        t = c.frames // 2 - 1
+        _, h, w = c.grid
+        ys = torch.arange(c.image_size, device=clips.device, dtype=torch.float32)
+
+        def centre(action: str) -> tuple[Tensor, Tensor]:
+            a = actions.clone()
+            a[:, t] = ACTION_NAMES.index(action)
+            pred = self.ar_out(self.ar_batch(clips, a))[:, t * h * w:(t + 1) * h * w]  # (B, h*w, P): frame t + 1
+            frame = untubelets(pred, 1, c.patch_size, (1, h, w))[:, 0]  # (B, 3, H, W), (x - 0.5) / 0.5
+            ink = (frame.float() * 0.5 + 0.5).clamp(min=0).mean(1)  # (B, H, W)
+            total = ink.sum((1, 2)).clamp(min=1e-6)
+            return (ink.sum(2) * ys).sum(1) / total, (ink.sum(1) * ys).sum(1) / total  # (B,) y and x
+
+        (_, right), (_, left) = centre("right"), centre("left")
+        (down, _), (up, _) = centre("down"), centre("up")
+        return float(torch.cat([right > left, down > up]).float().mean())
+
+    @torch.no_grad()
     def frame_strip(self, item: EvalItem) -> Tensor:
         """(3, rows*H, F*W) in [0, 1] for the first validation clip. Pretraining:
         original | masked | reconstruction with the visible tubelets pasted back.
@@ -360,7 +430,8 @@ class LitVideoMAE(VideoFamily):
         mean, std = raw.mean(-1, keepdim=True), (raw.var(-1, keepdim=True) + 1e-6).sqrt()
         denorm = (lambda y: y * std + mean) if self.cfg.norm_pix_loss else (lambda y: y)
         if self.phase() == "autoregressive" or not item.common:
-            pred = denorm(torch.roll(self.ar_out(self.ar_batch(clip)), shifts=grid[1] * grid[2], dims=1))
+            actions = None if self.conditioned(item) is None else item.batch.actions[:1]
+            pred = denorm(torch.roll(self.ar_out(self.ar_batch(clip, actions)), shifts=grid[1] * grid[2], dims=1))
             t0 = grid[1] * grid[2]
             pred[:, :t0] = raw[:, :t0]  # the first step has no prediction: show it as given
             rows = [raw, pred]
@@ -394,7 +465,7 @@ class LitMaskViT(VideoFamily):
         return (ce * m).sum(), m.sum()
 
     def pretrain_embed(self, masked: MaskedBatch) -> Tensor:
-        return self.model.tokens_in(masked.inputs, masked.loss_mask)
+        return self.model.tokens_in(masked.inputs, masked.loss_mask, masked.actions if self.cfg.actions else None)
 
     def pretrain_flops(self, masked: MaskedBatch) -> Flops:
         """Every position through the encoder ([MASK] embeddings where masked), the

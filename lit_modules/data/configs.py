@@ -103,6 +103,9 @@ class VideoDataConfig:
     # moving-mnist only: number of clips and digits per clip.
     n_clips: int = 2000
     digits: int = 2
+    # moving-mnist only: 5 = the first digit of each clip is controlled, moved each frame
+    # by an action (0 stay, 1 up, 2 down, 3 left, 4 right) stored with the clips; 0 = none.
+    actions: Literal[0, 5] = 0
     # video-tokens only: tokenize a pixel dataset ("bbb" or "moving-mnist", at frames,
     # image_size, n_clips, digits above) with the patch tokenizer instead of reading
     # `path`: vocab_size k-means words of token_patch x token_patch patches, fit on the
@@ -120,6 +123,9 @@ class VideoDataConfig:
             raise ConfigError("vocab_size", self.vocab_size, "must be >= 0")
         if self.clip_kind == "tokens" and self.vocab_size < 1:
             raise ConfigError("vocab_size", self.vocab_size, "required (>= 1) when clip_kind is 'tokens'")
+        if self.actions and (self.source or self.name) != "moving-mnist":
+            raise ConfigError("actions", self.actions, f"only moving-mnist clips have actions (dataset {self.name!r}"
+                                                       f"{f', source {self.source!r}' if self.source else ''})")
         if self.source and self.path:
             raise ConfigError("source", self.source, f"tokenizes a pixel dataset; data.path ({self.path!r}) reads "
                                                      "ready-made ids: set one of them")

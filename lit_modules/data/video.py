@@ -188,6 +188,34 @@ def generate_moving_mnist(mnist: np.ndarray, n_clips: int, frames: int, digits: 
     return render_digits(mnist[which], motion.corners)  # mnist[which]: (N, D, 28, 28)
 
 
+# Actions of the controlled digit: (dy, dx) in units of STEP_LENGTH per frame.
+ACTION_MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.float64)  # stay, up, down, left, right
+ACTION_NAMES = ("stay", "up", "down", "left", "right")
+ACTION_SEED_OFFSET = 1  # the actions' generator: a stream of its own (seed + 1)
+
+
+def generate_moving_mnist_actions(mnist: np.ndarray, n_clips: int, frames: int, digits: int,
+                                  seed: int = MOVING_MNIST_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Moving-MNIST with a controlled digit: the clips of ``generate_moving_mnist`` (same
+    digits, same motion for digits 1..D-1), except that digit 0 moves by the action taken
+    at each frame: action ``a_t`` (uniform over ``ACTION_MOVES``: stay, up, down, left,
+    right, drawn from a generator of its own) moves it by ``STEP_LENGTH`` of the free range
+    between frame t and t + 1, stopping at the borders. Returns (clips (N, F, 64, 64)
+    uint8, actions (N, F) int64; the last frame's action moves nothing shown)."""
+    rng = np.random.default_rng(seed)
+    which = rng.integers(0, len(mnist), size=(n_clips, digits))
+    motion = bouncing_motion(rng, n_clips, frames, digits)
+    actions = np.random.default_rng(seed + ACTION_SEED_OFFSET).integers(0, len(ACTION_MOVES), size=(n_clips, frames))
+    steps = ACTION_MOVES[actions[:, :-1]] * STEP_LENGTH  # (N, F-1, 2) the moves between frames
+    pos = np.empty((n_clips, frames, 2))
+    pos[:, 0] = motion.start[:, 0]
+    for t in range(1, frames):  # clipped at each step: a loop over the few frames
+        pos[:, t] = np.clip(pos[:, t - 1] + steps[:, t - 1], 0.0, 1.0)
+    corners = motion.corners.copy()
+    corners[:, :, 0] = np.rint(pos * (NATIVE_SIZE - DIGIT_SIZE)).astype(np.int64)
+    return render_digits(mnist[which], corners), actions.astype(np.int64)
+
+
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_path(path, suffix=".tmp.npy") as tmp:  # np.save keeps a name ending in .npy
         np.save(tmp, array)
@@ -199,20 +227,24 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 class _Clips:
     """All clips (N, F, ...) of one dataset with their content keys (N,)."""
 
-    def __init__(self, clips: np.ndarray, keys: np.ndarray, clip_kind: str):
-        self.clips, self.keys, self.clip_kind = clips, keys, clip_kind
+    def __init__(self, clips: np.ndarray, keys: np.ndarray, clip_kind: str, actions: np.ndarray | None = None):
+        self.clips, self.keys, self.clip_kind, self.actions = clips, keys, clip_kind, actions
 
     def batch(self, index: np.ndarray, flips: Tensor | None = None) -> Clips:
         raw = self.clips[index]
+        actions = None if self.actions is None else torch.from_numpy(self.actions[index].astype(np.int64))  # (B, F)
         if self.clip_kind == "tokens":
             x = torch.from_numpy(np.asarray(raw, dtype=np.int64))  # (B, F, h, w) ids
         else:
             x = to_float(raw)  # (B, F, 3, H, W)
             if flips is not None:
                 x = torch.where(flips[:, None, None, None, None], x.flip(-1), x)
+                if actions is not None:  # a mirrored clip: left and right swap
+                    swapped = torch.tensor([0, 1, 2, 4, 3])[actions]
+                    actions = torch.where(flips[:, None], swapped, actions)
             x = x.contiguous()
         return Clips(clips=x, keys=torch.from_numpy(self.keys[index].astype(np.int64)), kind=self.clip_kind,
-                     index=torch.from_numpy(index.astype(np.int64)))
+                     index=torch.from_numpy(index.astype(np.int64)), actions=actions)
 
 
 class TrainBatches(StepBatches):
@@ -238,6 +270,7 @@ class LoadedClips:
     val_index: np.ndarray  # the whole validation split
     source: str
     split_note: str
+    actions: np.ndarray | None = None  # (N, F) int64 per-frame actions (action-conditioned data)
 
 
 def _last_fraction_split(n: int, field: str, value: object) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +315,7 @@ class VideoDataModule(L.LightningDataModule):
         if self.data is not None:
             return
         loaded = self.load()
-        self.data = _Clips(loaded.clips, loaded.keys, self.clip_kind)
+        self.data = _Clips(loaded.clips, loaded.keys, self.clip_kind, loaded.actions)
         self.train_index, self.val_split = loaded.train_index, loaded.val_index
         self.val_index = spread(self.val_split, self.cfg.val_clips)
         shape = tuple(int(s) for s in loaded.clips.shape[1:])
@@ -353,22 +386,29 @@ class MovingMnist(VideoDataModule):
         mnist_path = self.workspace.data_file(MNIST_FILE, "data.path")
         stem = hashlib.sha256(
             f"v{CACHE_VERSION}|seed={MOVING_MNIST_SEED}|n={cfg.n_clips}|f={cfg.frames}|d={cfg.digits}"
-            f"|s={cfg.image_size}|step={STEP_LENGTH}".encode()
+            f"|s={cfg.image_size}|step={STEP_LENGTH}".encode() + (f"|actions={cfg.actions}".encode() if cfg.actions else b"")
         ).hexdigest()[:20]
         folder = self.workspace.cache_dir / "video"
         clips_path, keys_path = folder / f"moving-mnist-{stem}.npy", folder / f"moving-mnist-{stem}.keys.npy"
-        if not (clips_path.exists() and keys_path.exists()):
+        actions_path = folder / f"moving-mnist-{stem}.actions.npy"
+        if not (clips_path.exists() and keys_path.exists() and (actions_path.exists() or not cfg.actions)):
             folder.mkdir(parents=True, exist_ok=True)
-            clips = generate_moving_mnist(load_mnist_digits(mnist_path), cfg.n_clips, cfg.frames, cfg.digits)
+            mnist = load_mnist_digits(mnist_path)
+            if cfg.actions:
+                clips, actions = generate_moving_mnist_actions(mnist, cfg.n_clips, cfg.frames, cfg.digits)
+                _save_atomic(actions_path, actions)
+            else:
+                clips = generate_moving_mnist(mnist, cfg.n_clips, cfg.frames, cfg.digits)
             clips = np.ascontiguousarray(pool_frames(clips, cfg.image_size))
             _save_atomic(keys_path, clip_keys(clips))
             _save_atomic(clips_path, clips)
         clips = np.load(clips_path, mmap_mode="r")
         train, val = _last_fraction_split(len(clips), "data.n_clips", cfg.n_clips)
-        return LoadedClips(
-            clips, np.load(keys_path), train, val, str(clips_path),
-            f"generated from {mnist_path.name} with fixed seed {MOVING_MNIST_SEED}; val = last 10% of clips",
-        )
+        note = f"generated from {mnist_path.name} with fixed seed {MOVING_MNIST_SEED}; val = last 10% of clips"
+        if cfg.actions:
+            note += "; digit 0 moved by per-frame actions (stay, up, down, left, right)"
+        return LoadedClips(clips, np.load(keys_path), train, val, str(clips_path), note,
+                           np.load(actions_path) if cfg.actions else None)
 
 
 @DATASETS.register("video-tokens")
@@ -428,7 +468,7 @@ class VideoTokens(VideoDataModule):
         val_frames = frames.reshape(n, f, size, size, 3)[pixels.val_index].reshape(-1, size, size, 3)
         options = TokenizerOptions(codebook_size=cfg.vocab_size, patch_size=cfg.token_patch, seed=0)
         tok = fit(train_frames, image_keys(train_frames), val_frames, options, self.workspace.cache_dir)
-        stem = hashlib.sha256(np.ascontiguousarray(pixels.keys).tobytes() + repr(options).encode()).hexdigest()[:20]
+        stem = hashlib.sha256(np.ascontiguousarray(pixels.keys).tobytes() + repr(options).encode()).hexdigest()[:20]  # actions do not change the pixels' tokens
         path = self.workspace.cache_dir / "video" / f"tokens-{cfg.source}-{stem}.npy"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -441,7 +481,7 @@ class VideoTokens(VideoDataModule):
         return LoadedClips(ids, clip_keys(ids), pixels.train_index, pixels.val_index, str(path),
                            f"{cfg.source} clips tokenized by the patch tokenizer ({cfg.vocab_size} words of "
                            f"{cfg.token_patch}x{cfg.token_patch} patches, fit on the training clips); "
-                           f"{pixels.split_note}")
+                           f"{pixels.split_note}", pixels.actions)
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)

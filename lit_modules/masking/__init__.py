@@ -64,6 +64,7 @@ class MaskedBatch(Movable):
     direction: (B,) int64 reading direction per row (0 = forward, 1 = backward), or None.
     keep_idx:  (B, N_keep) int64 visible patches or tubelets, ascending, or None.
     ratio:     the mask ratio the masks were drawn at, or None.
+    actions:   (B, F) int64 the action taken at each frame of action-conditioned clips, or None.
     """
 
     inputs: Tensor
@@ -73,6 +74,7 @@ class MaskedBatch(Movable):
     direction: Tensor | None = None
     keep_idx: Tensor | None = None
     ratio: float | None = None
+    actions: Tensor | None = None
 
 
 class MaskingStrategy:

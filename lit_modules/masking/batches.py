@@ -114,6 +114,7 @@ class Clips(Movable):
     kind: str = "pixels"
     grid: tuple[int, int, int] | None = None
     index: Tensor | None = None  # (B,) int64 each clip's row in its dataset
+    actions: Tensor | None = None  # (B, F) int64 the action taken at each frame (action-conditioned data)
 
     @property
     def size(self) -> int:

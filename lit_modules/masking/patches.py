@@ -293,7 +293,7 @@ class ScheduledRatio(MaskingStrategy):
         data = batch.images if isinstance(batch, Images) else batch.clips
         pm = self.masks(batch.keys, batch.grid, ctx)
         return MaskedBatch(inputs=data, targets=data, loss_mask=pm.masked, attention=Attention(),
-                           keep_idx=pm.keep_idx, ratio=pm.ratio)
+                           keep_idx=pm.keep_idx, ratio=pm.ratio, actions=getattr(batch, "actions", None))
 
     # Subclasses: the PatchMask of each row at ``ratio``.
     def _mask(self, keys: Tensor, grid, seed: int, mask_index: Tensor | int, ratio: float) -> PatchMask:
