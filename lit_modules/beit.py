@@ -101,9 +101,11 @@ class LitBEiT(ImageEncoderFeatures, PatchModelBase):
         c = self.run_config.model
         options = TokenizerOptions(codebook_size=c.codebook_size, patch_size=c.patch_size,
                                    max_patches=c.tokenizer_patches, seed=self.run_config.seed)
+        from .patch_tokenizer import training_images
+
         data = dm.data
-        tok = fit(data.pixels[dm.train_index], data.keys[dm.train_index], data.pixels[dm.val_index], options,
-                  dm.workspace.cache_dir)
+        pick = dm.train_index[training_images(data.keys[dm.train_index], c.grid[0] * c.grid[1], options.max_patches)]
+        tok = fit(data.pixels[pick], data.keys[pick], data.pixels[dm.val_index], options, dm.workspace.cache_dir)
         self.codebook.copy_(tok.centroids)
         self.codebook_fitted.fill_(True)
         self.tokenizer_stats = tok.stats
@@ -128,9 +130,12 @@ class LitBEiT(ImageEncoderFeatures, PatchModelBase):
         from .data.images import denormalize_images
         from .patch_tokenizer import nearest
 
-        if self.run_config.data.normalize:  # the tokenizer reads [0, 1] pixels
-            images = denormalize_images(images)
-        return nearest(patchify(images.float(), self.run_config.model.patch_size), self.codebook)
+        # float32 outside autocast: under bf16 the distances would pick other words than the tokenizer's
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            images = images.float()
+            if self.run_config.data.normalize:  # the tokenizer reads [0, 1] pixels
+                images = denormalize_images(images)
+            return nearest(patchify(images, self.run_config.model.patch_size), self.codebook.float())
 
     # ------------------------------------------------------------ the masked step
     def _masked_ce(self, h: Tensor, masked: MaskedBatch) -> tuple[Tensor, Tensor, Tensor]:

@@ -47,7 +47,8 @@ class BERT(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, cfg.width)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.width)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads, cfg.dropout, attention, seed)
+        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads, cfg.dropout, attention, seed,
+                                  max_len=cfg.block_size)
         self.ln_f = nn.LayerNorm(cfg.width)
         self.head_dense = nn.Linear(cfg.width, cfg.width)
         self.head_ln = nn.LayerNorm(cfg.width)

@@ -71,24 +71,27 @@ class Block(nn.Module):
 
 
 def make_blocks(depth: int, width: int, heads: int, dropout: float = 0.0, attention=None, seed: int = 0,
-                first_layer: int = 0) -> nn.ModuleList:
+                first_layer: int = 0, max_len: int = 0) -> nn.ModuleList:
     """``depth`` blocks; with an ``AttentionConfig`` of a sparse kind, block i runs the
-    pattern of layer ``first_layer + i`` (BigBird draws its random blocks per layer)."""
+    pattern of layer ``first_layer + i`` (BigBird draws its random blocks per layer, at the
+    model's longest sequence ``max_len``)."""
     kernel = getattr(attention, "kernel", "auto")
     blocks = []
     for i in range(depth):
-        pattern = Pattern.from_config(attention, seed, first_layer + i)
+        pattern = Pattern.from_config(attention, seed, first_layer + i, max_len)
         blocks.append(Block(width, heads, dropout, None if pattern is None else PatternAttention(pattern, kernel)))
     return nn.ModuleList(blocks)
 
 
-def attention_pairs(blocks: nn.ModuleList, t: int, causal: bool) -> float | None:
+def attention_pairs(blocks: nn.ModuleList, t: int, causal: bool, device=None) -> float | None:
     """Mean over the blocks of the query-key pairs per row their attention computes at
-    length ``t`` (for the FLOP count); None when every block is full attention."""
+    length ``t`` on ``device`` (the kernel that runs there; for the FLOP count); None
+    when every block is full attention."""
     patterns = [b.attn.pattern for b in blocks]
     if all(p is None for p in patterns):
         return None
-    return sum(t * t if p is None else p.pairs(t, causal) for p in patterns) / len(patterns)
+    device = device or next(blocks.parameters()).device
+    return sum(t * t if p is None else p.pairs(t, causal, device) for p in patterns) / len(patterns)
 
 
 def init_weights(module: nn.Module, depth: int) -> None:

@@ -89,7 +89,8 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: ElectraConfig, vocab_size: int, attention=None, seed: int = 0):
         super().__init__()
         self.embeddings = TokenEmbedding(vocab_size, cfg.block_size, cfg.width, cfg.dropout)
-        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads, cfg.dropout, attention, seed)
+        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads, cfg.dropout, attention, seed,
+                                  max_len=cfg.block_size)
         self.ln_f = nn.LayerNorm(cfg.width)
         self.rtd_dense = nn.Linear(cfg.width, cfg.width)
         self.rtd_out = nn.Linear(cfg.width, 1)
@@ -126,7 +127,7 @@ class Generator(nn.Module):
         if own:
             self.embeddings = TokenEmbedding(vocab_size, cfg.block_size, width, cfg.dropout)
         self.blocks = make_blocks(cfg.generator_layers, width, cfg.generator_heads, cfg.dropout, attention, seed,
-                                  first_layer=cfg.depth)
+                                  first_layer=cfg.depth, max_len=cfg.block_size)
         self.ln_f = nn.LayerNorm(width)
         emb_width = width if own else shared.width
         # The paper's "embeddings_project": shared embeddings wider than the generator.

@@ -49,7 +49,8 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.width)
         self.dir_emb = nn.Embedding(N_DIRECTIONS, cfg.width)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads, cfg.dropout, attention, seed)
+        self.blocks = make_blocks(cfg.depth, cfg.width, cfg.heads, cfg.dropout, attention, seed,
+                                  max_len=cfg.block_size)
         self.ln_f = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, vocab_size, bias=False)
         init_weights(self, cfg.depth)

@@ -13,9 +13,9 @@ patch); the reported PSNR says how coarse.
 
 Patches are taken un-normalized (the [0, 1] pixels): a token must decode to a patch, so
 brightness and colour stay in the vector. Determinism: the training patches are the
-first ``max_patches`` of the training images in the hash order of their content keys
+first ``max_patches`` of the training images taken in the order of their content keys
 (``images.image_keys``), k-means++ draws from a torch Generator seeded by ``seed``, and
-ties break by index; the result is cached by (data hash, options) under
+ties break by index; the codebook is cached by (those images' keys, options) under
 ``cache_dir/patch-tokenizer/``, loaded with ``weights_only=True``.
 
 Axis legend: B images, N = (S / P)² patches in row-major order, K codebook size, P the
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .patchify import patchify, unpatchify
 
-VERSION = 1  # bump when the fitting changes, so old caches are not reused
+VERSION = 2  # bump when the fitting changes, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -105,30 +105,36 @@ def psnr(a: Tensor, b: Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def training_images(keys: np.ndarray, patches_per_image: int, max_patches: int) -> np.ndarray:
+    """Indices of the images k-means reads: the ones with the smallest content keys, in
+    key order (stable), enough for ``max_patches`` patches."""
+    return np.argsort(keys.astype(np.int64), kind="stable")[: -(-max_patches // patches_per_image)]
+
+
 def fit(train: np.ndarray, keys: np.ndarray, held_out: np.ndarray, options: TokenizerOptions,
         cache_dir: Path | None) -> PatchTokenizer:
     """The tokenizer of these training images (N, S, S, 3) uint8 (their content ``keys``),
-    scored on ``held_out`` images; from the cache when it has been fit before."""
+    scored on ``held_out`` images; the codebook from the cache when it has been fit on the
+    same images before (the scores are recomputed: the held-out images may differ)."""
     grid = (train.shape[1] // options.patch_size,) * 2
-    data_hash = hashlib.sha256(np.sort(keys.astype(np.int64)).tobytes()).hexdigest()[:16]
+    order = training_images(keys, grid[0] * grid[1], options.max_patches)
+    data_hash = hashlib.sha256(keys.astype(np.int64)[order].tobytes()).hexdigest()[:16]
     opts = f"{data_hash}-{train.shape[1]}-{options.codebook_size}-{options.patch_size}-{options.max_patches}-" \
            f"{options.iterations}-{options.seed}-v{VERSION}"
     path = None if cache_dir is None else Path(cache_dir) / "patch-tokenizer" / f"{opts}.pt"
-    if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        return PatchTokenizer(saved["centroids"], options.patch_size, {k: float(v) for k, v in saved["stats"].items()})
-    per_image = grid[0] * grid[1]
-    order = np.argsort(keys.astype(np.int64), kind="stable")[: -(-options.max_patches // per_image)]
-    images = torch.from_numpy(np.ascontiguousarray(train[np.sort(order)])).permute(0, 3, 1, 2).float() / 255
+    images = torch.from_numpy(np.ascontiguousarray(train[order])).permute(0, 3, 1, 2).float() / 255
     x = patchify(images, options.patch_size).reshape(-1, 3 * options.patch_size**2)[: options.max_patches]
-    centroids = kmeans(x, options.codebook_size, options.iterations, options.seed)
+    if path is not None and path.is_file():
+        centroids = torch.load(path, weights_only=True)["centroids"]
+    else:
+        centroids = kmeans(x, options.codebook_size, options.iterations, options.seed)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save({"centroids": centroids}, tmp)
+            tmp.replace(path)  # concurrent workers never read a half-written file
     tok = PatchTokenizer(centroids, options.patch_size, {})
     tok.stats = score(tok, held_out, x.mean(0))
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"centroids": centroids, "stats": {k: torch.tensor(v) for k, v in tok.stats.items()}}, tmp)
-        tmp.replace(path)  # concurrent workers never read a half-written file
     return tok
 
 

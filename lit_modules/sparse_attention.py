@@ -22,8 +22,9 @@ from the pattern's rule and cached on the layer:
 
 Padding (``Attention(mask=padding(valid))``) is never seen by a valid query; a padding
 query reads its own pattern (so no row is empty and no NaN reaches the gradients; its
-output is never scored). Never a dense T x T float mask: the masks are boolean, the
-dense one only for the ``dense`` kernel.
+output is never scored). Never a dense T x T float mask: the masks are boolean; the
+``blocks`` and ``flex`` layouts evaluate the rule a chunk of query rows at a time, and only
+the ``dense`` kernel keeps a (T, T) mask.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Layout:
     kernel:      "blocks" | "dense" | "flex".
     pairs:       query-key pairs per row of the batch and head the kernel computes
                  (the attention FLOPs are 4 * pairs * D per row).
-    dense:       (T, T) bool rule ("dense"; also kept for "flex" reference checks).
+    dense:       (T, T) bool rule ("dense" only).
     idx:         (n, K) long, the key tiles each query tile reads ("blocks").
     inblock:     (n, bs, K * bs) bool, the rule inside the gathered tiles ("blocks").
     global_rows: leading query rows computed over every key ("blocks").
@@ -72,37 +73,49 @@ class Layout:
         return self._by_heads[heads]
 
 
-def tiles(rule, t: int, bs: int, skip_rows: int = 0, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """Key tiles of each query tile for the rule ``rule(q, k)`` at length ``t``: ``idx``
-    (n, K) and the in-tile mask ``inblock`` (n, bs, K * bs). Rows < ``skip_rows`` are
-    computed elsewhere (global query rows) and read only themselves here; so do the
-    filler positions past T in the last tile. The rule is evaluated a chunk of query rows
-    at a time: never a T x T mask."""
+def _rule_rows(rule, t: int, bs: int, skip_rows: int, device) -> tuple[int, int, object]:
+    """(n tiles, rows per chunk, ``rows(start, stop)``): the rule on a chunk of query rows
+    against every key, (stop - start, n * bs) bool. Rows < ``skip_rows`` (computed
+    elsewhere: global query rows) and the filler positions past T read only themselves."""
     n = -(-t // bs)
     tp = n * bs
     chunk = max(1, (1 << 22) // (tp * bs)) * bs  # rows per evaluation, ~4M booleans
     k_pos = torch.arange(tp, device=device)
 
-    def rows(start: int, stop: int) -> Tensor:  # (stop - start, tp) bool
+    def rows(start: int, stop: int) -> Tensor:
         q_pos = torch.arange(start, stop, device=device)
         inside = (q_pos[:, None] < t) & (k_pos[None, :] < t) & (q_pos[:, None] >= skip_rows)
         ok = rule(q_pos.clamp(max=t - 1)[:, None], k_pos.clamp(max=t - 1)[None, :]) & inside
         return ok | ((q_pos[:, None] == k_pos[None, :]) & ~inside.any(1, keepdim=True))
 
-    reads = torch.cat([rows(s, min(s + chunk, tp)).view(-1, bs, n, bs).any(dim=(1, 3))
-                       for s in range(0, tp, chunk)])  # (n, n) key tiles each query tile reads
+    return n, chunk, rows
+
+
+def tile_reads(rule, t: int, bs: int, skip_rows: int = 0, device: torch.device | str = "cpu") -> Tensor:
+    """(n, n) bool: the key tiles of ``bs`` tokens each query tile reads under the rule,
+    evaluated a chunk of query rows at a time: never a T x T mask."""
+    n, chunk, rows = _rule_rows(rule, t, bs, skip_rows, device)
+    return torch.cat([rows(s, min(s + chunk, n * bs)).view(-1, bs, n, bs).any(dim=(1, 3))
+                      for s in range(0, n * bs, chunk)])
+
+
+def tiles(rule, t: int, bs: int, skip_rows: int = 0, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Key tiles of each query tile for the rule ``rule(q, k)`` at length ``t``: ``idx``
+    (n, K) and the in-tile mask ``inblock`` (n, bs, K * bs), K the most tiles a query
+    tile reads (short lists padded with the query's own tile, masked out)."""
+    n, chunk, rows = _rule_rows(rule, t, bs, skip_rows, device)
+    reads = tile_reads(rule, t, bs, skip_rows, device)  # (n, n)
     count = reads.sum(1, keepdim=True)  # (n, 1)
     k = int(count.max())
-    # Each query tile's key tiles first (ascending), then its own tile again as filler (masked out).
-    order = torch.sort((~reads).to(torch.int8), dim=1, stable=True).indices[:, :k]  # (n, K)
+    order = torch.sort((~reads).to(torch.int8), dim=1, stable=True).indices[:, :k]  # (n, K): read tiles first
     real = torch.arange(k, device=device)[None, :] < count  # (n, K)
     idx = torch.where(real, order, torch.arange(n, device=device)[:, None].expand(n, k))
     parts = []
-    for s in range(0, tp, chunk):
-        block = rows(s, min(s + chunk, tp)).view(-1, bs, n, bs)  # (c, bs, n, bs)
-        tiles_here = torch.arange(s // bs, s // bs + block.shape[0], device=device)
-        sel = block.permute(0, 2, 1, 3)[torch.arange(block.shape[0], device=device)[:, None], idx[tiles_here]]
-        parts.append(sel & real[tiles_here][:, :, None, None])  # (c, K, bs, bs)
+    for s in range(0, n * bs, chunk):
+        block = rows(s, min(s + chunk, n * bs)).view(-1, bs, n, bs)  # (c, bs, n, bs)
+        here = torch.arange(s // bs, s // bs + block.shape[0], device=device)
+        sel = block.permute(0, 2, 1, 3)[torch.arange(block.shape[0], device=device)[:, None], idx[here]]
+        parts.append(sel & real[here][:, :, None, None])  # (c, K, bs, bs)
     inblock = torch.cat(parts).permute(0, 2, 1, 3).reshape(n, bs, k * bs)
     return idx, inblock
 
@@ -144,7 +157,7 @@ class PatternAttention:
         if kernel == "dense":
             return Layout("dense", t, pairs=t * t, dense=self.pattern.dense(t, causal, device))
         if kernel == "flex":
-            return self._flex_layout(self.pattern.dense(t, causal, device), causal)
+            return self._flex_layout(t, causal, device)
         bs = min(self.pattern.block_size, t)
         g = self.pattern.global_rows(causal)
         idx, inblock = tiles(self.pattern.rule(t, causal, device), t, bs, skip_rows=g, device=device)
@@ -155,20 +168,19 @@ class PatternAttention:
         return Layout("blocks", t, pairs=pairs, block=bs, idx=idx, inblock=inblock,
                       global_rows=g)
 
-    def _flex_layout(self, allowed: Tensor, causal: bool) -> Layout:
+    def _flex_layout(self, t: int, causal: bool, device: torch.device) -> Layout:
+        """FlexAttention's BlockMask: the 128-token tiles each query tile reads (from the
+        rule, chunk by chunk), every one of them partial (the mask_mod runs in each, so a
+        batch's padding can be added to it)."""
         from torch.nn.attention.flex_attention import BlockMask
 
-        t = allowed.shape[0]
-        n = -(-t // FLEX_BLOCK)
-        padded = torch.zeros(n * FLEX_BLOCK, n * FLEX_BLOCK, dtype=torch.bool, device=allowed.device)
-        padded[:t, :t] = allowed
-        reads = padded.view(n, FLEX_BLOCK, n, FLEX_BLOCK).any(dim=(1, 3))  # (n, n)
+        rule = self.pattern.rule(t, causal, device)
+        reads = tile_reads(rule, t, FLEX_BLOCK, 0, device)  # (n, n)
         count = reads.sum(1).to(torch.int32)  # (n,)
         order = torch.sort((~reads).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)  # (n, n)
-        rule = self.pattern.rule(t, causal, allowed.device)
         mask = BlockMask.from_kv_blocks(count[None, None], order[None, None], BLOCK_SIZE=FLEX_BLOCK,
                                         mask_mod=lambda b, h, q, k: rule(q, k), seq_lengths=(t, t))
-        return Layout("flex", t, pairs=int(count.sum()) * FLEX_BLOCK * FLEX_BLOCK, dense=allowed, block_mask=mask)
+        return Layout("flex", t, pairs=int(count.sum()) * FLEX_BLOCK * FLEX_BLOCK, block_mask=mask)
 
     def pairs(self, t: int, causal: bool, device: torch.device | str = "cpu") -> int:
         """Query-key pairs per row and head the layer's kernel computes at length ``t``."""

@@ -153,9 +153,20 @@ def test_tokenizer_fits_the_data_module_images():
     keys = np.arange(10)[::-1].copy()
     options = pt.TokenizerOptions(codebook_size=4, patch_size=8, max_patches=8, iterations=2)
     tok = pt.fit(pixels, keys, pixels[:2], options, None)
-    # 8 patches = 2 images of 4 patches: the two with the smallest keys (indices 8 and 9)
-    x = pt.patchify(torch.from_numpy(pixels[8:]).permute(0, 3, 1, 2).float() / 255, 8).reshape(-1, 192)
+    # 8 patches = 2 images of 4 patches: the two with the smallest keys, in key order (9, then 8)
+    x = pt.patchify(torch.from_numpy(pixels[[9, 8]]).permute(0, 3, 1, 2).float() / 255, 8).reshape(-1, 192)
     assert torch.equal(tok.centroids, pt.kmeans(x, 4, 2, 0))
+    shuffled = np.random.default_rng(1).permutation(10)  # the same images in another order: the same codebook
+    assert torch.equal(pt.fit(pixels[shuffled], keys[shuffled], pixels[:2], options, None).centroids, tok.centroids)
+
+
+def test_targets_are_the_tokenizers_words_under_autocast(tiny_config, workspace):
+    """bf16 autocast (the default on GPUs) does not change which word a patch gets."""
+    model, dm = _beit(tiny_config, workspace)
+    images = next(iter(dm.train_dataloader())).masked.inputs
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under = model.targets(images)
+    assert torch.equal(under, model.targets(images))
 
 
 def test_video_tokens_from_a_pixel_dataset(workspace):

@@ -10,9 +10,13 @@ Three datasets, all of ``kind = "video"``:
   (Srivastava et al. 2015), generated once from a generator seeded by the constant
   ``MOVING_MNIST_SEED`` (never the run seed: every trial sees the same clips) and cached
   as .npy in the workspace cache dir, keyed by its parameters. Last 10% of clips = val.
+  With ``actions: 5`` digit 0 is controlled: it moves by the action taken at each frame
+  (stay, up, down, left, right), stored with the clips (``Clips.actions``, (B, F)).
 - ``video-tokens``: a .npy of pre-tokenized clips, integer ids ``(n_clips, frames, h, w)``
   (frames already encoded by a discrete tokenizer), memory-mapped. ``vocab_size`` must
-  exceed every id. Last 10% of clips = val.
+  exceed every id. Last 10% of clips = val. Or, with ``source: bbb | moving-mnist``, that
+  pixel dataset tokenized by masklab's patch tokenizer (``vocab_size`` k-means words of
+  ``token_patch`` patches fit on its training clips' frames; both cached), with its split.
 
 Every batch is a ``masking.batches.Clips``; pixel clips (``clip_kind: pixels``)::
 
@@ -453,7 +457,7 @@ class VideoTokens(VideoDataModule):
         go into the run's params (``data.tokenizer.*``)."""
         import dataclasses
 
-        from ..patch_tokenizer import TokenizerOptions, fit
+        from ..patch_tokenizer import TokenizerOptions, fit, training_images
         from .images import image_keys
 
         cfg = self.cfg
@@ -467,8 +471,10 @@ class VideoTokens(VideoDataModule):
         train_frames = frames.reshape(n, f, size, size, 3)[pixels.train_index].reshape(-1, size, size, 3)
         val_frames = frames.reshape(n, f, size, size, 3)[pixels.val_index].reshape(-1, size, size, 3)
         options = TokenizerOptions(codebook_size=cfg.vocab_size, patch_size=cfg.token_patch, seed=0)
-        tok = fit(train_frames, image_keys(train_frames), val_frames, options, self.workspace.cache_dir)
-        stem = hashlib.sha256(np.ascontiguousarray(pixels.keys).tobytes() + repr(options).encode()).hexdigest()[:20]  # actions do not change the pixels' tokens
+        pick = training_images(image_keys(train_frames), (size // cfg.token_patch) ** 2, options.max_patches)
+        tok = fit(train_frames[pick], image_keys(train_frames[pick]), val_frames, options, self.workspace.cache_dir)
+        # The ids depend on the clips and the codebook (not on the actions).
+        stem = hashlib.sha256(np.ascontiguousarray(pixels.keys).tobytes() + tok.centroids.numpy().tobytes()).hexdigest()[:20]
         path = self.workspace.cache_dir / "video" / f"tokens-{cfg.source}-{stem}.npy"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -135,25 +135,29 @@ class Pattern:
     prefix: int = 0
     seed: int = 0
     layer: int = 0
+    max_len: int = 0  # the model's longest sequence: BigBird draws its blocks at this length
 
     @classmethod
-    def from_config(cls, cfg, seed: int, layer: int) -> Pattern | None:
-        """The pattern of layer ``layer`` for a ``config.AttentionConfig``; None for full."""
+    def from_config(cls, cfg, seed: int, layer: int, max_len: int = 0) -> Pattern | None:
+        """The pattern of layer ``layer`` for a ``config.AttentionConfig`` in a model of
+        sequences up to ``max_len`` tokens (0: the length at hand); None for full."""
         if cfg is None or cfg.kind == "full":
             return None
         return cls(kind=cfg.kind, window=cfg.window, global_tokens=cfg.global_tokens,
                    random_blocks=cfg.random_blocks if cfg.kind == "bigbird" else 0,
-                   block_size=cfg.block_size, prefix=cfg.prefix, seed=seed, layer=layer)
+                   block_size=cfg.block_size, prefix=cfg.prefix, seed=seed, layer=layer, max_len=max_len)
 
     def random_table(self, t: int, causal: bool, device: torch.device | str = "cpu") -> Tensor | None:
         """(nb, nb) bool, nb = ceil(t / block_size): key block j is one of query block i's
-        random blocks. The ``random_blocks`` eligible blocks with the smallest hash of
-        (seed, layer, i, j) (so a block pair's draw does not depend on t)."""
+        random blocks. Drawn once at the model's length ``max_len`` (the ``random_blocks``
+        eligible blocks with the smallest hash of (seed, layer, i, j)) and cut to t: a
+        shorter or padded sequence reads the blocks the model trained with, never others
+        (near its end a query block may keep fewer than ``random_blocks``)."""
         if not self.random_blocks:
             return None
         from .rng import Stream, bits_at, step_stream
 
-        nb = -(-t // self.block_size)
+        nb = -(-max(t, self.max_len) // self.block_size)
         i = torch.arange(nb, device=device)[:, None]
         j = torch.arange(nb, device=device)[None, :]
         stream = step_stream(self.seed, self.layer, Stream.ATTENTION_BLOCKS).to(device)
@@ -167,7 +171,8 @@ class Pattern:
         pick = score.topk(r, dim=1, largest=False).indices  # (nb, r)
         table = torch.zeros(nb, nb, dtype=torch.bool, device=device)
         table.scatter_(1, pick, True)
-        return table & eligible
+        n = -(-t // self.block_size)
+        return (table & eligible)[:n, :n]
 
     def rule(self, t: int, causal: bool, device: torch.device | str = "cpu") -> Callable[[Tensor, Tensor], Tensor]:
         """``allowed(q, k)`` on broadcastable position tensors (< t): True = q may attend k.
