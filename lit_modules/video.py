@@ -222,9 +222,11 @@ class VideoFamily(PatchModelBase):
         if bad or missing:
             detail = "; ".join(bad + [f"{k} missing" for k in missing])
             raise ConfigError("model.init_from", path, f"does not fit this model: {detail}")
-        self.load_state_dict({k: state[k] for k in shared}, strict=False)
+        # An action-conditioned stage 1 hands its action embeddings on when stage 2 has the same.
+        actions = [k for k in state if k.startswith("model.action_emb") and k in own and state[k].shape == own[k].shape]
+        self.load_state_dict({k: state[k] for k in shared + actions}, strict=False)
         self._loaded_init = True
-        return shared
+        return shared + actions
 
     def on_fit_start(self) -> None:
         if self.cfg.init_from and not self._loaded_init and self.global_step == 0:

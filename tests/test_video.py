@@ -195,6 +195,12 @@ def test_stage_two_loads_stage_one_and_names_mismatches(name, tmp_path):
     assert "model.init_from" in msg and "(32," in msg and "\n" not in msg
     with pytest.raises(ConfigError):
         wider.load_pretrained(str(tmp_path / "missing.ckpt"))
+    acting = _model(name, **{"model.actions": 5})  # action-conditioned: stage 2 gets the action embeddings
+    trainer.strategy.connect(acting)
+    trainer.save_checkpoint(tmp_path / "acting.ckpt")
+    stage2 = _model(name, **{"model.stage": "autoregressive", "model.actions": 5})
+    assert "model.action_emb.weight" in stage2.load_pretrained(str(tmp_path / "acting.ckpt"))
+    assert torch.equal(stage2.model.action_emb.weight, acting.model.action_emb.weight)
 
 
 def _off_init(model) -> None:
