@@ -20,7 +20,7 @@ from the pattern's rule and cached on the layer:
   rows after the prefix read every earlier key, and short sequences, where the tiles
   would compute more than half of the T x T pairs anyway).
 
-Padding (``Attention(mask=padding(valid))``) is never seen by a valid query; a padding
+Padding (``Attention(mask=padding(valid))``, the rule ``masking.attention.padding_pairs``) is never seen by a valid query; a padding
 query reads its own pattern (so no row is empty and no NaN reaches the gradients; its
 output is never scored). Never a dense T x T float mask: the masks are boolean; the
 ``blocks`` and ``flex`` layouts evaluate the rule a chunk of query rows at a time, and only
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masking.attention import Attention, Pattern
+from .masking.attention import Attention, Pattern, padding_pairs
 
 FLEX_BLOCK = 128  # FlexAttention's tile on GPUs
 
@@ -202,7 +202,7 @@ class PatternAttention:
             return _run_blocks(q, k, v, lay, valid, dropout_p)
         if lay.kernel == "flex":
             return _run_flex(q, k, v, lay, valid)
-        mask = lay.dense if valid is None else lay.dense & _padding_rule(valid, valid)
+        mask = lay.dense if valid is None else lay.dense & padding_pairs(valid[:, None, :, None], valid[:, None, None, :])
         if other is not None:
             mask = mask & other
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -216,11 +216,6 @@ def _split_mask(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
         return mask[:, 0, 0, :], None
     return None, mask
-
-
-def _padding_rule(valid_q: Tensor, valid_k: Tensor) -> Tensor:
-    """(B, 1, Tq, Tk): a valid query never sees a padding key; a padding query is free."""
-    return valid_k[:, None, None, :] | ~valid_q[:, None, :, None]
 
 
 def _run_blocks(q: Tensor, k: Tensor, v: Tensor, lay: Layout, valid: Tensor | None, dropout_p: float) -> Tensor:
@@ -242,13 +237,13 @@ def _run_blocks(q: Tensor, k: Tensor, v: Tensor, lay: Layout, valid: Tensor | No
         vpad = F.pad(valid, (0, fill)) if fill else valid  # (B, n*bs), filler invalid
         tile_valid = vpad.view(b, n, bs)
         key_valid = tile_valid.index_select(1, flat).reshape(b, n, 1, kk * bs)  # (B, n, 1, K*bs)
-        mask = lay.inblock & (key_valid | ~tile_valid[:, :, :, None])  # (B, n, bs, K*bs)
+        mask = lay.inblock & padding_pairs(tile_valid[:, :, :, None], key_valid)  # (B, n, bs, K*bs)
         mask = mask[:, None].expand(b, h, n, bs, kk * bs).reshape(b, h * n, bs, kk * bs)
     y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)
     y = y.reshape(b, h, n * bs, d)[:, :, :t]  # (B, H, T, Dh)
     g = lay.global_rows
     if g:  # global queries read every key
-        gmask = None if valid is None else _padding_rule(valid[:, :g], valid)
+        gmask = None if valid is None else padding_pairs(valid[:, None, :g, None], valid[:, None, None, :])
         yg = F.scaled_dot_product_attention(q[:, :, :g], k, v, attn_mask=gmask, dropout_p=dropout_p)
         y = torch.cat([yg, y[:, :, g:]], dim=2)
     return y
@@ -268,7 +263,7 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, lay: Layout, valid: Tensor | None
         last = lay.t - 1
 
         def with_padding(b, h, q_idx, k_idx):  # indices past t (the kernel's padding) clamped
-            return base(b, h, q_idx, k_idx) & (valid[b, k_idx.clamp(max=last)] | ~valid[b, q_idx.clamp(max=last)])
+            return base(b, h, q_idx, k_idx) & padding_pairs(valid[b, q_idx.clamp(max=last)], valid[b, k_idx.clamp(max=last)])
 
         mask = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, BLOCK_SIZE=FLEX_BLOCK,
                                         mask_mod=with_padding, seq_lengths=(lay.t, lay.t))

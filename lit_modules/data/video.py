@@ -195,6 +195,8 @@ def generate_moving_mnist(mnist: np.ndarray, n_clips: int, frames: int, digits: 
 # Actions of the controlled digit: (dy, dx) in units of STEP_LENGTH per frame.
 ACTION_MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.float64)  # stay, up, down, left, right
 ACTION_NAMES = ("stay", "up", "down", "left", "right")
+# The action a mirrored (horizontally flipped) clip shows: dx negated.
+ACTION_MIRROR = [next(j for j, m in enumerate(ACTION_MOVES) if (m == move * [1, -1]).all()) for move in ACTION_MOVES]
 ACTION_SEED_OFFSET = 1  # the actions' generator: a stream of its own (seed + 1)
 
 
@@ -244,7 +246,7 @@ class _Clips:
             if flips is not None:
                 x = torch.where(flips[:, None, None, None, None], x.flip(-1), x)
                 if actions is not None:  # a mirrored clip: left and right swap
-                    swapped = torch.tensor([0, 1, 2, 4, 3])[actions]
+                    swapped = torch.tensor(ACTION_MIRROR)[actions]
                     actions = torch.where(flips[:, None], swapped, actions)
             x = x.contiguous()
         return Clips(clips=x, keys=torch.from_numpy(self.keys[index].astype(np.int64)), kind=self.clip_kind,

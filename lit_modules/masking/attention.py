@@ -80,6 +80,14 @@ def padding(valid: Tensor) -> Tensor:
     return valid[:, None, None, :]
 
 
+def padding_pairs(valid_q: Tensor, valid_k: Tensor) -> Tensor:
+    """Padding under a sparse pattern, on broadcastable query / key validity: a valid
+    query never sees a padding key; a padding query is free (it then reads its own
+    pattern, so no row is empty and no NaN reaches the gradients; its output is never
+    scored)."""
+    return valid_k | ~valid_q
+
+
 def prefix_lm(t: int, prefix: Tensor | int, device: torch.device | str = "cpu") -> Tensor:
     """Prefix-LM: the first ``prefix`` positions attend bidirectionally among themselves,
     the rest causally. ``prefix`` is an int or a (B,) tensor -> (T, T) or (B, 1, T, T)."""
