@@ -12,6 +12,7 @@ from pathlib import Path
 
 from reports.loader import load_study
 from stores.storage import StudyNotFoundError, list_studies, open_storage
+from stores.urls import redact, scrub
 
 from .content import Dashboard, assemble
 from .page import render_page
@@ -24,25 +25,28 @@ def load_dashboard(storage_url: str, tracking_uri: str | None = None,
     """The dashboard of studies ``names`` (every study in the storage when None).
 
     A storage that does not exist yet, or holds no study, gives a dashboard that says so;
-    a named study that is not there is listed as not found, the others are shown.
+    a named study that is not there is listed as not found, the others are shown. The
+    page names the stores without their passwords.
     """
+    shown = redact(storage_url)
     try:
         storage = open_storage(storage_url)  # opened once for all the studies
     except StudyNotFoundError as e:
-        return assemble([], storage_url, tracking_uri, empty=f"{e}: run a study first (masklab run SPEC).")
+        return assemble([], storage_url, tracking_uri, empty=f"{scrub(str(e), storage_url)}: "
+                                                            "run a study first (masklab run SPEC).")
     present = list_studies(storage)
-    empty = "" if present else f"No studies in {storage_url} yet: run one first (masklab run SPEC)."
+    empty = "" if present else f"No studies in {shown} yet: run one first (masklab run SPEC)."
     names = present if names is None else list(names)
     studies, not_found = [], []
     for name in names:
         if name not in present:
             there = ", ".join(present) or "none"
-            not_found.append(f"study {name!r} is not in {storage_url} (studies there: {there})")
+            not_found.append(f"study {name!r} is not in {shown} (studies there: {there})")
             continue
         data = load_study(name, storage, tracking_uri)
-        studies.append(dataclasses.replace(data, storage_url=storage_url))
+        studies.append(dataclasses.replace(data, storage_url=shown))
     if names and not studies:
-        empty = f"None of the studies asked for is in {storage_url}."
+        empty = f"None of the studies asked for is in {shown}."
     return assemble(studies, storage_url, tracking_uri, not_found, empty)
 
 

@@ -36,6 +36,7 @@ from reports.tables import (
     top_trials,
     trial_problems,
 )
+from stores.urls import redact
 
 from . import compare
 from . import figures as dash_figures
@@ -135,7 +136,8 @@ def assemble(studies: Sequence[StudyData], storage: str, tracking: str | None,
     views = [overview(studies, findings, not_found, empty)]
     views += [study_view(f"s{i}", data, found) for i, (data, found) in enumerate(zip(studies, findings))]
     title = "masklab dashboard: " + (", ".join(d.name for d in studies) if studies else "no studies")
-    return Dashboard(title=title, storage=storage, tracking=tracking, views=views, empty=empty)
+    return Dashboard(title=title, storage=redact(storage), tracking=redact(tracking) if tracking else None,
+                     views=views, empty=empty)
 
 
 # ------------------------------------------------------------------ overview
@@ -375,8 +377,8 @@ def _study_header(data: StudyData) -> list[tuple[str, str]]:
     if data.spec.get("description"):
         rows.append(("description", str(data.spec["description"])))
     rows += [
-        ("Optuna storage", data.storage_url),
-        ("MLflow tracking", f"{data.tracking_uri or 'none'}{parent}"),
+        ("Optuna storage", redact(data.storage_url)),  # never a password (stores.urls.redact)
+        ("MLflow tracking", f"{redact(data.tracking_uri) if data.tracking_uri else 'none'}{parent}"),
     ]
     return rows
 

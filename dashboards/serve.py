@@ -17,6 +17,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from stores.urls import scrub
+
 from .build import write_page
 from .content import Dashboard
 from .page import VERSION_FILE, render_page
@@ -30,8 +32,9 @@ class DashboardServer(ThreadingHTTPServer):
     daemon_threads = True  # a browser holding a connection open never blocks shutdown
     block_on_close = False  # ... nor does server_close wait for the handlers still running
 
-    def __init__(self, build: Callable[[], Dashboard], out: Path, port: int, refresh: float):
-        super().__init__((HOST, port), _Handler)
+    def __init__(self, build: Callable[[], Dashboard], out: Path, port: int, refresh: float, host: str = HOST):
+        super().__init__((host, port), _Handler)
+        self.host = host
         self.build, self.out, self.refresh = build, Path(out), refresh
         self.page, self.version = b"", ""
         self._lock = threading.Lock()
@@ -39,7 +42,7 @@ class DashboardServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.server_address[1]}/"
+        return f"http://{self.host}:{self.server_address[1]}/"
 
     def rebuild(self) -> bool:
         """Read the stores and render the page; swap it in if its version is new (True)."""
@@ -76,7 +79,7 @@ class DashboardServer(ThreadingHTTPServer):
                 if self.rebuild():
                     log(f"dashboard: new results, page {self.version} written to {self.out}")
             except Exception as e:  # a store busy or mid-write: keep serving the last good page, retry later
-                log(f"dashboard: rebuild failed, still serving the last page: {type(e).__name__}: {e}")
+                log(f"dashboard: rebuild failed, still serving the last page: {type(e).__name__}: {scrub(str(e))}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -104,10 +107,10 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: a poll every few seconds would drown the rebuild messages."""
 
 
-def serve(build: Callable[[], Dashboard], out: Path, port: int, refresh: float) -> int:
-    """Build the page, serve it on 127.0.0.1:``port`` (0: a free port) and keep it fresh
+def serve(build: Callable[[], Dashboard], out: Path, port: int, refresh: float, host: str = "127.0.0.1") -> int:
+    """Build the page, serve it on ``host``:``port`` (0: a free port) and keep it fresh
     until Ctrl-C. Returns the exit status."""
-    server = DashboardServer(build, out, port, refresh)
+    server = DashboardServer(build, out, port, refresh, host)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -73,6 +73,31 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, unwritable output dir); one line
+    naming the path, and whether an earlier checkpoint is still there."""
+
+
+def ensure_written(path: Path) -> None:
+    """Raise the OSError that kept ``path`` from being written. Lightning saves through an
+    fsspec transaction whose commit can fail without a word (a directory made unwritable
+    after the run started): the file is then simply not there."""
+    if path.is_file():
+        return
+    with open(path, "wb"):  # raises the reason (permission, read-only filesystem, full disk)
+        pass
+    path.unlink()
+    raise OSError(f"{path} was not written")
+
+
+def discard_partial(path: Path) -> None:
+    """Remove a half-written checkpoint, if it can be."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 class LastCheckpoint(L.Callback):
     """Keeps ``last.ckpt`` (weights, optimizer, schedule, loop state), rewritten after
     every validation. A run cut off resumes from it at a validation boundary
@@ -93,23 +118,35 @@ class LastCheckpoint(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.{trainer.global_step}.partial")
-        trainer.save_checkpoint(partial, weights_only=False)  # saving: False keeps the optimizer state
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(partial, weights_only=False)  # saving: False keeps the optimizer state
+            ensure_written(partial)
+        except OSError as e:
+            discard_partial(partial)
+            kept = f"the previous checkpoint {self.path} is kept" if self.path.exists() else "no earlier checkpoint"
+            raise CheckpointWriteError(f"cannot write the checkpoint at step {trainer.global_step} to "
+                                       f"{e.filename or partial}: {e.strerror or e}; {kept}") from None
         if not trainer.is_global_zero:
             return
         waiting = [lg for lg in trainer.loggers if hasattr(lg, "when_stored")]
         if not waiting:
             os.replace(partial, self.path)
             return
-        left, lock = [len(waiting)], threading.Lock()
+        left, lock, step = [len(waiting)], threading.Lock(), trainer.global_step
 
         def stored() -> None:
             with lock:
                 left[0] -= 1
                 if left[0]:
                     return
-            os.replace(partial, self.path)
+            try:
+                os.replace(partial, self.path)
+            except OSError as e:
+                discard_partial(partial)
+                raise CheckpointWriteError(f"cannot publish the checkpoint of step {step} as {self.path}: "
+                                           f"{e.strerror or e}; the previous one is kept") from None
 
         for logger in waiting:
             logger.when_stored(stored)

@@ -20,6 +20,7 @@ Frames of a :class:`StudyData` (see the dataclass for the columns):
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from stores.storage import StudyNotFoundError as StudyNotFoundError  # readers c
 from stores.storage import list_studies as list_studies  # readers list the studies from here
 from stores.storage import load_study as load_optuna_study
 from stores.storage import open_storage, trial_params, trial_seconds
-from stores.urls import describe, sqlite_path
+from stores.urls import describe, redact, sqlite_path
 
 ABLATION_COLUMNS = ["variant", "removed", "block", "metric", "value"]
 CURVE_STAGES = ("train/", "val/")
@@ -116,7 +117,8 @@ def load_study(name: str, storage_url: str | optuna.storages.BaseStorage,
                tracking_uri: str | None = None, *, with_mlflow: bool = True) -> StudyData:
     """Read study ``name`` from Optuna (``storage_url``) and its runs from MLflow.
 
-    ``tracking_uri`` defaults to the one the runner recorded on the study. A missing
+    ``tracking_uri`` defaults to the one the runner recorded on the study (recorded
+    without its password: then ``MASKLAB_TRACKING_URI`` is used in its place). A missing
     tracking store, experiment, run or artifact is not an error: what can be read is
     read, and ``notes`` says what was not. ``with_mlflow=False`` reads Optuna only
     (no MLflow import, ~1 s less: enough for a status line); the run columns are then
@@ -127,17 +129,17 @@ def load_study(name: str, storage_url: str | optuna.storages.BaseStorage,
     spec = dict(attrs.get(keys.SPEC) or {})
     trials_list = study.get_trials(deepcopy=False)
     swept = list(attrs.get(keys.SWEPT) or _params_seen(trials_list))
-    tracking_uri = tracking_uri or attrs.get(keys.TRACKING_URI)
+    notes: list[str] = []
+    tracking_uri = tracking_uri or _recorded_tracking_uri(attrs.get(keys.TRACKING_URI), notes)
     parent = attrs.get(keys.PARENT_RUN_ID)
     objective = attrs.get(keys.OBJECTIVE) or (spec.get("objective") or {}).get("metric") or "value"
     direction = attrs.get(keys.DIRECTION) or (spec.get("objective") or {}).get("direction") \
         or study.direction.name.lower()
 
-    notes: list[str] = []
     trials = _trials_frame(trials_list, swept)
     intermediate = _intermediate_frame(trials_list)
     runs = _read_mlflow(name, tracking_uri, parent, notes) if tracking_uri and with_mlflow else None
-    if tracking_uri is None and with_mlflow:
+    if tracking_uri is None and with_mlflow and not notes:
         notes.append("no MLflow tracking URI given or recorded on the study: trial metrics come from Optuna only")
     trials, ablation, curves, layers = _join_runs(trials, runs, swept, notes)
     trials = _objective_column(trials, objective)
@@ -148,6 +150,20 @@ def load_study(name: str, storage_url: str | optuna.storages.BaseStorage,
         intermediate=intermediate, transfer_layers=layers, notes=notes, study=study,
         data_summary=_data_summaries(runs),
     )
+
+
+def _recorded_tracking_uri(recorded: str | None, notes: list[str]) -> str | None:
+    """The tracking URI the runner recorded on the study. One with a password is recorded
+    redacted (``postgresql://user:***@host/db``): the real one comes from
+    ``MASKLAB_TRACKING_URI``, or there is none to read the runs from (said in ``notes``)."""
+    if not recorded or "***" not in recorded:
+        return recorded
+    real = os.environ.get("MASKLAB_TRACKING_URI")
+    if real:
+        return real
+    notes.append(f"the study's runs are tracked in {recorded}, recorded without its password: set "
+                 "MASKLAB_TRACKING_URI (or pass the tracking URI) to read them; trial metrics come from Optuna only")
+    return None
 
 
 def _data_summaries(runs: _Runs | None) -> list[str]:
@@ -294,14 +310,14 @@ class _Runs:
 def _read_mlflow(name: str, tracking_uri: str, parent: str | None, notes: list[str]) -> _Runs | None:
     path = sqlite_path(tracking_uri)
     if path is not None and not path.exists():
-        notes.append(f"MLflow store {tracking_uri} does not exist: no run metrics, curves or ablations")
+        notes.append(f"MLflow store {redact(tracking_uri)} does not exist: no run metrics, curves or ablations")
         return None
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        notes.append(f"no MLflow experiment {name!r} in {tracking_uri}: no run metrics, curves or ablations")
+        notes.append(f"no MLflow experiment {name!r} in {redact(tracking_uri)}: no run metrics, curves or ablations")
         return None
     filt = keys.child_runs_filter(parent) if parent else keys.trial_runs_filter(name)
     runs, token = [], None

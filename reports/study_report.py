@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from stores.urls import redact
+
 from . import figures, transfer
 from .checks import Finding, review
 from .effects import POOLED
@@ -148,8 +150,8 @@ def _header(data: StudyData) -> list[tuple[str, str]]:
     if data.expected_replicates:
         rows.append(("replicates per setting", str(data.expected_replicates)))
     rows += [
-        ("Optuna storage", data.storage_url),
-        ("MLflow tracking", f"{data.tracking_uri or 'none'}{parent}"),
+        ("Optuna storage", redact(data.storage_url)),  # never a password (stores.urls.redact)
+        ("MLflow tracking", f"{redact(data.tracking_uri) if data.tracking_uri else 'none'}{parent}"),
         ("read at", data.loaded_at.isoformat(timespec="seconds")),
         ("generated", datetime.now().astimezone().isoformat(timespec="seconds")),
     ]

@@ -26,7 +26,18 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
-from .urls import describe, is_in_memory, is_journal, is_url, journal_path, sqlite_path
+from .resilient import ResilientStorage
+from .urls import (
+    describe,
+    is_grpc,
+    is_in_memory,
+    is_journal,
+    is_url,
+    journal_path,
+    redact,
+    scrub,
+    sqlite_path,
+)
 
 # A lock study is named after the study it guards (see studies.coordination.study_lock).
 LOCK_SUFFIX = "~masklab-lock"
@@ -46,6 +57,10 @@ def open_storage(url: str | BaseStorage) -> BaseStorage:
     """
     if not isinstance(url, str):
         return url
+    if is_grpc(url):
+        from .proxy import connect
+
+        return connect(url)
     if is_journal(url):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -56,22 +71,28 @@ def open_storage(url: str | BaseStorage) -> BaseStorage:
     if path is not None and not is_in_memory(path):
         _require_file(path, url)
     elif not is_url(url):
-        raise StudyNotFoundError(f"not an Optuna storage URL: {url!r} (expected e.g. sqlite:///path/optuna.db, "
+        raise StudyNotFoundError(f"not an Optuna storage URL: {redact(url)!r} (expected e.g. sqlite:///path/optuna.db, "
                                  "postgresql://..., or journal:path.log)")
     return optuna.storages.RDBStorage(url)
 
 
 def _require_file(path: Path, url: str) -> None:
     if not path.is_file():
-        raise StudyNotFoundError(f"no Optuna storage at {url}: {path} does not exist")
+        raise StudyNotFoundError(f"no Optuna storage at {redact(url)}: {path} does not exist")
 
 
 def connect_storage(url: str, heartbeat: int, grace: int,
                     stale_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-                    ) -> BaseStorage:
+                    max_outage: float | None = None) -> BaseStorage:
     """The storage behind ``url`` for a worker, created if absent: a journal file, or
     an RDB storage with heartbeats every ``heartbeat`` seconds, stale after ``grace``,
-    and ``stale_callback`` called for each stale trial that is failed."""
+    and ``stale_callback`` called for each stale trial that is failed. An RDB storage
+    comes wrapped in :class:`~stores.resilient.ResilientStorage`: a database outage of
+    up to ``max_outage`` seconds (default ``MASKLAB_MAX_OUTAGE`` or 300) is waited out."""
+    if is_grpc(url):
+        from .proxy import connect
+
+        return ResilientStorage(connect(url, stale_callback), redact(url), max_outage)
     if is_journal(url):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -93,8 +114,9 @@ def connect_storage(url: str, heartbeat: int, grace: int,
         try:
             with warnings.catch_warnings():  # heartbeats and retries are "experimental" in Optuna
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                                                  heartbeat_stale_trial_callback=stale_callback, **kwargs)
+                rdb = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                                 heartbeat_stale_trial_callback=stale_callback, **kwargs)
+            return ResilientStorage(rdb, redact(url), max_outage)
         except Exception as e:  # noqa: BLE001 - sqlalchemy's errors differ by database
             if attempt == 4 or not _schema_race(e):
                 raise
@@ -165,8 +187,9 @@ def postgres_engine(storage: BaseStorage):
     ``RDBStorage.engine`` is public; but a Study wraps its RDBStorage in Optuna's
     private ``_CachedStorage``, whose only way to the RDBStorage is ``_backend``.
     """
-    rdb = getattr(storage, "_backend", storage)
-    engine = getattr(rdb, "engine", None)
+    from .queue import rdb_engine
+
+    engine = rdb_engine(storage)
     return engine if engine is not None and engine.dialect.name == "postgresql" else None
 
 
@@ -209,7 +232,11 @@ def keep_alive(storage: BaseStorage, study_name: str, number: int) -> Iterator[N
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial)
+            try:
+                storage.record_heartbeat(trial)
+            except Exception as e:  # noqa: BLE001 - an outage longer than the storage waits: beat again later
+                warnings.warn(f"heartbeat of trial {number} not recorded: {type(e).__name__}: {scrub(str(e))}",
+                              stacklevel=1)
             if stop.wait(timeout=interval):
                 return
 

@@ -29,24 +29,32 @@ def _add_dirs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where data files are found (default $MASKLAB_DATA_DIR, else ./data if it exists, else ../shared/data beside the checkout)")
 
 
+def _add_outage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-outage", type=float, metavar="S",
+                   help="seconds to wait for an unreachable storage or tracking server before a trial fails "
+                        "(default $MASKLAB_MAX_OUTAGE or 300; unsent metrics are spooled for `masklab sync`)")
+
+
 def cmd_train(args) -> int:
     from lit_modules.config import load_run_config
 
     cfg = load_run_config(args.config, args.set or [])  # checked before torch is imported
+    _max_outage(args)
     ws = _workspace(args)
     from lit_modules.ablation import truncation_curves
 
     from .train import Tracking, train_run
 
+    _warn_secret("--tracking-uri", args.tracking_uri, "MASKLAB_TRACKING_URI")
     tracking = Tracking(
-        tracking_uri=args.tracking_uri or ws.tracking_uri,
+        tracking_uri=args.tracking_uri or os.environ.get("MASKLAB_TRACKING_URI") or ws.tracking_uri,
         experiment=args.experiment or Path(args.config).stem,
         run_name=args.run_name,
         tags={keys.SOURCE: str(Path(args.config).resolve()), keys.OVERRIDES: " ".join(args.set or [])},
         artifacts=(Path(args.config),),
     )
     result = train_run(cfg, ws, tracking)
-    print(f"\nrun {result.run_id} finished in {result.seconds:.1f} s (tracking: {tracking.tracking_uri})")
+    print(f"\nrun {result.run_id} finished in {result.seconds:.1f} s (tracking: {_shown(tracking.tracking_uri)})")
     for k in sorted(k for k in result.metrics if not k.startswith("transfer/")):
         print(f"  {k:<14} {result.metrics[k]:.4f}")
     print("\nlayer removal (blocks removed from the back):")
@@ -86,12 +94,58 @@ def _load_spec(args, validate: bool):
 
 
 def _stores(args, ws) -> tuple[str, str]:
-    storage = args.storage or default_storage_url(ws.output_dir)
-    return storage, args.tracking_uri or ws.tracking_uri
+    """The Optuna storage and MLflow tracking URI: the flag, else ``MASKLAB_STORAGE`` /
+    ``MASKLAB_TRACKING_URI``, else the sqlite files in the output dir. A password given
+    on the command line is visible to every user of the machine (``ps``): warned."""
+    storage = getattr(args, "storage", None)
+    tracking = getattr(args, "tracking_uri", None)
+    _warn_secret("--storage", storage, "MASKLAB_STORAGE")
+    _warn_secret("--tracking-uri", tracking, "MASKLAB_TRACKING_URI")
+    storage = storage or os.environ.get("MASKLAB_STORAGE") or default_storage_url(ws.output_dir)
+    return storage, tracking or os.environ.get("MASKLAB_TRACKING_URI") or ws.tracking_uri
+
+
+_FLAG_URLS: list[str] = []  # store URLs with a password given as flags: scrubbed from what is printed
+
+
+def _warn_secret(flag: str, url: str | None, env: str) -> None:
+    from stores.urls import has_secret
+
+    if url and has_secret(url):
+        _FLAG_URLS.append(url)
+        print(f"masklab: warning: {flag} carries a password on the command line, where any user of this machine "
+              f"can read it (ps); export {env} instead", file=sys.stderr)
+
+
+def _shown(url: str) -> str:
+    from stores.urls import redact
+
+    return redact(url)
+
+
+def _scrubbed(text: str) -> str:
+    """A line to print, with no store password in it (see ``stores.urls.scrub``)."""
+    from stores.urls import scrub
+
+    return scrub(text, *_FLAG_URLS)
+
+
+def _max_outage(args) -> None:
+    """``--max-outage S``: how long this process (and the workers it starts) waits for an
+    unreachable storage or tracking server before the trial fails."""
+    from lit_modules.config_errors import ConfigError
+
+    value = getattr(args, "max_outage", None)
+    if value is None:
+        return
+    if not value > 0:
+        raise ConfigError("--max-outage", value, "must be a number of seconds > 0")
+    os.environ["MASKLAB_MAX_OUTAGE"] = str(value)
 
 
 def cmd_run(args) -> int:
     spec = _load_spec(args, validate=True)  # every error in the spec or --set before anything heavy
+    _max_outage(args)
     ws = _workspace(args)
     from .runner import run_study
 
@@ -101,10 +155,10 @@ def cmd_run(args) -> int:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     print(f"study {spec.name}: ran {result.ran} trial(s); now {counts}")
     for line in result.failures:
-        print(f"  failed {line}")
+        print(f"  failed {_scrubbed(line)}")
     if result.report_html:
         print(f"report: {result.report_md}\n        {result.report_html}")
-    print(f"optuna: {storage}\nmlflow: {tracking}")
+    print(f"optuna: {_shown(storage)}\nmlflow: {_shown(tracking)}")
     from .ui import study_link
 
     link = study_link(tracking, spec.name)
@@ -114,11 +168,17 @@ def cmd_run(args) -> int:
 
 def _ui_command(args) -> str:
     """The ``masklab ui`` line that opens this command's study in the MLflow UI."""
+    from stores.urls import has_secret
+
     words = ["masklab", "ui", args.spec]
     for flag in ("study_name", "tracking_uri", "output_dir"):
-        if getattr(args, flag, None):
-            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    return " ".join(shlex.quote(w) for w in words)
+        value = getattr(args, flag, None)
+        if value and not (flag == "tracking_uri" and has_secret(value)):  # a password is never printed
+            words += [f"--{flag.replace('_', '-')}", str(value)]
+    line = " ".join(shlex.quote(w) for w in words)
+    if has_secret(getattr(args, "tracking_uri", None) or ""):
+        line += "   (with MASKLAB_TRACKING_URI exported)"
+    return line
 
 
 def _worker_args(args, spec_path: str, stores: bool = True) -> list[str]:
@@ -136,6 +196,7 @@ def _worker_args(args, spec_path: str, stores: bool = True) -> list[str]:
 
 def cmd_worker(args) -> int:
     spec = _load_spec(args, validate=True)
+    _max_outage(args)
     ws = _workspace(args)
     from .runner import run_study
 
@@ -145,7 +206,7 @@ def cmd_worker(args) -> int:
     liveness = {k: v for k, v in (("heartbeat", args.heartbeat), ("grace", args.grace)) if v is not None}
     result = run_study(spec, ws, storage, tracking, progress=False, report=not args.no_report,
                        max_trials=args.max_trials, wait=not args.no_wait, report_once=True,
-                       log=lambda m: print(prefix + m, file=sys.stderr, flush=True), **liveness)
+                       log=lambda m: print(prefix + _scrubbed(m), file=sys.stderr, flush=True), **liveness)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
     print(f"{prefix}study {spec.name}: this worker ran {result.ran} trial(s); now {counts}")
     if result.report_html:
@@ -155,6 +216,7 @@ def cmd_worker(args) -> int:
 
 def cmd_launch(args) -> int:
     spec = _load_spec(args, validate=True)  # a bad spec fails here once, not in N workers
+    _max_outage(args)
     ws = _workspace(args)
     from .launch import ProgressLine, log_tail, parse_devices, start_workers, supervise
     from .runner import write_study_report
@@ -164,20 +226,22 @@ def cmd_launch(args) -> int:
     if devices is None and not args.cpu:
         devices = _visible_gpus()
     log_dir = ws.output_dir / "logs" / spec.name
-    worker_args = [*_worker_args(args, args.spec), "--no-report", "--output-dir", str(ws.output_dir),
+    # The stores go to the workers in their environment: a command line is public (ps).
+    worker_args = [*_worker_args(args, args.spec, stores=False), "--no-report", "--output-dir", str(ws.output_dir),
                    "--data-dir", str(ws.data_dir)]
-    workers = start_workers(worker_args, args.workers, devices, log_dir)
+    workers = start_workers(worker_args, args.workers, devices, log_dir,
+                            env={"MASKLAB_STORAGE": storage, "MASKLAB_TRACKING_URI": tracking})
     for w in workers:
         print(f"{w.label}: log {w.log}", file=sys.stderr)
     codes = supervise(workers, ProgressLine(spec.name, storage, workers))
     failed = [w for w, code in zip(workers, codes) if code != 0]
     for w in failed:
-        print(f"masklab: {w.label} exited with {w.proc.returncode}; last lines of {w.log}:\n{log_tail(w.log)}",
-              file=sys.stderr)
+        print(f"masklab: {w.label} exited with {w.proc.returncode}; last lines of {w.log}:\n"
+              f"{_scrubbed(log_tail(w.log))}", file=sys.stderr)
     if not args.no_report:
         md, html = write_study_report(spec.name, storage, tracking, ws, None)
         print(f"report: {md}\n        {html}")
-    print(f"optuna: {storage}\nmlflow: {tracking}")
+    print(f"optuna: {_shown(storage)}\nmlflow: {_shown(tracking)}")
     from .ui import study_link
 
     link = study_link(tracking, spec.name)
@@ -220,7 +284,7 @@ def cmd_status(args) -> int:
     from .status import study_status
 
     ws = _workspace(args)
-    storage = args.storage or default_storage_url(ws.output_dir)
+    storage, _ = _stores(args, ws)
     print(study_status(spec.name, storage))
     return 0
 
@@ -254,10 +318,12 @@ def cmd_dashboard(args) -> int:
     if args.serve:
         from dashboards.serve import serve
 
+        _warn_public("dashboard --serve", args.host, "anyone who can reach this port can read the studies' "
+                     "results (the page has no authentication)")
         try:
-            return serve(lambda: load_dashboard(storage, tracking, names), out, args.port, args.refresh)
+            return serve(lambda: load_dashboard(storage, tracking, names), out, args.port, args.refresh, args.host)
         except OSError as e:
-            raise ConfigError("--port", args.port, f"cannot listen on 127.0.0.1: {e.strerror}; "
+            raise ConfigError("--port", args.port, f"cannot listen on {args.host}: {e.strerror}; "
                                                    "pick another port, or 0 for a free one") from None
     dash = load_dashboard(storage, tracking, names)
     path, _ = write_dashboard(dash, out)
@@ -279,7 +345,8 @@ def cmd_ui(args) -> int:
     ws = _workspace(args)
     from .ui import serve_ui
 
-    tracking = args.tracking_uri or default_tracking_uri(ws.output_dir)
+    _warn_secret("--tracking-uri", args.tracking_uri, "MASKLAB_TRACKING_URI")
+    tracking = args.tracking_uri or os.environ.get("MASKLAB_TRACKING_URI") or default_tracking_uri(ws.output_dir)
     return serve_ui(tracking, study, args.port or None, ws.output_dir / "mlartifacts",
                     ws.output_dir / "logs" / "mlflow-ui.log")
 
@@ -314,7 +381,7 @@ def _study_of(spec: str, storage: str) -> str:
         if spec in present:
             return spec
         shipped = ", ".join(p.stem for p in sorted(SPEC_DIR.glob("*.yaml")))
-        raise ConfigError("SPEC", spec, f"not a spec file, a shipped spec ({shipped}), nor a study in {storage} "
+        raise ConfigError("SPEC", spec, f"not a spec file, a shipped spec ({shipped}), nor a study in {_shown(storage)} "
                                         f"(studies there: {', '.join(present) or 'none'})") from None
     from .spec import load_spec
 
@@ -327,6 +394,56 @@ def one_line(doc: str | None) -> str:
     para = para.replace("``", "")
     end = para.find(". ")
     return para if end < 0 else para[: end + 1]
+
+
+def cmd_storage_proxy(args) -> int:
+    """Run Optuna's gRPC storage proxy (with masklab's queue service) in front of an RDB
+    storage, until Ctrl-C. Workers then use ``--storage grpc://HOST:PORT``."""
+    from lit_modules.config_errors import ConfigError
+    from stores.urls import is_grpc, is_journal
+
+    _warn_secret("--storage", args.storage, "MASKLAB_STORAGE")
+    storage = args.storage or os.environ.get("MASKLAB_STORAGE")
+    if not storage:
+        raise ConfigError("--storage", storage, "give the PostgreSQL URL to serve (or export MASKLAB_STORAGE)")
+    if is_journal(storage) or is_grpc(storage) or "://" not in storage:
+        raise ConfigError("--storage", _shown(storage), "the proxy serves an RDB storage: postgresql://... "
+                          "(or sqlite:///PATH on one machine)")
+    if not 0 < args.port <= 65535:
+        raise ConfigError("--port", args.port, "must be in [1, 65535]")
+    if args.threads < 1:
+        raise ConfigError("--threads", args.threads, "must be an integer >= 1")
+    _max_outage(args)
+    _warn_public("storage-proxy", args.host, "anyone who can reach this port can read and write every study in "
+                 "the storage (the proxy has no authentication)")
+    from stores.proxy import serve
+    from studies.coordination import make_storage
+
+    backend = make_storage(storage, args.heartbeat, args.grace)
+    try:
+        serve(backend, args.host, args.port, args.threads,
+              ready=lambda port: print(f"storage-proxy: serving {_shown(storage)} on grpc://{args.host}:{port} "
+                                       f"({args.threads} threads; Ctrl-C stops)", flush=True))
+    except KeyboardInterrupt:
+        print("storage-proxy: stopped", flush=True)
+    return 0
+
+
+def _warn_public(what: str, host: str, risk: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"masklab: warning: {what} listens on {host}, not only this machine: {risk}", file=sys.stderr,
+              flush=True)
+
+
+def cmd_sync(args) -> int:
+    """Send the tracking points that a run spooled while its tracking server was down."""
+    from studies.spool import sync
+
+    ws = _workspace(args)
+    sent = sync(ws.output_dir, log=lambda m: print(m, flush=True))
+    print(f"sync: {sent.records} record(s), {sent.points} metric point(s) sent from {sent.files} spool file(s); "
+          f"{sent.left} file(s) left")
+    return 1 if sent.left else 0
 
 
 def cmd_list(args) -> int:
@@ -376,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file in the output dir)")
     p.add_argument("--experiment", help="MLflow experiment name (default: the config file's name)")
     p.add_argument("--run-name", help="MLflow run name")
+    _add_outage(p)
     _add_dirs(p)
     p.set_defaults(func=cmd_train)
 
@@ -389,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", type=int, help="run at most this many trials now (the rest on the next run)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per trial)")
+    _add_outage(p)
     _add_dirs(p)
     p.set_defaults(func=cmd_run)
 
@@ -400,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(default: sqlite file optuna.db in the output dir)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file mlflow.db in the output dir)")
         p.add_argument("--study-name", help="name the study differently from the spec (a separate study)")
+        _add_outage(p)
         _add_dirs(p)
 
     p = sub.add_parser("worker", help="join a study and run its trials until none are left (start any number)")
@@ -459,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true",
                    help="serve the page on 127.0.0.1 and rebuild it from the stores while studies run")
     p.add_argument("--port", type=int, default=8050, help="port for --serve (default 8050; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address for --serve (default 127.0.0.1: this machine only; another is warned about)")
     p.add_argument("--refresh", type=float, default=10.0,
                    help="seconds between rebuilds with --serve; the page reloads itself when results change "
                         "(default 10)")
@@ -475,6 +597,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port to serve on (default: a free one)")
     p.add_argument("--output-dir", help="where all generated output goes (default $MASKLAB_OUTPUT_DIR or ./masklab-runs)")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("storage-proxy", help="run Optuna's gRPC storage proxy in front of PostgreSQL, for "
+                                             "many workers (they use --storage grpc://HOST:PORT)")
+    p.add_argument("--storage", help="the RDB storage to serve (default $MASKLAB_STORAGE; postgresql://...)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; another is warned about)")
+    p.add_argument("--port", type=int, default=13000, help="port to listen on (default 13000)")
+    p.add_argument("--threads", type=int, default=32, help="requests served at once (default 32)")
+    p.add_argument("--heartbeat", type=int, default=30, metavar="S",
+                   help="the heartbeat interval the proxy reports to workers (default 30)")
+    p.add_argument("--grace", type=int, default=90, metavar="S",
+                   help="a trial without a heartbeat for S seconds is stale (default 90)")
+    p.add_argument("--max-outage", type=float, metavar="S",
+                   help="seconds to wait for the database to come back (default $MASKLAB_MAX_OUTAGE or 300)")
+    p.set_defaults(func=cmd_storage_proxy)
+
+    p = sub.add_parser("sync", help="send the metric points runs spooled while their tracking server was down")
+    p.add_argument("--output-dir", help="where all generated output goes (default $MASKLAB_OUTPUT_DIR or ./masklab-runs)")
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("list", help="registered models, maskings, datasets and shipped specs")
     p.set_defaults(func=cmd_list)
@@ -493,15 +634,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from lit_modules.config_errors import ConfigError
 
+    sys.excepthook = _scrubbed_excepthook
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"masklab: error: {e}", file=sys.stderr)
+        print(f"masklab: error: {_scrubbed(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("masklab: interrupted", file=sys.stderr)
         return 130
+
+
+def _scrubbed_excepthook(kind, value, tb) -> None:
+    """An uncaught error's traceback, as Python prints it, with no store password in it
+    (a library's message may quote the URL it was given)."""
+    import traceback
+
+    sys.stderr.write(_scrubbed("".join(traceback.format_exception(kind, value, tb))))
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from stores import keys
+from stores.resilient import transient
 from stores.storage import connect_storage, lock_study_name, postgres_engine
 
 # A RUNNING trial without a heartbeat for GRACE_SECONDS is stale: its worker is gone.
@@ -80,13 +81,14 @@ class RetryTrial(RetryHeartbeatStaleTrialCallback):
         ))
 
 
-def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:
-    """The storage behind ``url``, created if absent; RDB storages get heartbeats and
-    :class:`RetryTrial` (see :func:`stores.storage.connect_storage`)."""
+def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS,
+                 max_outage: float | None = None) -> optuna.storages.BaseStorage:
+    """The storage behind ``url``, created if absent; RDB storages get heartbeats,
+    :class:`RetryTrial` and outage retries (see :func:`stores.storage.connect_storage`)."""
     with warnings.catch_warnings():  # retries are "experimental" in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryTrial()
-    return connect_storage(url, heartbeat, grace, retry)
+    return connect_storage(url, heartbeat, grace, retry, max_outage)
 
 
 def retry_callback(storage: optuna.storages.BaseStorage) -> RetryTrial:
@@ -111,7 +113,8 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout: float =
     lock = lock_study_name(name)
     engine = postgres_engine(storage)
     if engine is not None:
-        with _advisory_lock(engine, lock, timeout):
+        retry = getattr(storage, "retry", lambda what, fn: fn())  # rides out a database restart
+        with _advisory_lock(engine, lock, timeout, retry):
             yield
         return
     owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -138,21 +141,36 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout: float =
 
 
 @contextmanager
-def _advisory_lock(engine, name: str, timeout: float) -> Iterator[None]:
+def _advisory_lock(engine, name: str, timeout: float, retry) -> Iterator[None]:
     from sqlalchemy import text
 
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    with engine.connect() as conn:
-        # LOCAL: the timeout ends with this transaction; the (session) lock does not, and
-        # the pooled connection goes back to Optuna with its usual settings.
-        conn.execute(text(f"SET LOCAL lock_timeout = {int(timeout * 1000)}"))
-        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        conn.commit()
+
+    def acquire():
+        conn = engine.connect()
         try:
-            yield
-        finally:
+            # LOCAL: the timeout ends with this transaction; the (session) lock does not,
+            # and the pooled connection goes back to Optuna with its usual settings.
+            conn.execute(text(f"SET LOCAL lock_timeout = {int(timeout * 1000)}"))
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    conn = retry("study lock", acquire)
+    try:
+        yield
+    finally:
+        try:
             conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
             conn.commit()
+        except Exception as e:  # noqa: BLE001 - a lost connection: the server released its locks with it
+            if not transient(e):
+                raise
+        finally:
+            conn.close()
 
 
 def _break_if_stale(storage: optuna.storages.BaseStorage, lock: str, first_seen: dict[int, float]) -> None:

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lit_modules.config_errors import ConfigError
-from stores.urls import is_sqlite
+from stores.urls import has_secret, is_sqlite, redact
 
 PROGRESS_SECONDS = 2.0
 
@@ -59,8 +59,10 @@ def worker_env(index: int, workers: int, devices: list[str] | None, cpus: int) -
 
 
 def start_workers(worker_args: list[str], workers: int, devices: list[str] | None, log_dir: Path,
-                  cpus: int | None = None) -> list[WorkerProcess]:
-    """Start ``workers`` processes of ``masklab worker <worker_args>``, logs in ``log_dir``."""
+                  cpus: int | None = None, env: dict[str, str] | None = None) -> list[WorkerProcess]:
+    """Start ``workers`` processes of ``masklab worker <worker_args>``, logs in ``log_dir``.
+    ``env``: more of their environment; the stores go there (``MASKLAB_STORAGE``,
+    ``MASKLAB_TRACKING_URI``), not on their command line, which any user can read (``ps``)."""
     if workers < 1:
         raise ConfigError("--workers", workers, "must be an integer >= 1")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,7 @@ def start_workers(worker_args: list[str], workers: int, devices: list[str] | Non
             proc = subprocess.Popen(
                 [sys.executable, "-m", "studies.cli", "worker", *worker_args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **pin, "MASKLAB_WORKER": str(i), "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **(env or {}), **pin, "MASKLAB_WORKER": str(i), "PYTHONUNBUFFERED": "1"},
             )
         started.append(WorkerProcess(i, proc, log, pin))
     return started
@@ -167,9 +169,13 @@ class SlurmOptions:
             raise ConfigError("--cpus-per-task", self.cpus_per_task, "must be an integer >= 1")
 
 
-def check_shared_store(flag: str, url: str | None) -> None:
+def check_shared_store(flag: str, url: str | None, env: str) -> None:
     """Workers on several machines need a server-backed store; a sqlite file on a shared
-    filesystem locks badly (and an embedded file is not reachable from other nodes)."""
+    filesystem locks badly (and an embedded file is not reachable from other nodes). A
+    URL with a password is not written into a script: it comes from the environment."""
+    if url and has_secret(url):
+        raise ConfigError(flag, redact(url), f"a password would be written into the script; export {env} instead "
+                                             f"(sbatch passes it on) and leave {flag} out")
     if url and is_sqlite(url):
         raise ConfigError(flag, url, "workers on a cluster need a server: postgresql://... for Optuna, "
                                      "http://... (mlflow server) for MLflow")
@@ -180,12 +186,13 @@ def sbatch_script(study: str, worker_args: list[str], opts: SlurmOptions, workdi
     """An sbatch array script: task i of ``opts.array`` runs one ``masklab worker``.
 
     The stores come from ``MASKLAB_STORAGE`` / ``MASKLAB_TRACKING_URI`` in the
-    submitting environment (sbatch passes it on; keeps passwords out of the file), with
-    the URLs given to ``masklab slurm`` as defaults.
+    submitting environment (sbatch passes it on; keeps passwords out of the file and off
+    the workers' command lines), with the URLs given to ``masklab slurm`` as defaults: a
+    URL with a password is refused there.
     """
     opts.check()
-    check_shared_store("--storage", storage)
-    check_shared_store("--tracking-uri", tracking_uri)
+    check_shared_store("--storage", storage, "MASKLAB_STORAGE")
+    check_shared_store("--tracking-uri", tracking_uri, "MASKLAB_TRACKING_URI")
     q = shlex.quote
     directives = [
         f"--job-name=masklab-{study}",
@@ -224,7 +231,7 @@ def sbatch_script(study: str, worker_args: list[str], opts: SlurmOptions, workdi
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
         'export MASKLAB_WORKER="${SLURM_ARRAY_TASK_ID:-0}"',
         "# Each task is one worker: it joins the study and claims trials until none are left.",
-        f'exec {q(str(masklab))} worker {" ".join(q(a) for a in worker_args)} '
-        '--storage "$MASKLAB_STORAGE" --tracking-uri "$MASKLAB_TRACKING_URI"',
+        "# It reads the stores from MASKLAB_STORAGE and MASKLAB_TRACKING_URI (not its command line: ps shows that).",
+        f'exec {q(str(masklab))} worker {" ".join(q(a) for a in worker_args)}',
     ]
     return "\n".join(lines) + "\n"

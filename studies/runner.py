@@ -48,7 +48,7 @@ from optuna.trial import TrialState
 
 from lit_modules.config_errors import ConfigError
 from lit_modules.paths import Workspace
-from stores import keys
+from stores import keys, queue
 from stores.grid import grid_key
 from stores.storage import (
     StudyNotFoundError,
@@ -58,7 +58,7 @@ from stores.storage import (
     study_storage,
     trial_id,
 )
-from stores.urls import default_storage_url
+from stores.urls import default_storage_url, redact, scrub
 
 from .coordination import GRACE_SECONDS, HEARTBEAT_SECONDS, make_storage, retry_callback, study_lock
 from .spec import StudySpec
@@ -132,7 +132,7 @@ def open_study(spec: StudySpec, storage_url: str, tracking_uri: str, heartbeat: 
             keys.SPEC: spec.to_dict(), keys.KIND: spec.kind, keys.SWEPT: spec.swept,
             keys.OBJECTIVE: spec.objective.metric, keys.DIRECTION: spec.objective.direction,
             keys.FIXED_HASH: spec.fixed_hash(), keys.OVERRIDES: list(spec.overrides),
-            keys.TRACKING_URI: tracking_uri,
+            keys.TRACKING_URI: redact(tracking_uri),  # no password: readers take the real one from the caller
         }.items():
             study.set_user_attr(key, value)
     return study
@@ -144,7 +144,7 @@ def _check_same_spec(attrs: dict, spec: StudySpec, storage_url: str) -> None:
         before = (attrs.get(keys.SPEC) or {}).get("fixed") or {}
         raise ConfigError(
             "fixed", fixed_changes(before, spec.fixed),
-            f"study {spec.name!r} in {storage_url} was started with a different fixed config "
+            f"study {spec.name!r} in {redact(storage_url)} was started with a different fixed config "
             f"(then --set {' '.join(attrs.get(keys.OVERRIDES, [])) or 'none'}); "
             "use the same spec and --set values to resume, or --study-name / --output-dir for a new study",
         )
@@ -293,9 +293,20 @@ def _fail_runs(study: optuna.Study, numbers: list[int], tracking_uri: str) -> No
                 pass
 
 
-def enqueue_grid(study: optuna.Study, spec: StudySpec) -> int:
+def enqueue_grid(study: optuna.Study, spec: StudySpec, storage: BaseStorage | None = None) -> int:
     """Enqueue every (grid point, replicate) with no COMPLETE, WAITING or RUNNING trial.
-    Call it under :func:`~studies.coordination.study_lock` when workers share the study."""
+    Call it under :func:`~studies.coordination.study_lock` when workers share the study.
+
+    Each (grid point, replicate) has at most one trial in those states (enqueueing is
+    exactly-once; a retry is queued only when its attempt has FAILed), so when they
+    count the grid's size there is nothing to enqueue, and the trials are not read: a
+    worker joining a 10,000-trial study pays one count query, not a read of the study.
+    """
+    storage = storage if storage is not None else study_storage(study)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    size = math.prod(len(v) for v in spec.grid.values()) * spec.replicates
+    if queue.count(storage, study_id, ("COMPLETE", "WAITING", "RUNNING")) == size:
+        return 0
     have = set()
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)):
         if keys.GRID_KEY in t.user_attrs:
@@ -312,8 +323,13 @@ def enqueue_grid(study: optuna.Study, spec: StudySpec) -> int:
     return added
 
 
-def _waiting(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+def _counts_of(study: optuna.Study, storage: BaseStorage | None = None) -> dict[str, int]:
+    storage = storage if storage is not None else study_storage(study)
+    return queue.state_counts(storage, storage.get_study_id_from_name(study.study_name))
+
+
+def _waiting(study: optuna.Study, storage: BaseStorage | None = None) -> int:
+    return _counts_of(study, storage)["WAITING"]
 
 
 def _retried(trials: list) -> set[int]:
@@ -332,28 +348,48 @@ def search_budget_used(study: optuna.Study) -> int:
 def claim_trial(study: optuna.Study, spec: StudySpec, storage: BaseStorage | None = None) -> optuna.Trial | None:
     """The next trial for this worker, or None when there is none to claim now.
 
-    Under the study lock: a grid claims a WAITING trial (never samples a new one); a
-    search claims a WAITING retry first, else samples a new trial while the budget lasts.
-    ``storage``: the study's storage, as opened (found through the study when not given).
+    A grid claims a WAITING trial (never samples a new one): on an RDB storage or
+    through masklab's proxy with one indexed statement and no lock
+    (:func:`stores.queue.pop_waiting`, exactly-once by itself), elsewhere under the
+    study lock with Optuna's ``ask``. A search claims a WAITING retry first, else,
+    under the lock, samples a new trial while the budget lasts (its sampler reads the
+    study's trials anyway). ``storage``: the study's storage, as opened (found through
+    the study when not given).
     """
-    with study_lock(storage if storage is not None else study_storage(study), spec.name):
+    storage = storage if storage is not None else study_storage(study)
+    if queue.supported(storage):
+        trial = _pop(study, storage)
+        if trial is not None or spec.kind == "grid":
+            return trial
+    with study_lock(storage, spec.name):
         if spec.kind == "grid":
-            if not _waiting(study):
+            if not _waiting(study, storage):
                 return None
-        elif not _waiting(study) and search_budget_used(study) >= spec.n_trials:
+        elif not _waiting(study, storage) and search_budget_used(study) >= spec.n_trials:
             return None
         return study.ask()
 
 
-def _busy(study: optuna.Study) -> bool:
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+def _pop(study: optuna.Study, storage: BaseStorage) -> optuna.Trial | None:
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = queue.pop_waiting(storage, study_id)
+    if trial_id is None:
+        return None
+    # What Study.ask does with the id it pops: a Trial on it (its enqueued values are
+    # its fixed params, given back by the suggest calls).
+    return optuna.Trial(study, trial_id)
 
 
-def remaining(study: optuna.Study, spec: StudySpec) -> int:
+def _busy(study: optuna.Study, storage: BaseStorage | None = None) -> bool:
+    counts = _counts_of(study, storage)
+    return bool(counts["RUNNING"] + counts["WAITING"])
+
+
+def remaining(study: optuna.Study, spec: StudySpec, storage: BaseStorage | None = None) -> int:
     """Trials still to run: WAITING ones (grid, retries), plus the search budget left."""
     if spec.kind == "grid":
-        return _waiting(study)
-    return _waiting(study) + max(0, spec.n_trials - search_budget_used(study))
+        return _waiting(study, storage)
+    return _waiting(study, storage) + max(0, spec.n_trials - search_budget_used(study))
 
 
 # ---------------------------------------------------------------- one trial
@@ -473,7 +509,7 @@ def _outcome(trial: optuna.Trial, spec: StudySpec, metrics: dict[str, float]) ->
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}"[:2000] if text else type(e).__name__
+    return scrub(f"{type(e).__name__}: {text[0]}"[:2000]) if text else type(e).__name__
 
 
 # ---------------------------------------------------------------- the study loop
@@ -512,7 +548,7 @@ def run_study(
     worker = _Worker(study, storage, spec, workspace, tracking_uri, parent_id,
                      log or (lambda msg: print(msg, file=sys.stderr, flush=True)), progress)
     worker.prepare()
-    todo = remaining(study, spec) if max_trials is None else min(remaining(study, spec), max_trials)
+    todo = remaining(study, spec, storage) if max_trials is None else min(remaining(study, spec, storage), max_trials)
     bar = _bar(todo, spec.name, progress)
     try:
         worker.work(max_trials, wait, bar)
@@ -521,7 +557,7 @@ def run_study(
             bar.close()
         _close_parent(tracking_uri, parent_id, study, worker.status)
     result = StudyResult(spec.name, _counts(study), worker.ran, parent_run_id=parent_id, failures=worker.failures)
-    if report and (_claim_report(study, storage, spec) if report_once else not _busy(study)):
+    if report and (_claim_report(study, storage, spec) if report_once else not _busy(study, storage)):
         result.report_md, result.report_html = write_study_report(spec.name, storage_url, tracking_uri, workspace,
                                                                   parent_id)
     return result
@@ -548,7 +584,7 @@ class _Worker:
         with study_lock(self.storage, self.spec.name):
             reaped = reap_dead_trials(self.study, self.tracking_uri, self.storage)
             if self.spec.kind == "grid":
-                enqueue_grid(self.study, self.spec)
+                enqueue_grid(self.study, self.spec, self.storage)
         if reaped:
             self.log(f"marked FAIL: trials {reaped} (their worker died); retries are queued")
 
@@ -558,7 +594,7 @@ class _Worker:
         while max_trials is None or self.ran < max_trials:
             trial = claim_trial(self.study, self.spec, self.storage)
             if trial is None:
-                if not (wait and _busy(self.study)):
+                if not (wait and _busy(self.study, self.storage)):
                     return
                 self._poll()
                 continue
@@ -582,7 +618,14 @@ class _Worker:
             self.status = "KILLED"
             self.log(f"interrupted: trial {trial.number} marked FAIL; finished trials are kept")
             raise
-        self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        try:
+            self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Reaped while it ran (its heartbeats could not be stored for the grace period):
+            # its retry runs it again; this attempt's run is kept in MLflow.
+            self.log(f"trial {trial.number} was marked FAIL while it ran (no heartbeat for the grace period); "
+                     "its retry runs it again")
+            state, note = TrialState.FAIL, "reaped while running"
         if state == TrialState.FAIL:
             self.failures.append(f"trial {trial.number}: {note}")
         self.ran += 1
@@ -603,7 +646,7 @@ def _claim_report(study: optuna.Study, storage: BaseStorage, spec: StudySpec) ->
     """True for the one worker that should write the report now: the study has nothing
     left to run and no report covers its current trials yet."""
     with study_lock(storage, spec.name):
-        if _busy(study):
+        if _busy(study, storage):
             return False
         done = len(study.get_trials(deepcopy=False))
         # Read from the storage: another worker may have just claimed it.
@@ -643,7 +686,7 @@ def write_study_report(name: str, storage_url: str, tracking_uri: str, workspace
     try:
         data = load_study(name, storage_url, tracking_uri)
     except StudyNotFoundError as e:
-        raise ConfigError("study", name, str(e)) from None
+        raise ConfigError("study", name, scrub(str(e), storage_url)) from None
     out = workspace.output_dir / "reports" / name
     md, html = write_report(data, out)
     if parent_id:

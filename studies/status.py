@@ -18,6 +18,7 @@ from stores.storage import (
     trial_params,
     trial_seconds,
 )
+from stores.urls import redact
 
 
 def load_trials(name: str, storage_url: str) -> tuple[optuna.Study, pd.DataFrame]:
@@ -25,12 +26,12 @@ def load_trials(name: str, storage_url: str) -> tuple[optuna.Study, pd.DataFrame
     try:
         storage = open_storage(storage_url)  # sqlite, PostgreSQL or journal file
     except StudyNotFoundError:
-        raise ConfigError("--storage", storage_url, "no such store; run the study first (masklab run SPEC)") from None
+        raise ConfigError("--storage", redact(storage_url), "no such store; run the study first (masklab run SPEC)") from None
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         known = list_studies(storage)
-        raise ConfigError("study", name, f"not in {storage_url} (studies there: {', '.join(known) or 'none'})") from None
+        raise ConfigError("study", name, f"not in {redact(storage_url)} (studies there: {', '.join(known) or 'none'})") from None
     swept = study.user_attrs.get(keys.SWEPT, [])
     rows = []
     for t in study.get_trials(deepcopy=False):

@@ -5,6 +5,12 @@ more against a server, vs ~0.3 s for one ``log_batch``), so metrics are buffered
 in batches: when the buffer holds ``flush_every`` points, after ``flush_seconds``, and at
 the end of the run. The batches are sent by a background thread, so a slow or distant
 tracking server never stalls a training step; the run waits for them only at its end.
+
+The sender waits out a tracking-server outage (``studies.spool.ResilientClient``):
+training goes on, the points logged meanwhile are sent when the server is back, and a
+checkpoint waiting behind them is published only then. When the server stays away past
+the outage limit, the unsent points go to the run's spool file and the next logging
+step ends the run with that reason (``masklab sync`` sends the spool later).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from mlflow.tracking import MlflowClient
 
 from lit_modules.config import flatten
 from stores import keys
-from stores.urls import is_local_store
+from stores.urls import is_server_uri
+
+from .spool import ResilientClient, Spool, TrackingOutage
 
 # MLflow's log_batch accepts at most 1000 metrics, 100 params and 100 tags per call.
 MAX_METRICS_PER_BATCH = 1000
@@ -40,14 +48,16 @@ class BufferedMLflowLogger(Logger):
     """Lightning logger writing to one existing MLflow run, in batches."""
 
     def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 500, flush_seconds: float = 15.0,
-                 background: bool = True):
+                 background: bool = True, spool: Spool | None = None):
         super().__init__()
-        self.client, self.run_id = client, run_id
+        self.client = client if isinstance(client, ResilientClient) else ResilientClient(client)
+        self.run_id = run_id
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
         self._params: dict[str, str] = {}
-        self._sender = _BatchSender(client, run_id) if background else None
+        self.spool = spool
+        self._sender = _BatchSender(self.client, run_id, spool) if background else None
 
     @property
     def name(self) -> str:
@@ -70,6 +80,10 @@ class BufferedMLflowLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self._sender is not None and self._sender.down:  # the server stayed away: end the run
+            self._buffer.extend(Metric(k, float(v), int(time.time() * 1000), int(step or 0))
+                                for k, v in metrics.items() if k != "epoch")
+            self._sender.raise_outage()
         ts = int(time.time() * 1000)
         for key, value in metrics.items():
             if key == "epoch":
@@ -138,13 +152,16 @@ def send_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> No
 
 class _BatchSender:
     """One daemon thread sending metric batches in order, and running the callables put
-    between them once the batches before them are sent. A batch that fails is tried
-    again (``retries`` times, with back-off) so a server hiccup loses nothing; an error
-    that persists is raised by the next :meth:`wait` (a callable still runs: a
-    checkpoint is worth more than the curve points that could not be stored)."""
+    between them once the batches before them are sent. The client waits out an outage
+    (``ResilientClient``); a batch refused by the server is an error raised by the next
+    :meth:`wait` (a callable still runs: a checkpoint is worth more than curve points the
+    server would not take). When the server stays away past the outage limit the sender
+    is ``down``: this batch and every later one go to the spool, and callables (the
+    checkpoint publications waiting for their curves) are skipped."""
 
-    def __init__(self, client: MlflowClient, run_id: str, retries: int = 3):
-        self.client, self.run_id, self.retries = client, run_id, retries
+    def __init__(self, client: ResilientClient, run_id: str, spool: Spool | None = None):
+        self.client, self.run_id, self.spool = client, run_id, spool
+        self.down: TrackingOutage | None = None
         self._queue: queue.Queue[list[Metric] | Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-batches-{run_id[:8]}", daemon=True)
@@ -155,9 +172,18 @@ class _BatchSender:
 
     def wait(self) -> None:
         self._queue.join()
+        if self.down is not None:
+            self.raise_outage()
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, OSError):  # a callable's (a checkpoint publication): its own one-line reason
+                raise error
             raise RuntimeError(f"MLflow metric logging failed for run {self.run_id}: {error}") from error
+
+    def raise_outage(self) -> None:
+        where = (f"; {self.spool.points} metric points spooled to {self.spool.path}: send them with `masklab sync`"
+                 if self.spool is not None else "; the unsent metric points are lost (no spool)")
+        raise TrackingOutage(f"{self.down}{where}") from self.down
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -170,21 +196,27 @@ class _BatchSender:
                 if item is None:
                     return
                 if callable(item):
-                    item()
+                    if self.down is None:
+                        item()
                     continue
-                for attempt in range(self.retries + 1):
-                    try:
-                        send_metrics(self.client, self.run_id, item)
-                        break
-                    except Exception as e:  # noqa: BLE001 - kept and raised by wait()
-                        if attempt == self.retries:
-                            self._error = e
-                        else:
-                            time.sleep(0.5 * 2**attempt)
+                if self.down is not None:
+                    self._spool(item)
+                    continue
+                try:
+                    send_metrics(self.client, self.run_id, item)
+                except TrackingOutage as e:
+                    self.down = e
+                    self._spool(item)
+                except Exception as e:  # noqa: BLE001 - refused by the server: kept and raised by wait()
+                    self._error = e
             except Exception as e:  # noqa: BLE001 - a callable failed: kept and raised by wait()
                 self._error = e
             finally:
                 self._queue.task_done()
+
+    def _spool(self, batch: list[Metric]) -> None:
+        if self.spool is not None:
+            self.spool.metrics(batch)
 
 
 def flat_params(params: Mapping) -> dict[str, str]:
@@ -212,9 +244,10 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
 
 
 def artifact_root(tracking_uri: str, workspace) -> Path | None:
-    """Local stores keep artifacts in the output dir (a ``Workspace``); a server
-    chooses its own."""
-    return workspace.artifact_dir if is_local_store(tracking_uri) else None
+    """Stores without a server of their own (a sqlite file, a path, a database URL) keep
+    artifacts in the output dir (a ``Workspace``; MLflow would otherwise put them in
+    ``./mlruns`` under whatever directory the worker started in); a server chooses its own."""
+    return None if is_server_uri(tracking_uri) else workspace.artifact_dir
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:

@@ -24,6 +24,7 @@ from lit_modules.config import AblationOptions, RunConfig
 from lit_modules.paths import Workspace
 from stores import keys
 
+from .spool import ResilientClient, Spool, TrackingOutage
 from .tracking import (
     BufferedMLflowLogger,
     artifact_root,
@@ -133,7 +134,7 @@ def train_run(
     start = time.monotonic()
     _quiet_lightning()
     dm, model = _build(cfg, workspace)
-    client = MlflowClient(tracking_uri=tracking.tracking_uri)
+    client = ResilientClient(MlflowClient(tracking_uri=tracking.tracking_uri))
     run = _create_run(client, cfg, workspace, tracking, resume)
     try:
         if on_run is not None:
@@ -187,7 +188,8 @@ def _create_run(client: MlflowClient, cfg: RunConfig, workspace: Workspace, trac
         checkpoint, step, resumed = _resume_point(resume)
         tags.update(resumed)
     run_id = client.create_run(exp_id, run_name=tracking.run_name, tags=tags).info.run_id
-    return _Run(client, run_id, BufferedMLflowLogger(client, run_id), checkpoint, step,
+    spool = Spool(workspace.output_dir, run_id, tracking.tracking_uri)
+    return _Run(client, run_id, BufferedMLflowLogger(client, run_id, spool=spool), checkpoint, step,
                 resume.previous_run_id if resume is not None else None)
 
 
@@ -294,21 +296,48 @@ def _save_last(cfg: RunConfig, trainer, ckpt_dir: Path) -> Path | None:
     """The weights after the last step (the callback saves only at validations)."""
     if not cfg.trainer.checkpoint:
         return None
+    import os
+
+    from lit_modules.run import CheckpointWriteError, discard_partial, ensure_written
+
     checkpoint = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(checkpoint, weights_only=False)  # saving: False keeps the optimizer state
+    partial = ckpt_dir / f".last.ckpt.{os.getpid()}.final.partial"
+    try:  # written aside and renamed over: a failed write leaves the previous checkpoint whole
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(partial, weights_only=False)  # saving: False keeps the optimizer state
+        ensure_written(partial)
+        os.replace(partial, checkpoint)
+    except OSError as e:
+        discard_partial(partial)
+        kept = f"the previous checkpoint {checkpoint} is kept" if checkpoint.exists() else "no earlier checkpoint"
+        raise CheckpointWriteError(f"cannot write the final checkpoint to {e.filename or partial}: "
+                                   f"{e.strerror or e}; {kept}") from None
     return checkpoint
 
 
 def _record_failure(run: _Run, e: BaseException) -> None:
-    """Mark the run FAILED (KILLED when interrupted or pruned), the reason as a tag."""
+    """Mark the run FAILED (KILLED when interrupted or pruned), the reason as a tag; with
+    the tracking server gone, both go to the run's spool for ``masklab sync``."""
     try:
         run.logger.close()
     except Exception:  # noqa: BLE001 - the training error is the one to report
         pass
-    reason = f"{type(e).__name__}: {e}".splitlines()[0][:5000] if str(e) else type(e).__name__
+    from stores.urls import scrub
+
+    # A library's message may quote a store URL: recorded without its password.
+    reason = scrub(f"{type(e).__name__}: {e}").splitlines()[0][:5000] if str(e) else type(e).__name__
     pruned = type(e).__name__ == "TrialPruned"  # optuna's, raised by the pruning callback
-    set_tags(run.client, run.run_id, {keys.PRUNED if pruned else keys.FAILURE: reason})
-    run.client.set_terminated(run.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) or pruned else "FAILED")
+    tags = {keys.PRUNED if pruned else keys.FAILURE: reason}
+    status = "KILLED" if isinstance(e, KeyboardInterrupt) or pruned else "FAILED"
+    try:
+        set_tags(run.client, run.run_id, tags)
+        run.client.set_terminated(run.run_id, status)
+    except TrackingOutage:
+        spool = run.logger.spool
+        if spool is None:
+            raise
+        spool.tags(tags)
+        spool.terminated(status)
 
 
 def checkpoint_step(path: Path) -> int:

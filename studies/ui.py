@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lit_modules.config_errors import ConfigError
-from stores.urls import is_server_uri, sqlite_path
+from stores.urls import is_server_uri, redact, sqlite_path
 
 HOST = "127.0.0.1"
 # The address parameter that opens an experiment on its runs table (MLflow 3.x).
@@ -43,8 +43,9 @@ HEALTH_TIMEOUT = 180.0
 
 
 def runs_view_url(base: str, experiment_id: str | None = None) -> str:
-    """The UI's runs table of one experiment (or its list of experiments)."""
-    base = base.rstrip("/")
+    """The UI's runs table of one experiment (or its list of experiments); a user and
+    password in ``base`` are left out (the browser asks for them)."""
+    base = _without_userinfo(base)[0].rstrip("/")
     where = f"experiments/{experiment_id}" if experiment_id is not None else "experiments"
     return f"{base}/#/{where}?{RUNS_VIEW}"
 
@@ -59,10 +60,23 @@ def experiments_in_sqlite(path: Path) -> dict[str, str]:
         return {}  # not an MLflow store yet (or another schema): the server will say
 
 
+def _without_userinfo(url: str) -> tuple[str, dict[str, str]]:
+    """``http://user:pass@host:5000`` -> (``http://host:5000``, its basic-auth header)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, {}
+    import base64
+
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    token = base64.b64encode(urllib.parse.unquote(userinfo).encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), {"Authorization": f"Basic {token}"}
+
+
 def _api(base: str, path: str, body: dict | None = None, **query) -> dict:
+    base, auth = _without_userinfo(base.rstrip("/"))
     url = f"{base}/api/2.0/mlflow/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **auth})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.load(r)
 
@@ -110,7 +124,7 @@ def study_link(tracking_uri: str, name: str) -> str | None:
 
 
 def _no_experiment(name: str, where: str, present: list[str]) -> ConfigError:
-    return ConfigError("SPEC", name, f"no MLflow experiment of that name in {where} "
+    return ConfigError("SPEC", name, f"no MLflow experiment of that name in {redact(where)} "
                                      f"(experiments there: {', '.join(present) or 'none'}); run the study first")
 
 
@@ -190,7 +204,8 @@ def serve_ui(tracking_uri: str, study: str | None, port: int | None, artifact_di
     db = sqlite_path(tracking_uri)
     if db is not None:
         if not db.is_file():  # `mlflow ui` would create an empty store there
-            raise ConfigError("--tracking-uri", tracking_uri, "no such store; run a study first (masklab run SPEC)")
+            raise ConfigError("--tracking-uri", redact(tracking_uri), "no such store; run a study first "
+                                                                      "(masklab run SPEC)")
         present = experiments_in_sqlite(db)
         if study is not None and present and study not in present:
             raise _no_experiment(study, tracking_uri, sorted(present))
@@ -200,9 +215,10 @@ def serve_ui(tracking_uri: str, study: str | None, port: int | None, artifact_di
         _check_port(port)
     base = f"http://{HOST}:{port}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ}
+    # The store goes in the environment, not on the command line (which ps shows to everyone).
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": tracking_uri}
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no job runner: 2 processes, not ~15
-    cmd = [_mlflow_binary(), "ui", "--backend-store-uri", tracking_uri, "--host", HOST, "--port", str(port),
+    cmd = [_mlflow_binary(), "ui", "--host", HOST, "--port", str(port),
            "--workers", "1", "--artifacts-destination", Path(artifact_dir).resolve().as_uri()]
     previous = _on_sigterm(_raise_interrupt)  # `kill PID` of masklab stops the server too
     try:
@@ -216,7 +232,7 @@ def serve_ui(tracking_uri: str, study: str | None, port: int | None, artifact_di
             _wait_healthy(proc, base, log_path, HEALTH_TIMEOUT)
             for line in _links(base, study, tracking_uri):
                 say(line)
-            say(f"  ({tracking_uri}; server log {log_path}; Ctrl-C stops the server)")
+            say(f"  ({redact(tracking_uri)}; server log {log_path}; Ctrl-C stops the server)")
             proc.wait()
             raise ConfigError("mlflow ui", f"exit {proc.returncode}", f"the server stopped (log: {log_path})")
         except KeyboardInterrupt:

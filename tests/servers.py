@@ -103,10 +103,51 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return cmd
 
 
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (see :func:`postgres_cluster`)."""
+
+    def __init__(self, bin_dir: Path, root: Path, port: int, password: str | None):
+        self.bin_dir, self.root, self.port, self.password = bin_dir, root, port, password
+        self.data = root / "data"
+        auth = f"masklab:{password}" if password else "masklab"
+        self.url = f"postgresql://{auth}@127.0.0.1:{self.port}"
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(_as_postgres([str(self.bin_dir / "pg_ctl"), "-D", str(self.data), *args]), check=True,
+                       capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+                "-c max_connections=600")
+        self._ctl("-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server (``immediate``: as a crash would; ``fast``: cleanly)."""
+        self._ctl("-m", mode, "-w", "stop")
+
+    def pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def restart(self, down_seconds: float = 0.0, mode: str = "fast") -> None:
+        """Stop the server (every connection drops), stay down, start it again on the same port."""
+        self.stop(mode)
+        time.sleep(down_seconds)
+        self.start()
+
+    def connections(self) -> int:
+        """Client connections open now (every database; this query's own not counted)."""
+        import psycopg
+
+        with psycopg.connect(f"{self.url}/postgres", autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                               "AND pid <> pg_backend_pid()").fetchone()
+        return int(row[0])
+
+
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1; yields ``postgresql://masklab@127.0.0.1:PORT``
-    (trust auth, superuser ``masklab``). Make databases with :func:`create_database`."""
+def postgres_cluster(password: str | None = None) -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, superuser ``masklab`` (trust auth; with
+    ``password``, password auth on TCP), stopped and deleted on exit."""
     bin_dir = postgres_bin()
     if bin_dir is None:
         unavailable("PostgreSQL", "apt-get install postgresql")
@@ -115,21 +156,36 @@ def postgres_server() -> Iterator[str]:
     except ImportError:
         unavailable("psycopg", "pip install 'psycopg[binary]'")
     root = Path(tempfile.mkdtemp(prefix="masklab-pg-"))
-    data = root / "data"
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    port = free_port()
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "masklab", "--auth=trust",
-                                 "--no-sync", "-E", "UTF8"]), check=True, capture_output=True, timeout=120)
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200"
-    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"),
-                                 "-w", "-t", "60", "start"]), check=True, capture_output=True, timeout=120)
+    init = [str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "masklab", "--no-sync", "-E", "UTF8"]
+    if password:
+        pwfile = root / "pw"
+        pwfile.write_text(password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, "postgres", "postgres")
+        init += ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+    else:
+        init += ["--auth=trust"]
+    subprocess.run(_as_postgres(init), check=True, capture_output=True, timeout=120)
+    cluster = PostgresCluster(bin_dir, root, free_port(), password)
+    cluster.start()
     try:
-        yield f"postgresql://masklab@127.0.0.1:{port}"
+        yield cluster
     finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-                       capture_output=True, timeout=60)
+        try:
+            cluster.stop("immediate")
+        except subprocess.SubprocessError:
+            pass
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1; yields ``postgresql://masklab@127.0.0.1:PORT``
+    (trust auth, superuser ``masklab``). Make databases with :func:`create_database`."""
+    with postgres_cluster() as cluster:
+        yield cluster.url
 
 
 def create_database(server_url: str, name: str) -> str:
@@ -145,30 +201,52 @@ def create_database(server_url: str, name: str) -> str:
 # ---------------------------------------------------------------- MLflow server
 
 
+class MlflowServer:
+    """``mlflow server`` over a backend store on 127.0.0.1 (see :func:`mlflow_server`);
+    :meth:`stop` and :meth:`start` take it away and bring it back on the same port."""
+
+    def __init__(self, backend_uri: str, artifact_root: Path, timeout: float = 90.0):
+        self.mlflow_bin = Path(sys.executable).parent / "mlflow"
+        if not self.mlflow_bin.exists():
+            unavailable("mlflow server", "pip install mlflow (the full package, not mlflow-skinny)")
+        self.backend_uri, self.artifact_root, self.timeout = backend_uri, Path(artifact_root), timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = open(Path(tempfile.mkdtemp(prefix="masklab-mlflow-")) / "server.log", "w+")
+
+    def start(self) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        self.proc = subprocess.Popen(
+            [str(self.mlflow_bin), "server", "--backend-store-uri", self.backend_uri,
+             "--artifacts-destination", self.artifact_root.resolve().as_uri(), "--serve-artifacts",
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        wait_healthy(self.proc, f"{self.url}/health", self.timeout, "mlflow server", self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
+
+
 @contextmanager
-def mlflow_server(backend_uri: str, artifact_root: Path, timeout: float = 90.0) -> Iterator[str]:
+def mlflow_server(backend_uri: str, artifact_root: Path, timeout: float = 90.0,
+                  handle: list | None = None) -> Iterator[str]:
     """``mlflow server`` over ``backend_uri`` on 127.0.0.1, serving artifacts from
-    ``artifact_root``; yields its URL. One worker and no job runner keep it to two
-    processes (~0.5 GB) instead of ~15."""
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    if not mlflow_bin.exists():
-        unavailable("mlflow server", "pip install mlflow (the full package, not mlflow-skinny)")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = open(Path(tempfile.mkdtemp(prefix="masklab-mlflow-")) / "server.log", "w+")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", backend_uri,
-         "--artifacts-destination", Path(artifact_root).resolve().as_uri(), "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    ``artifact_root``; yields its URL (and appends the :class:`MlflowServer` to
+    ``handle``, for a test that stops and restarts it). One worker and no job runner
+    keep it to two processes (~0.5 GB) instead of ~15."""
+    server = MlflowServer(backend_uri, artifact_root, timeout)
+    if handle is not None:
+        handle.append(server)
     try:
-        wait_healthy(proc, f"{url}/health", timeout, "mlflow server", log)
-        yield url
+        server.start()
+        yield server.url
     finally:
-        stop_group(proc)
-        log.close()
+        server.stop()
+        server.log.close()
 
 
 # ---------------------------------------------------------------- a gate in front of a server

@@ -83,7 +83,7 @@ from optuna.trial import TrialState  # noqa: E402
 from lit_modules.paths import Workspace  # noqa: E402
 
 from .conftest import REPO, TINY  # noqa: E402
-from .servers import create_database, gated, mlflow_server, postgres_server  # noqa: E402
+from .servers import create_database, gated, mlflow_server, postgres_cluster  # noqa: E402
 
 
 def _spec_file(tmp_path: Path, name: str, grid: dict, replicates: int = 1, **trainer) -> Path:
@@ -133,9 +133,14 @@ def _grid_keys(trials) -> list[tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def postgres():
-    with postgres_server() as url:
-        yield url
+def pg_cluster():
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def postgres(pg_cluster) -> str:
+    return pg_cluster.url
 
 
 @pytest.fixture(scope="module")
@@ -151,21 +156,28 @@ def mlflow_http(tmp_path_factory, mlflow_db):
         yield url
 
 
-def test_three_workers_on_postgres_run_every_grid_trial_exactly_once(tmp_path, out_ws, postgres, mlflow_http,
-                                                                    mlflow_db):
+def test_three_workers_on_postgres_run_every_grid_trial_exactly_once_through_a_database_restart(
+        tmp_path, out_ws, pg_cluster, postgres, mlflow_http, mlflow_db):
     """Three workers started at the same moment on one grid study (PostgreSQL + an MLflow
-    server on PostgreSQL): every (point, replicate) is COMPLETE exactly once, with exactly
-    one child run each, and one parent run; at least two workers ran trials, at the same
-    time."""
+    server on PostgreSQL), and PostgreSQL restarted (down 4 s: every connection of the
+    workers and of the MLflow server drops) while they run trials: the workers wait for it
+    and reconnect, and every (point, replicate) is COMPLETE exactly once, with exactly one
+    child run each, and one parent run; at least two workers ran trials, at the same time."""
     from mlflow.tracking import MlflowClient
 
     storage = create_database(postgres, "three_workers")
-    spec = _spec_file(tmp_path, "three_workers", {"masking.p_bw": [0.0, 0.25, 0.5]}, replicates=2)
-    procs = [_masklab("worker", str(spec), "--storage", storage, "--tracking-uri", mlflow_http, ws=out_ws,
-                      log=tmp_path / f"worker-{i}.log") for i in range(3)]
+    spec = _spec_file(tmp_path, "three_workers", {"masking.p_bw": [0.0, 0.25, 0.5]}, replicates=2, max_steps=8)
+    # Heartbeats every second: a running trial talks to the database during the outage.
+    procs = [_masklab("worker", str(spec), "--storage", storage, "--tracking-uri", mlflow_http,
+                      "--heartbeat", "1", "--grace", "60", ws=out_ws, log=tmp_path / f"worker-{i}.log")
+             for i in range(3)]
+    running = _wait_for_trial(storage, "three_workers", procs[0], tmp_path / "worker-0.log")
+    pg_cluster.restart(down_seconds=4)
     codes = [p.wait(timeout=600) for p in procs]
     logs = "\n".join((tmp_path / f"worker-{i}.log").read_text() for i in range(3))
     assert codes == [0, 0, 0], logs
+    assert running is not None
+    assert "unreachable" in logs and "is back after" in logs, logs  # the restart reached the workers
 
     trials = _load("three_workers", storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6, logs
@@ -454,7 +466,7 @@ def test_study_lock_excludes_and_stale_locks_are_broken(tmp_path):
 def test_slurm_script_is_valid_bash_and_runs_the_worker(tmp_path, out_ws):
     script = tmp_path / "study.sbatch"
     proc = _masklab("slurm", "gpt_pbw", "--array", "16", "--gpus-per-task", "1", "--partition", "gpu",
-                    "--storage", "postgresql://masklab:secret@db.cluster/masklab",
+                    "--storage", "postgresql://masklab@db.cluster/masklab",
                     "--tracking-uri", "http://mlflow.cluster:5000", "--setup", "source .venv/bin/activate",
                     "--out", str(script), ws=out_ws)
     out, _ = proc.communicate(timeout=120)
@@ -465,9 +477,18 @@ def test_slurm_script_is_valid_bash_and_runs_the_worker(tmp_path, out_ws):
     assert "#SBATCH --partition=gpu" in text
     worker = [line for line in text.splitlines() if line.startswith("exec ")]
     assert len(worker) == 1 and " worker " in worker[0] and "gpt_pbw.yaml" in worker[0]
-    assert '--storage "$MASKLAB_STORAGE"' in worker[0] and '--tracking-uri "$MASKLAB_TRACKING_URI"' in worker[0]
-    assert "postgresql://masklab:secret@db.cluster/masklab" in text
+    # The worker reads the stores from the environment, not its (public) command line.
+    assert "--storage" not in worker[0] and "--tracking-uri" not in worker[0]
+    assert 'export MASKLAB_STORAGE="${MASKLAB_STORAGE:-postgresql://masklab@db.cluster/masklab}"' in text
     assert text.index("source .venv/bin/activate") < text.index("exec ")
+
+    # A password is never written into the script: it comes from the environment.
+    secret = _masklab("slurm", "gpt_pbw", "--array", "4", "--storage", "postgresql://masklab:s3cret@db.cluster/m",
+                      "--out", str(tmp_path / "secret.sbatch"), ws=out_ws)
+    out, _ = secret.communicate(timeout=120)
+    assert secret.returncode == 2 and "--storage = 'postgresql://masklab:***@db.cluster/m'" in out, out
+    assert "export MASKLAB_STORAGE instead" in out and "s3cret" not in out
+    assert not (tmp_path / "secret.sbatch").exists()
 
     bad = _masklab("slurm", "gpt_pbw", "--array", "4", "--storage", "sqlite:///optuna.db", "--out",
                    str(tmp_path / "bad.sbatch"), ws=out_ws)
