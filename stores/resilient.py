@@ -116,9 +116,8 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         last: BaseException | None = None
         while True:
             try:
-                if last is not None and after_outage is not None:
-                    return after_outage(last)
-                result = fn()
+                # After an outage, a call that may have taken effect is settled its own way.
+                result = after_outage(last) if last is not None and after_outage is not None else fn()
                 if first is not None:
                     self.outages += 1
                     _log.warning("storage %s is back after %.1f s; %s went through", self.describe,
