@@ -10,7 +10,8 @@ what Optuna's proxy protocol cannot carry:
 - ``Pop``: claim the next WAITING trial in one indexed statement on the server
   (:func:`stores.queue.pop_waiting_sql`); through Optuna's protocol alone a claim reads
   every unfinished trial of the study;
-- ``Counts``: trials per state, counted by the database;
+- ``Counts``: trials per state, counted by the database; ``Running``: the RUNNING
+  trials' workers (host, pid), read without the rest of the study;
 - ``Heartbeat`` / ``Stale`` / ``Hello``: trial heartbeats, which Optuna's proxy does not
   forward, so a worker lost behind a proxy is still found and its trial retried.
 
@@ -56,11 +57,13 @@ def make_proxy_server(storage: BaseStorage, host: str, port: int, threads: int =
     """An unstarted ``grpc.Server``: Optuna's storage service over ``storage`` and
     masklab's queue service, on ``host:port``."""
     import grpc
+    import optuna
 
     # Optuna's public entry point (run_grpc_proxy_server) starts and blocks; its
     # make_server, used here, returns the server unstarted so a second service can join.
     from optuna.storages._grpc.server import make_server
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study (lock) created
     server = make_server(storage, host, port, ThreadPoolExecutor(max_workers=threads))
     engine = queue.rdb_engine(storage)
     if engine is None:
@@ -79,6 +82,7 @@ def make_proxy_server(storage: BaseStorage, host: str, port: int, threads: int =
         "Hello": handler(lambda _: {"heartbeat": interval, "grace": grace}),
         "Pop": handler(lambda r: call("claim", lambda: queue.pop_waiting_sql(engine, int(r["study_id"])))),
         "Counts": handler(lambda r: call("count", lambda: queue.state_counts_sql(engine, int(r["study_id"])))),
+        "Running": handler(lambda r: call("running", lambda: queue.running_sql(engine, int(r["study_id"])))),
         "Heartbeat": handler(lambda r: storage.record_heartbeat(int(r["trial_id"]))),
         "Stale": handler(lambda r: storage._get_stale_trial_ids(int(r["study_id"]))),
     }
@@ -123,7 +127,7 @@ class MasklabGrpcStorage(GrpcStorageProxy):
         super()._setup()
         self._masklab = {name: self._channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=None,
                                                          response_deserializer=None)
-                         for name in ("Hello", "Pop", "Counts", "Heartbeat", "Stale")}
+                         for name in ("Hello", "Pop", "Counts", "Running", "Heartbeat", "Stale")}
         self._grpc = grpc
 
     def _rpc(self, name: str, request: Any = None) -> Any:
@@ -149,6 +153,9 @@ class MasklabGrpcStorage(GrpcStorageProxy):
 
     def masklab_state_counts(self, study_id: int) -> dict[str, int]:
         return self._rpc("Counts", {"study_id": study_id})
+
+    def masklab_running(self, study_id: int) -> list[dict]:
+        return self._rpc("Running", {"study_id": study_id})
 
     # heartbeats (stores.resilient.ResilientStorage presents them to Optuna)
     def get_heartbeat_interval(self) -> int | None:
@@ -188,8 +195,14 @@ def grpc_address(url: str) -> tuple[str, int]:
 def connect(url: str, stale_callback=None, wait: float = 30.0) -> MasklabGrpcStorage:
     """A client of the proxy at ``grpc://host:port``, once it answers (ConnectionError
     after ``wait`` seconds)."""
+    import warnings
+
+    import optuna
+
     host, port = grpc_address(url)
-    client = MasklabGrpcStorage(host=host, port=port, stale_callback=stale_callback)
+    with warnings.catch_warnings():  # the proxy client is "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        client = MasklabGrpcStorage(host=host, port=port, stale_callback=stale_callback)
     try:
         client.wait_server_ready(timeout=wait)
     except ConnectionError:

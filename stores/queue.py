@@ -145,3 +145,40 @@ def _name(state: Any) -> str:
 def count(storage: BaseStorage, study_id: int, states: Iterable[str]) -> int:
     counts = state_counts(storage, study_id)
     return sum(counts.get(s, 0) for s in states)
+
+
+def running(storage: BaseStorage, study_id: int) -> list[dict]:
+    """The study's RUNNING trials as ``{"trial_id", "number", "host", "pid"}`` (host and
+    pid: the user attrs ``masklab.host`` / ``masklab.pid`` its worker set, None before),
+    read without the other trials (a worker looks for dead workers' trials with this)."""
+    ask = getattr(storage, "masklab_running", None)
+    if ask is not None:
+        return ask(study_id)
+    engine = rdb_engine(storage)
+    if engine is not None:
+        return running_sql(engine, study_id)
+    out = []
+    for t in storage.get_all_trials(study_id, deepcopy=False):
+        if t.state.name == "RUNNING":
+            out.append({"trial_id": t._trial_id, "number": t.number, "host": t.user_attrs.get("masklab.host"),
+                        "pid": t.user_attrs.get("masklab.pid")})
+    return out
+
+
+def running_sql(engine, study_id: int) -> list[dict]:
+    import json
+
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT t.trial_id, t.number, a.key, a.value_json FROM trials t "
+            "LEFT JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+            "AND a.key IN ('masklab.host', 'masklab.pid') "
+            "WHERE t.study_id = :study AND t.state = 'RUNNING' ORDER BY t.trial_id"), {"study": study_id}).all()
+    out: dict[int, dict] = {}
+    for trial_id, number, key, value in rows:
+        entry = out.setdefault(trial_id, {"trial_id": trial_id, "number": number, "host": None, "pid": None})
+        if key is not None:
+            entry[key.split(".", 1)[1]] = json.loads(value)
+    return list(out.values())

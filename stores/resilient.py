@@ -150,7 +150,8 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
     def __getattr__(self, name: str):
         # Optional extras of the backend (masklab's gRPC client: masklab_* calls).
-        if name.startswith("masklab_") and name not in ("masklab_pop_waiting", "masklab_state_counts"):
+        if name.startswith("masklab_") and name not in ("masklab_pop_waiting", "masklab_state_counts",
+                                                          "masklab_running"):
             return getattr(self._backend, name)
         raise AttributeError(name)
 
@@ -164,6 +165,13 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         if self._engine is not None:
             return self._call("count", lambda: queue.state_counts_sql(self._engine, study_id))
         return self._forward("masklab_state_counts", study_id)
+
+    def masklab_running(self, study_id: int) -> list[dict]:
+        if self._engine is not None:
+            return self._call("running", lambda: queue.running_sql(self._engine, study_id))
+        if hasattr(self._backend, "masklab_running") and self.has_queue:
+            return self._forward("masklab_running", study_id)
+        return self._call("running", lambda: queue.running(self._backend, study_id))
 
     @property
     def has_queue(self) -> bool:

@@ -20,6 +20,7 @@ import hashlib
 import os
 import random
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -45,6 +46,8 @@ MAX_RETRIES = 3
 # A lock older than this is taken to belong to a dead worker (the work done under the
 # lock takes well under a second).
 LOCK_STALE_SECONDS = 120.0
+# Waiters for a lock study poll with back-off up to this many seconds.
+LOCK_POLL_MAX_SECONDS = 2.0
 
 
 class RetryTrial(RetryHeartbeatStaleTrialCallback):
@@ -108,7 +111,8 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout: float =
 
     On PostgreSQL this is a session advisory lock (the server queues the waiters, and
     releases the lock by itself if the holder's connection dies); on other storages, a
-    lock study (created atomically; broken after ``LOCK_STALE_SECONDS``).
+    lock study (created atomically; its holder refreshes its timestamp while it holds
+    it, and a lock not refreshed for ``LOCK_STALE_SECONDS`` is broken as a dead holder's).
     """
     lock = lock_study_name(name)
     engine = postgres_engine(storage)
@@ -120,6 +124,7 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout: float =
     owner = f"{socket.gethostname()}:{os.getpid()}"
     deadline = time.monotonic() + timeout
     first_seen: dict[int, float] = {}
+    wait = 0.05
     while True:
         try:
             lock_id = storage.create_new_study([StudyDirection.MINIMIZE], lock)
@@ -128,12 +133,29 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout: float =
             _break_if_stale(storage, lock, first_seen)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"study lock {lock!r} held for over {timeout:.0f} s") from None
-            time.sleep(0.05 + random.random() * 0.15)
+            # Back off: many waiters polling fast would slow the holder (through a proxy, all
+            # of them share its threads) and the lock would be held longer still.
+            time.sleep(wait * (0.5 + random.random()))
+            wait = min(wait * 1.5, LOCK_POLL_MAX_SECONDS)
+    stop = threading.Event()
+
+    def refresh() -> None:  # a holder that is alive is never taken for a dead one
+        while not stop.wait(LOCK_STALE_SECONDS / 4):
+            try:
+                storage.set_study_user_attr(lock_id, "since", time.time())
+            except Exception:  # noqa: BLE001 - broken meanwhile, or the storage is away: the next beat tries
+                pass
+
+    refresher = threading.Thread(target=refresh, name=f"lock-{name}", daemon=True)
     try:
         storage.set_study_user_attr(lock_id, "owner", owner)
         storage.set_study_user_attr(lock_id, "since", time.time())
+        refresher.start()
         yield
     finally:
+        stop.set()
+        if refresher.is_alive():
+            refresher.join()
         try:
             storage.delete_study(lock_id)
         except KeyError:  # broken as stale by another worker

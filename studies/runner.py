@@ -56,7 +56,6 @@ from stores.storage import (
     keep_alive,
     stale_trial_ids,
     study_storage,
-    trial_id,
 )
 from stores.urls import default_storage_url, redact, scrub
 
@@ -118,11 +117,15 @@ def open_study(spec: StudySpec, storage_url: str, tracking_uri: str, heartbeat: 
     the storage already opened on ``storage_url`` (else it is opened here)."""
     _quiet_optuna()
     storage = storage if storage is not None else make_storage(storage_url, heartbeat, grace)
-    with study_lock(storage, spec.name):
-        study = optuna.create_study(
-            study_name=spec.name, storage=storage, direction=spec.objective.direction,
-            sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True,
-        )
+    try:  # the study is there (every worker but the first): no lock needed to load it
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec),
+                                  pruner=_pruner(spec))
+    except KeyError:
+        with study_lock(storage, spec.name):
+            study = optuna.create_study(
+                study_name=spec.name, storage=storage, direction=spec.objective.direction,
+                sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True,
+            )
     attrs = study.user_attrs
     _check_same_spec(attrs, spec, storage_url)
     if study.metric_names != [spec.objective.metric]:  # optuna-dashboard shows it, not "Objective 0"
@@ -166,10 +169,28 @@ def fixed_changes(before: dict, after: dict) -> str:
 
 def parent_run(study: optuna.Study, storage: BaseStorage, spec: StudySpec, tracking_uri: str,
                workspace: Workspace) -> str:
-    """The study's MLflow parent run: found through the study, or created once (under
-    the study lock, so workers starting together share one)."""
+    """The study's MLflow parent run: found through the study (no lock), or created once
+    (under the study lock, so workers starting together share one)."""
+    found = _existing_parent(study, tracking_uri)
+    if found:
+        return found
     with study_lock(storage, spec.name):
         return _parent_run(study, spec, tracking_uri, workspace)
+
+
+def _existing_parent(study: optuna.Study, tracking_uri: str) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    run_id = study.user_attrs.get(keys.PARENT_RUN_ID)  # read from the storage: another worker may have just made it
+    if not run_id:
+        return None
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_run(run_id)
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    except Exception:  # the tracking store was reset: start a new parent run
+        return None
 
 
 def _parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, workspace: Workspace) -> str:
@@ -178,14 +199,9 @@ def _parent_run(study: optuna.Study, spec: StudySpec, tracking_uri: str, workspa
     from .tracking import artifact_root, get_or_create_experiment, log_params, provenance_tags
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    run_id = study.user_attrs.get(keys.PARENT_RUN_ID)  # read from the storage: another worker may have just made it
-    if run_id:
-        try:
-            client.get_run(run_id)
-            client.update_run(run_id, status="RUNNING")
-            return run_id
-        except Exception:  # the tracking store was reset: start a new parent run
-            pass
+    found = _existing_parent(study, tracking_uri)
+    if found:
+        return found
     exp_id = get_or_create_experiment(client, spec.name, artifact_root(tracking_uri, workspace))
     tags = {**provenance_tags(), keys.ROLE: keys.ROLE_STUDY, keys.STUDY: spec.name, keys.KIND: spec.kind,
             keys.OVERRIDES: " ".join(spec.overrides)}
@@ -230,34 +246,44 @@ def reap_dead_trials(study: optuna.Study, tracking_uri: str | None = None,
     return reaped
 
 
+def _dead_trials_seen(study: optuna.Study, storage: BaseStorage) -> bool:
+    """Whether a RUNNING trial is stale or its worker's pid is gone on this host (a look,
+    without the lock: :func:`reap_dead_trials` acts on it)."""
+    return bool(stale_trial_ids(storage, study.study_name) or _dead_here(study, storage))
+
+
+def _dead_here(study: optuna.Study, storage: BaseStorage) -> list[dict]:
+    """The RUNNING trials whose worker ran on this host and no longer does."""
+    host = socket.gethostname()
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return [t for t in queue.running(storage, study_id) if t["host"] == host and t["pid"] and not _alive(t["pid"])]
+
+
 def _reap_dead_workers(study: optuna.Study, storage: BaseStorage) -> list[int]:
     """FAIL (and retry) the RUNNING trials of workers on this host that no longer run."""
     reaped = []
-    host = socket.gethostname()
     retry = retry_callback(storage)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        a = t.user_attrs
-        if a.get(keys.HOST) == host and a.get(keys.PID) and not _alive(a[keys.PID]):
-            reason = f"worker process {a[keys.PID]} on {host} died while the trial ran"
-            tid = trial_id(storage, study.study_name, t.number)
-            if _fail(storage, tid, reason):
-                retry(study, storage.get_trial(tid))
-                reaped.append(t.number)
+    for t in _dead_here(study, storage):
+        reason = f"worker process {t['pid']} on {t['host']} died while the trial ran"
+        if _fail(storage, t["trial_id"], reason):
+            retry(study, storage.get_trial(t["trial_id"]))
+            reaped.append(t["number"])
     return reaped
 
 
 def _reap_stale(study: optuna.Study, storage: BaseStorage) -> list[int]:
-    """FAIL (and retry) the RUNNING trials without a heartbeat for the grace period."""
+    """FAIL (and retry) the RUNNING trials without a heartbeat for the grace period
+    (what ``optuna.storages.fail_stale_trials`` does, reading only those trials)."""
     if heartbeat_interval(storage) is None:
         return []
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    for tid in stale_trial_ids(storage, study.study_name):  # the reason, while still RUNNING
-        try:
-            storage.set_trial_user_attr(tid, keys.FAILURE, "no heartbeat: the worker was lost")
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass
-    optuna.storages.fail_stale_trials(study)  # calls RetryTrial for each trial it fails
-    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number not in before]
+    reaped = []
+    retry = retry_callback(storage)
+    for tid in stale_trial_ids(storage, study.study_name):
+        if _fail(storage, tid, "no heartbeat: the worker was lost"):  # the reason, while still RUNNING
+            failed = storage.get_trial(tid)
+            retry(study, failed)
+            reaped.append(failed.number)
+    return reaped
 
 
 def _fail(storage: BaseStorage, tid: int, reason: str) -> bool:
@@ -546,7 +572,7 @@ def run_study(
     study = open_study(spec, storage_url, tracking_uri, storage=storage)
     parent_id = parent_run(study, storage, spec, tracking_uri, workspace)
     worker = _Worker(study, storage, spec, workspace, tracking_uri, parent_id,
-                     log or (lambda msg: print(msg, file=sys.stderr, flush=True)), progress)
+                     log or (lambda msg: print(msg, file=sys.stderr, flush=True)), progress, reap_every=grace)
     worker.prepare()
     todo = remaining(study, spec, storage) if max_trials is None else min(remaining(study, spec, storage), max_trials)
     bar = _bar(todo, spec.name, progress)
@@ -578,6 +604,8 @@ class _Worker:
     ran: int = 0
     failures: list[str] = field(default_factory=list)
     status: str = "FINISHED"  # what the parent run is closed with when this worker stops
+    reap_every: float = GRACE_SECONDS  # how often a busy worker looks for dead workers' trials
+    _last_look: float = 0.0
 
     def prepare(self) -> None:
         """Under the lock: retry the trials of dead workers, and (grid) enqueue every point."""
@@ -585,6 +613,7 @@ class _Worker:
             reaped = reap_dead_trials(self.study, self.tracking_uri, self.storage)
             if self.spec.kind == "grid":
                 enqueue_grid(self.study, self.spec, self.storage)
+        self._last_look = time.monotonic()
         if reaped:
             self.log(f"marked FAIL: trials {reaped} (their worker died); retries are queued")
 
@@ -592,6 +621,7 @@ class _Worker:
         """Claim and run trials until there is none to claim (with ``wait``: until no
         other worker's trial is left either) or ``max_trials`` have run."""
         while max_trials is None or self.ran < max_trials:
+            self._look_for_the_dead()
             trial = claim_trial(self.study, self.spec, self.storage)
             if trial is None:
                 if not (wait and _busy(self.study, self.storage)):
@@ -603,10 +633,24 @@ class _Worker:
 
     def _poll(self) -> None:
         time.sleep(POLL_SECONDS)
+        self._reap()
+
+    def _reap(self) -> None:
         # Under the lock: a retry must be queued before anyone enqueues the grid.
         with study_lock(self.storage, self.spec.name):
             if reap_dead_trials(self.study, self.tracking_uri, self.storage):
                 self.log("a worker died: its trial is queued again")
+        self._last_look = time.monotonic()
+
+    def _look_for_the_dead(self) -> None:
+        """Between trials, at most every ``reap_every`` seconds: a dead worker's trial is
+        retried while the queue still holds work (not only once it has drained). The
+        look takes no lock; the lock is taken only when there is a trial to reap."""
+        if time.monotonic() - self._last_look < self.reap_every:
+            return
+        self._last_look = time.monotonic()
+        if _dead_trials_seen(self.study, self.storage):
+            self._reap()
 
     def _run(self, trial: optuna.Trial) -> tuple[TrialState, str]:
         try:

@@ -62,7 +62,7 @@ def test_a_claim_runs_the_same_statements_in_a_study_of_10_or_400_trials(tmp_pat
         spec, storage, study = _grid_study(f"sqlite:///{tmp_path}/q{n}.db", n)
         claim_trial(study, spec, storage)  # the index exists from here on
         engine = queue.rdb_engine(storage)
-        shapes.append(_statements(engine, lambda: claim_trial(study, spec, storage)))
+        shapes.append(_statements(engine, lambda s=study, sp=spec, st=storage: claim_trial(s, sp, st)))
         assert queue.state_counts(storage, storage.get_study_id_from_name("q"))["RUNNING"] == 2
     assert shapes[0] == shapes[1] and len(shapes[0]) <= 12, shapes
 
