@@ -86,13 +86,14 @@ def test_tracking_server_away_for_30_s_mid_trial_loses_no_point(tmp_path, tiny_c
         server = handle[0]
         steps = 150
         cfg = tiny_config("gpt", {"trainer.max_steps": steps, "trainer.log_every": 1, "trainer.val_every": 25})
-        counter = _Steps(pace=0.25)  # 30 s of outage = ~120 steps
-        thread, box = _in_thread(lambda: train_run(cfg, workspace, Tracking(url, "outage"), callbacks=[counter]))
-        ckpt_dirs = workspace.checkpoint_dir
-        _wait(lambda: counter.step >= 27 and any(ckpt_dirs.glob("*/last.ckpt")) or "error" in box, 120,
-              "the first checkpoint")
+        counter = _Steps(pace=0.3)  # 30 s of outage = ~100 of the 150 steps
+        run_ids: list[str] = []
+        thread, box = _in_thread(lambda: train_run(cfg, workspace, Tracking(url, "outage"), callbacks=[counter],
+                                                   on_run=run_ids.append))
+        _wait(lambda: run_ids or "error" in box, 120, "the run")
+        ckpt = workspace.checkpoint_dir / run_ids[0] / "last.ckpt"
+        _wait(lambda: counter.step >= 27 and ckpt.exists() or "error" in box, 120, "the first checkpoint")
         assert "error" not in box, box.get("error")
-        ckpt = next(p for p in ckpt_dirs.glob("*/last.ckpt") if p.stat().st_mtime > time.time() - 120)
         published: list[tuple[float, int]] = []
         watching = threading.Event()
 
@@ -129,7 +130,7 @@ def test_tracking_server_away_for_30_s_mid_trial_loses_no_point(tmp_path, tiny_c
     # Training went on while the server was away (at least 60 steps of ~120 paced ones).
     assert step_up - step_down >= 60, (step_down, step_up)
     assert logged == sorted(set(logged)) and len(logged) == steps, logged
-    assert logged[0] <= step_down and logged[-1] >= step_up
+    assert logged[0] <= step_down and logged[-1] >= step_up - 1
     assert status == "FINISHED"
     # No publication while the points before it waited (the checkpoints of steps 50-125
     # were written during the outage and published once the server was back).
@@ -257,10 +258,10 @@ def test_three_workers_through_the_grpc_storage_proxy_claim_each_trial_once(tmp_
             line = proxy.stdout.readline()
             assert f"on grpc://127.0.0.1:{port}" in line and "masklab:***" not in line, line
             url = f"grpc://127.0.0.1:{port}"
-            spec = _spec_file(tmp_path, "proxied", {"masking.p_bw": [0.0, 0.5]}, replicates=3, max_steps=4)
+            spec = _spec_file(tmp_path, "proxied", {"masking.p_bw": [0.0, 0.5]}, replicates=3, max_steps=2)
             tracking = f"sqlite:///{out_ws.output_dir}/mlflow.db"
-            procs = [_masklab("worker", str(spec), "--storage", url, "--tracking-uri", tracking, ws=out_ws,
-                              log=tmp_path / f"worker-{i}.log") for i in range(3)]
+            procs = [_masklab("worker", str(spec), "--storage", url, "--tracking-uri", tracking, "--no-report",
+                              ws=out_ws, log=tmp_path / f"worker-{i}.log") for i in range(3)]
             codes = [p.wait(timeout=600) for p in procs]
             logs = "\n".join((tmp_path / f"worker-{i}.log").read_text() for i in range(3))
             assert codes == [0, 0, 0], logs

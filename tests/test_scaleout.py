@@ -159,20 +159,20 @@ def mlflow_http(tmp_path_factory, mlflow_db):
 def test_three_workers_on_postgres_run_every_grid_trial_exactly_once_through_a_database_restart(
         tmp_path, out_ws, pg_cluster, postgres, mlflow_http, mlflow_db):
     """Three workers started at the same moment on one grid study (PostgreSQL + an MLflow
-    server on PostgreSQL), and PostgreSQL restarted (down 4 s: every connection of the
+    server on PostgreSQL), and PostgreSQL restarted (down 3 s: every connection of the
     workers and of the MLflow server drops) while they run trials: the workers wait for it
     and reconnect, and every (point, replicate) is COMPLETE exactly once, with exactly one
     child run each, and one parent run; at least two workers ran trials, at the same time."""
     from mlflow.tracking import MlflowClient
 
     storage = create_database(postgres, "three_workers")
-    spec = _spec_file(tmp_path, "three_workers", {"masking.p_bw": [0.0, 0.25, 0.5]}, replicates=2, max_steps=8)
+    spec = _spec_file(tmp_path, "three_workers", {"masking.p_bw": [0.0, 0.25, 0.5]}, replicates=2)
     # Heartbeats every second: a running trial talks to the database during the outage.
     procs = [_masklab("worker", str(spec), "--storage", storage, "--tracking-uri", mlflow_http,
                       "--heartbeat", "1", "--grace", "60", ws=out_ws, log=tmp_path / f"worker-{i}.log")
              for i in range(3)]
     running = _wait_for_trial(storage, "three_workers", procs[0], tmp_path / "worker-0.log")
-    pg_cluster.restart(down_seconds=4)
+    pg_cluster.restart(down_seconds=3)
     codes = [p.wait(timeout=600) for p in procs]
     logs = "\n".join((tmp_path / f"worker-{i}.log").read_text() for i in range(3))
     assert codes == [0, 0, 0], logs
@@ -225,11 +225,11 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, out_ws, po
     from mlflow.tracking import MlflowClient
 
     storage = create_database(postgres, "killed_worker")
-    spec = _spec_file(tmp_path, "killed_worker", {"trainer.max_steps": [50, 400]}, val_every=25)
+    spec = _spec_file(tmp_path, "killed_worker", {"trainer.max_steps": [50, 250]}, val_every=25)
     first = _masklab("worker", str(spec), "--storage", storage, "--tracking-uri", mlflow_http, "--no-report",
                      ws=out_ws, log=tmp_path / "first.log")
     try:
-        victim = _wait_for_checkpoint(storage, "killed_worker", first, tmp_path / "first.log", max_steps=400)
+        victim = _wait_for_checkpoint(storage, "killed_worker", first, tmp_path / "first.log", max_steps=250)
         finished = {t.number: (t.state, t.value, t.datetime_complete, t.user_attrs)
                     for t in _load("killed_worker", storage).get_trials() if t.state.is_finished()}
         first.send_signal(signal.SIGKILL)
@@ -247,7 +247,7 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path, out_ws, po
     assert len(trials) == 3 and len(by_state[TrialState.COMPLETE]) == 2 and len(by_state[TrialState.FAIL]) == 1
     dead = by_state[TrialState.FAIL][0]
     assert dead.number == victim.number and "died" in dead.user_attrs["masklab.failure"]
-    assert sorted(t.params["trainer.max_steps"] for t in by_state[TrialState.COMPLETE]) == [50, 400]
+    assert sorted(t.params["trainer.max_steps"] for t in by_state[TrialState.COMPLETE]) == [50, 250]
     for number, before in finished.items():  # untouched
         t = trials[number]
         assert (t.state, t.value, t.datetime_complete, t.user_attrs) == before
