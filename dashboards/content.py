@@ -27,9 +27,11 @@ from reports.gallery import GalleryImage, reconstruction_gallery
 from reports.loader import StudyData
 from reports.study_report import TRANSFER_NOTE, param_importances, transfer_sections
 from reports.tables import (
+    PERF_NOTE,
     direction_pairs,
     display_frame,
     display_summary,
+    perf_metrics,
     setting_summary,
     state_counts,
     table_metrics,
@@ -243,9 +245,11 @@ def study_view(view_id: str, data: StudyData, findings: list[Finding]) -> View:
         view.blocks.append(Table("best", "Best complete trials", display_frame(top_trials(data), raw=data.swept),
                                  "sorted by the objective"))
     else:
-        view.blocks.append(Table("summary", "Final validation metrics per setting",
-                                 display_summary(setting_summary(data), table_metrics(data)),
-                                 "mean ± sample std over complete replicates (n)"))
+        perf = perf_metrics(data)
+        shown = [*table_metrics(data), *perf]
+        view.blocks.append(Table("summary", "Final validation metrics per setting" + (" and throughput" if perf else ""),
+                                 display_summary(setting_summary(data, shown), shown),
+                                 "mean ± sample std over complete replicates (n)" + (f"; {PERF_NOTE}" if perf else "")))
     view.blocks += _study_plots(view_id, data, keys, effects)
     # Only where the loader found the runs: asking MLflow for artifacts of a store that
     # does not exist would create an empty one.

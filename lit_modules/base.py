@@ -137,39 +137,105 @@ class MaskedModelBase(L.LightningModule):
     def transfer_norm(self, h: Tensor) -> Tensor:
         raise NotImplementedError
 
+    # ------------------------------------------------------------ Lightning hooks
+    # The training step never waits for the device: nothing in it reads a tensor's value
+    # on the host (on CUDA each such read, ``.item()``, ``bool(t)``, ``int(t)``, a
+    # boolean-mask gather, stalls the launch queue until the GPU catches up). A non-finite
+    # loss is recorded on the device and read at logging steps, where Lightning brings
+    # the logged values to the host anyway; compute counts come from the batch on the host.
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss, metrics = self._shared_step(batch, "train")
+        self._watch_finite(loss)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self._count_compute(batch)
+        for name, (value, _weight) in metrics.items():
+            # Step values only (no epoch mean): the weight is not needed, and reading it would sync.
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=1)
+        if self._logging_step():
+            self.check_finite()
+        return loss
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning logs (brings the step's values to the host) after this step."""
+        trainer = self._trainer
+        every = getattr(trainer, "log_every_n_steps", 1) if trainer is not None else 1
+        return (self.global_step + 1) % max(1, every) == 0
+
+    def _watch_finite(self, loss: Tensor) -> None:
+        """Remember, on the device, the first step whose loss is NaN or inf and its value."""
+        loss = loss.detach()
+        if getattr(self, "_bad_step", None) is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_value = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = ~torch.isfinite(loss) & (self._bad_step < 0)
+        self._bad_step.masked_fill_(first, self.global_step)  # a scalar argument: no copy, no sync
+        self._bad_value = torch.where(first, loss.float(), self._bad_value)
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteLossError`` if a training loss since the start was NaN or inf
+        (one read of the device flag: call it where the host syncs anyway)."""
+        if getattr(self, "_bad_step", None) is None:
+            return
+        step = int(self._bad_step)
+        if step >= 0:
+            raise NonFiniteLossError(f"train/loss = {float(self._bad_value)} at step {step}")
+
+    def on_validation_start(self) -> None:
+        # Before a validation (and the checkpoint after it): never save weights a
+        # non-finite loss has already spoiled.
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()  # the steps after the last logging step
+
+    def configure_model(self) -> None:
+        """``trainer.compile``: compile every block in place (``nn.Module.compile``: the
+        parameters and checkpoint keys stay as they are). The blocks hold nearly all of a
+        step's FLOPs, and being alike they share their compiled code."""
+        if self.run_config.trainer.compile and not getattr(self, "_compiled", False):
+            for block in self.blocks:
+                block.compile()
+            self._compiled = True
+
+    def on_train_start(self) -> None:
+        # The host's copy of the compute so far (one read, before the first step; a resumed
+        # run's buffers are restored by now).
+        self._flops_host = int(self.flops_seen)
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        """Our batches and items move themselves (frozen dataclasses of tensors)."""
+        """Our batches and items move themselves (frozen dataclasses of tensors). A
+        training item's compute is counted here, on the host, before it moves."""
+        if isinstance(batch, TrainItem) and self.training and not getattr(self, "_compute_pending", None):
+            self._compute_pending = {}
+        if isinstance(batch, TrainItem) and self.training:
+            self._compute_pending[batch.step] = self.step_flops(batch)
         if isinstance(batch, Movable):
             return batch.to(device, non_blocking=True)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    # ------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss, metrics = self._shared_step(batch, "train")
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"train/loss = {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self._count_compute(batch)
-        for name, (value, weight) in metrics.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=weight)
-        return loss
-
     def _count_compute(self, item: TrainItem) -> None:
         """Add the step's FLOPs and tokens; log the totals; stop at ``trainer.flops_budget``."""
-        flops, tokens = self.step_flops(item)
+        pending = getattr(self, "_compute_pending", None) or {}
+        flops, tokens = pending.pop(item.step) if item.step in pending else self.step_flops(item)
         self.flops_seen += int(flops.training)
         self.tokens_seen += int(tokens)
+        self.last_step_compute = (float(flops.training), int(tokens), item.batch.size)  # for perf/* (lit_modules/perf.py)
         self.log("train/flops", self.flops_seen.double(), on_step=True, on_epoch=False)
         self.log("train/tokens", self.tokens_seen.double(), on_step=True, on_epoch=False)
         budget = self.run_config.trainer.flops_budget
-        if budget and self.flops_seen >= budget and self._trainer is not None:
+        if getattr(self, "_flops_host", None) is None:  # outside fit (a test calling the step)
+            self._flops_host = int(self.flops_seen)
+        else:
+            self._flops_host += int(flops.training)
+        if budget and self._flops_host >= budget and self._trainer is not None:
             self.trainer.should_stop = True  # this step is the last; its validation follows
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         _, metrics = self._shared_step(batch, "val")
         for name, (value, weight) in metrics.items():
             # batch_size = number of scored tokens: the epoch value is a per-token mean.
-            self.log(f"val/{name}", value, on_step=False, on_epoch=True, batch_size=weight,
+            self.log(f"val/{name}", value, on_step=False, on_epoch=True, batch_size=int(weight),
                      prog_bar=name.endswith("loss"))
 
     def configure_optimizers(self):
@@ -198,6 +264,11 @@ class MaskedModelBase(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
         else:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+
+def at_least_one(n):
+    """``max(n, 1)`` for a count that may live on the device (a tensor: no host read)."""
+    return n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0)
 
 
 def fused_adamw(precision: str) -> bool:

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import at_least_one
 from .blocks import init_weights, make_blocks, run_blocks
 from .config_errors import ConfigError
 from .flops import Flops, encoder, first_layer, linear
 from .masking import MaskedBatch
 from .masking.attention import Attention
-from .masking.plan import EvalItem, TrainItem
+from .masking.plan import EvalItem, TrainItem, gather_scored
 from .model_configs import BEiTConfig
 from .patch_base import ImageEncoderFeatures, PatchModelBase
 from .patchify import patchify, sincos_2d
@@ -64,10 +65,10 @@ class BEiT(nn.Module):
         x = x + self.pos[None]
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
-    def masked_logits(self, h: Tensor, masked: Tensor) -> Tensor:
+    def masked_logits(self, h: Tensor, where: Tensor) -> Tensor:
         """Hidden states (B, 1 + N, D) before the final norm -> logits (M, K) at the M
-        masked patches (row-major order of ``masked``)."""
-        return self.head(self.norm(h[:, 1:][masked]))
+        masked patches (row-major): ``where`` is the (B, N) mask or its listed positions."""
+        return self.head(self.norm(gather_scored(h[:, 1:], where)))
 
 
 @MODELS.register("beit")
@@ -85,6 +86,7 @@ class LitBEiT(ImageEncoderFeatures, PatchModelBase):
         self.register_buffer("codebook", torch.zeros(c.codebook_size, 3 * c.patch_size**2))
         self.register_buffer("codebook_fitted", torch.zeros((), dtype=torch.bool))
         self.tokenizer_stats: dict[str, float] = {}
+        self._tokenizer_ready = False  # the host's copy of codebook_fitted, read once per fit
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -116,6 +118,7 @@ class LitBEiT(ImageEncoderFeatures, PatchModelBase):
             self.fit_to_data(dm)
 
     def on_fit_start(self) -> None:
+        self._tokenizer_ready = bool(self.codebook_fitted)
         if self.tokenizer_stats and self.logger is not None:  # with the run, at step 0
             self.logger.log_metrics({f"tokenizer/{k}": v for k, v in self.tokenizer_stats.items()}, step=0)
 
@@ -124,7 +127,7 @@ class LitBEiT(ImageEncoderFeatures, PatchModelBase):
 
     def targets(self, images: Tensor) -> Tensor:
         """The token id of every patch of the (unmasked) input images: (B, N) int64."""
-        if not bool(self.codebook_fitted):
+        if not self._tokenizer_ready and not bool(self.codebook_fitted):  # read once, not every step
             raise RuntimeError("beit: the patch tokenizer is not fit; build the model with its data module "
                                "(run.build_model(cfg, datamodule)) or train it with one")
         from .data.images import denormalize_images
@@ -138,16 +141,18 @@ class LitBEiT(ImageEncoderFeatures, PatchModelBase):
             return nearest(patchify(images, self.run_config.model.patch_size), self.codebook.float())
 
     # ------------------------------------------------------------ the masked step
-    def _masked_ce(self, h: Tensor, masked: MaskedBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """Sum of the cross-entropy and of the correct predictions at the masked patches, their count."""
-        logits = self.model.masked_logits(h, masked.loss_mask)  # (M, K)
-        target = self.targets(masked.targets)[masked.loss_mask]  # (M,)
+    def _masked_ce(self, h: Tensor, masked: MaskedBatch, where: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Sum of the cross-entropy and of the correct predictions at the masked patches
+        (``where``: listed, else the loss mask), their count."""
+        where = masked.loss_mask if where is None else where
+        logits = self.model.masked_logits(h, where)  # (M, K)
+        target = gather_scored(self.targets(masked.targets), where)  # (M,)
         ce = F.cross_entropy(logits.float(), target, reduction="sum")
         return ce, (logits.argmax(-1) == target).sum().float(), masked.loss_mask.sum().float()
 
-    def view_stats(self, masked: MaskedBatch) -> tuple[Tensor, Tensor, Tensor]:
+    def view_stats(self, masked: MaskedBatch, where: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         h = run_blocks(self.model.blocks, self.model.embed(masked.inputs, masked.loss_mask), Attention())
-        return self._masked_ce(h, masked)
+        return self._masked_ce(h, masked, where)
 
     def view_loss(self, masked: MaskedBatch) -> tuple[Tensor, Tensor]:
         ce, _, n = self.view_stats(masked)
@@ -156,16 +161,16 @@ class LitBEiT(ImageEncoderFeatures, PatchModelBase):
     def _shared_step(self, item: TrainItem | EvalItem, stage: str):
         """Mean cross-entropy over the masked patches of the step's view (training) or of
         the K evaluation masks, and the token accuracy."""
-        views = [item.masked] if stage == "train" else item.common
+        views = [(item.masked, item.where_scored())] if stage == "train" else [(v, None) for v in item.common]
         ce = correct = n = 0.0
-        for v in views:
-            c, a, m = self.view_stats(v)
+        for v, where in views:
+            c, a, m = self.view_stats(v, where)
             ce, correct, n = ce + c, correct + a, n + m
-        count = max(float(n), 1.0)
+        count = at_least_one(n)  # stays on the device (no host sync)
         loss = ce / count
-        metrics = {"token_loss": (loss.detach(), int(n)), "token_acc": (correct / count, int(n))}
+        metrics = {"token_loss": (loss.detach(), n), "token_acc": (correct / count, n)}
         if stage == "train":
-            metrics["mask_ratio"] = (torch.tensor(views[0].ratio), 1)  # the ratio this step trained on
+            metrics["mask_ratio"] = (torch.tensor(views[0][0].ratio), 1)  # the ratio this step trained on
         return loss, metrics
 
     def step_flops(self, item: TrainItem) -> tuple[Flops, int]:

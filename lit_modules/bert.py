@@ -30,7 +30,7 @@ from .config_errors import ConfigError
 from .flops import Flops, encoder, linear
 from .masking import MaskedBatch
 from .masking.attention import Attention, padding
-from .masking.plan import COMMON, EvalItem, MaskPlan, TrainItem
+from .masking.plan import COMMON, EvalItem, MaskPlan, TrainItem, gather_scored
 from .model_configs import BERTConfig
 from .registry import MASKINGS, MODELS
 
@@ -72,9 +72,10 @@ class BERT(nn.Module):
         x = self.head_ln(F.gelu(self.head_dense(self.ln_f(h))))
         return F.linear(x, self.tok_emb.weight, self.head_bias)  # tied to the input embedding; bias in the matmul
 
-    def masked_logits(self, h: Tensor, loss_mask: Tensor) -> Tensor:
-        """Logits (M, V) at the M selected positions only (row-major order of loss_mask)."""
-        return self.head(h[loss_mask])  # gather (M, D) first, then project
+    def masked_logits(self, h: Tensor, where: Tensor) -> Tensor:
+        """Logits (M, V) at the M selected positions only (row-major): ``where`` is the
+        (B, T) loss mask or its listed positions (``gather_scored``)."""
+        return self.head(gather_scored(h, where))  # gather (M, D) first, then project
 
 
 class MLMRows:
@@ -136,10 +137,12 @@ class LitBERT(MLMRows, MaskedModelBase):
     def blocks(self) -> nn.ModuleList:
         return self.model.blocks
 
-    def _loss(self, masked: MaskedBatch, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _loss(self, masked: MaskedBatch, valid: Tensor, where: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``where``: the scored positions (``TrainItem.where_scored``), else the loss mask."""
+        where = masked.loss_mask if where is None else where
         h = self.model.encode(masked.inputs, valid)
-        logits = self.model.masked_logits(h, masked.loss_mask)  # (M, V)
-        targets = masked.targets[masked.loss_mask]  # (M,)
+        logits = self.model.masked_logits(h, where)  # (M, V)
+        targets = gather_scored(masked.targets, where)  # (M,)
         ce = F.cross_entropy(logits.float(), targets, reduction="sum")
         correct = (logits.argmax(-1) == targets).sum()
         return ce, correct.float(), masked.loss_mask.sum().float()
@@ -147,9 +150,9 @@ class LitBERT(MLMRows, MaskedModelBase):
     def _shared_step(self, item: TrainItem | EvalItem, stage: str):
         valid = item.batch.valid
         if stage == "train":
-            ce, correct, n = self._loss(item.masked, valid)
+            ce, correct, n = self._loss(item.masked, valid, item.where_scored())
             loss = ce / n.clamp(min=1)
-            return loss, {"mlm_loss": (loss.detach(), int(n)), "mlm_acc": ((correct / n.clamp(min=1)), int(n))}
+            return loss, {"mlm_loss": (loss.detach(), n), "mlm_acc": ((correct / n.clamp(min=1)), n)}
         loss, metrics = self._eval_task(item.views[COMMON], valid, "mlm")
         if OWN in item.views:
             metrics.update(self._eval_task(item.views[OWN], valid, "own_mlm")[1])

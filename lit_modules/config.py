@@ -32,6 +32,14 @@ if TYPE_CHECKING:
     from .model_configs import ModelConfig
 
 SECTIONS = ("data", "model", "masking", "optim", "trainer")
+# Fields added after configs were first hashed: in the dict form (and the hash) only when
+# they differ from these defaults, so every earlier config keeps its hash.
+LATE_FIELDS = {("data", "num_workers"): "auto", ("data", "prefetch_factor"): 2, ("data", "cache_limit_gb"): 16.0,
+               ("trainer", "compile"): False}
+# How a run executes, not what it computes: never in the hash. The batches and masks are
+# the same whatever the workers (tests/test_gpu_ready.py); a compiled model computes the
+# same losses to rounding.
+EXECUTION_FIELDS = (("data", "num_workers"), ("data", "prefetch_factor"), ("trainer", "compile"))
 OPTIONAL_SECTIONS = ("attention", "transfer")  # in the dict form (and the hash) only when they do something
 
 
@@ -78,6 +86,9 @@ class TrainerConfig:
     # > 0: training ends at the first step whose cumulative train/flops reach it (the
     # learning-rate schedule still spans max_steps: set max_steps to about the budget's steps).
     flops_budget: float = 0.0
+    # Wrap the model's blocks in torch.compile (inductor). Pays on GPUs at realistic
+    # sizes; on a CPU the compile costs more than it saves (README: "GPU clusters").
+    compile: bool = False
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -220,13 +231,19 @@ class RunConfig:
             out["attention"] = dataclasses.asdict(self.attention)
         if self.transfer.tasks:  # a run without transfer keeps the config (and hash) it had before
             out["transfer"] = dataclasses.asdict(self.transfer)
+        for (section, key), default in LATE_FIELDS.items():
+            if key in out[section] and out[section][key] == default:
+                del out[section][key]
         return out
 
     def flat(self) -> dict[str, Any]:
         return flatten(self.to_dict())
 
     def hash(self) -> str:
-        return config_hash(self.to_dict())
+        d = self.to_dict()
+        for section, key in EXECUTION_FIELDS:
+            d[section].pop(key, None)
+        return config_hash(d)
 
 
 # ---------------------------------------------------------------- loading

@@ -57,7 +57,7 @@ from .flops import Flops, encoder, linear
 from .masking import MaskedBatch
 from .masking.attention import Attention, padding
 from .masking.indices import eval_mask_indices
-from .masking.plan import EvalItem, TrainItem
+from .masking.plan import EvalItem, TrainItem, gather_scored, scatter_scored
 from .masking.rng import Stream, bits, content_key, mask_stream, to_uniform
 from .model_configs import ElectraConfig
 from .registry import MODELS
@@ -146,9 +146,10 @@ class Generator(nn.Module):
             x = self.embeddings_project(x)  # (B, T, D_g)
         return run_blocks(self.blocks, x, Attention(mask=padding(valid)))
 
-    def masked_logits(self, h: Tensor, loss_mask: Tensor) -> Tensor:
-        """Logits (M, V) at the M masked positions only (row-major order of loss_mask)."""
-        x = self.ln_f(h[loss_mask])  # gather (M, D_g) first, then project
+    def masked_logits(self, h: Tensor, where: Tensor) -> Tensor:
+        """Logits (M, V) at the M masked positions only (row-major): ``where`` is the
+        (B, T) loss mask or its listed positions (``gather_scored``)."""
+        x = self.ln_f(gather_scored(h, where))  # gather (M, D_g) first, then project
         x = self.head_ln(F.gelu(self.head_dense(x)))  # (M, D)
         return F.linear(x, self.embeddings.tok_emb.weight, self.head_bias)  # tied; bias in the matmul
 
@@ -205,19 +206,20 @@ class LitElectra(MLMRows, MaskedModelBase):
         return self.model.blocks
 
     # ------------------------------------------------------------ the two passes
-    def _generate(self, masked: MaskedBatch, valid: Tensor, key: Tensor, draw: int):
-        """Generator MLM at the masked positions and the discriminator's input.
+    def _generate(self, masked: MaskedBatch, valid: Tensor, key: Tensor, draw: int, where: Tensor | None = None):
+        """Generator MLM at the masked positions and the discriminator's input; ``where``:
+        the masked positions listed (``TrainItem.where_scored``), else the loss mask.
 
         Returns (ce sum, correct, masked count, (B, T) original ids with the masked
         positions replaced by the generator's samples)."""
+        where = masked.loss_mask if where is None else where
         h = self.generator.encode(masked.inputs, valid)
-        logits = self.generator.masked_logits(h, masked.loss_mask)  # (M, V)
-        targets = masked.targets[masked.loss_mask]  # (M,)
+        logits = self.generator.masked_logits(h, where)  # (M, V)
+        targets = gather_scored(masked.targets, where)  # (M,)
         ce = F.cross_entropy(logits.float(), targets, reduction="sum")
         correct = (logits.argmax(-1) == targets).sum().float()
-        u = draw_uniforms(self.run_config.seed, key, draw, masked.loss_mask.shape[1])[masked.loss_mask]
-        replaced = masked.targets.clone()
-        replaced[masked.loss_mask] = sample_tokens(logits, u)  # (B, T), no gradient
+        u = gather_scored(draw_uniforms(self.run_config.seed, key, draw, masked.loss_mask.shape[1]), where)  # (M,)
+        replaced = scatter_scored(masked.targets, where, sample_tokens(logits, u))  # (B, T), no gradient
         return ce, correct, masked.loss_mask.sum().float(), replaced
 
     def _rtd(self, h: Tensor, inputs: Tensor, originals: Tensor, valid: Tensor):
@@ -225,25 +227,32 @@ class LitElectra(MLMRows, MaskedModelBase):
 
         Returns (bce sum, correct, valid count, replaced count, logits (N,), labels (N,))
         over the N valid tokens."""
+        if self.training:  # every position, padding weighted out: no boolean gather, no host sync
+            every = self.model.rtd_logits(h).float()  # (B, T)
+            labels, weight = inputs != originals, valid.float()
+            bce = F.binary_cross_entropy_with_logits(every, labels.float(), weight=weight, reduction="sum")
+            correct = (((every > 0) == labels) & valid).sum().float()
+            return bce, correct, weight.sum(), (labels & valid).sum().float(), every, labels
         logits = self.model.rtd_logits(h[valid]).float()  # gather (N, D) first
         labels = (inputs != originals)[valid]  # (N,) bool: a sample equal to the original is original
         bce = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum")
         correct = ((logits > 0) == labels).sum().float()
         return bce, correct, valid.sum().float(), labels.sum().float(), logits, labels
 
-    def _views(self, item: TrainItem | EvalItem, stage: str) -> list[tuple[MaskedBatch, int]]:
-        """(masks, draw index): the step's mask at the step, or the K evaluation masks at
-        their evaluation mask indices."""
+    def _views(self, item: TrainItem | EvalItem, stage: str) -> list[tuple[MaskedBatch, int, Tensor]]:
+        """(masks, draw index, masked positions): the step's mask at the step (its positions
+        listed by the data pipeline), or the K evaluation masks at their evaluation mask
+        indices (their loss masks)."""
         if stage == "train":
-            return [(item.masked, item.step)]
-        return list(zip(item.common, eval_mask_indices(len(item.common))))
+            return [(item.masked, item.step, item.where_scored())]
+        return [(m, k, m.loss_mask) for m, k in zip(item.common, eval_mask_indices(len(item.common)))]
 
     def _shared_step(self, item: TrainItem | EvalItem, stage: str):
         valid = item.batch.valid
         key = content_key(item.batch.tokens, valid)
         ce = mlm_correct = n_masked = bce = rtd_correct = n_valid = n_replaced = 0.0
-        for masked, draw in self._views(item, stage):
-            c, a, m, inputs = self._generate(masked, valid, key, draw)
+        for masked, draw, where in self._views(item, stage):
+            c, a, m, inputs = self._generate(masked, valid, key, draw, where)
             h = self.model.encode(inputs, valid)
             b, r, n, k, logits, labels = self._rtd(h, inputs, masked.targets, valid)
             ce, mlm_correct, n_masked = ce + c, mlm_correct + a, n_masked + m
@@ -253,7 +262,7 @@ class LitElectra(MLMRows, MaskedModelBase):
         nm, nv = n_masked.clamp(min=1), n_valid.clamp(min=1)
         mlm, rtd = ce / nm, bce / nv
         loss = mlm + self.run_config.model.rtd_weight * rtd
-        im, iv = int(n_masked), int(n_valid)
+        im, iv = (n_masked, n_valid) if stage == "train" else (int(n_masked), int(n_valid))  # no sync in training
         metrics = {"mlm_loss": (mlm.detach(), im), "mlm_acc": (mlm_correct / nm, im),
                    "rtd_loss": (rtd.detach(), iv), "rtd_acc": (rtd_correct / nv, iv),
                    "replaced_frac": (n_replaced / nv, iv)}
@@ -295,12 +304,13 @@ class LitElectra(MLMRows, MaskedModelBase):
         g = self.generator
         emb = g.embeddings.width  # the width the generator's embeddings and head tie have
         vocab = g.embeddings.tok_emb.num_embeddings
-        m, n = int(item.masked.loss_mask.sum()), int(item.batch.valid.sum())
+        m, n = int(item.masked.loss_mask.sum()), int(item.batch.valid.sum())  # on the host (base.transfer_batch_to_device)
         project = linear(b * t, emb, c.generator_width) if g.embeddings_project is not None else Flops()
         generator = project + encoder(b, t, c.generator_width, c.generator_layers,
                                       attention_pairs(g.blocks, t, causal=False)) \
             + linear(m, c.generator_width, emb) + linear(m, emb, vocab)
-        discriminator = encoder(b, t, c.width, c.depth, attention_pairs(self.model.blocks, t, causal=False)) + linear(n, c.width, c.width) + linear(n, c.width, 1)
+        discriminator = encoder(b, t, c.width, c.depth, attention_pairs(self.model.blocks, t, causal=False)) \
+            + linear(b * t, c.width, c.width) + linear(b * t, c.width, 1)  # the RTD head on every position (padding weighted out)
         return generator + discriminator, n
 
     # ------------------------------------------------------------ layer removal
@@ -312,9 +322,9 @@ class LitElectra(MLMRows, MaskedModelBase):
         valid = item.batch.valid
         key = content_key(item.batch.tokens, valid)
         views = self._views(item, "val")
-        inputs = [self._generate(masked, valid, key, draw)[3] for masked, draw in views]
+        inputs = [self._generate(masked, valid, key, draw, where)[3] for masked, draw, where in views]
         valid_k = valid.repeat(len(views), 1)
-        return MaskedBatch(inputs=torch.cat(inputs), targets=torch.cat([m.targets for m, _ in views]),
+        return MaskedBatch(inputs=torch.cat(inputs), targets=torch.cat([m.targets for m, _, _ in views]),
                            loss_mask=valid_k, attention=Attention(mask=padding(valid_k)))
 
     def ablation_embed(self, masked: MaskedBatch) -> Tensor:

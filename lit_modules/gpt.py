@@ -99,20 +99,27 @@ class LitGPT(MaskedModelBase):
         logits = self.model(masked.inputs, masked.direction, masked.attention)  # (nB, T, V)
         loss_sum, correct, count = token_stats(logits, masked.targets, masked.loss_mask, masked.direction,
                                                N_DIRECTIONS, accuracy=stage != "train")
-        mean_loss = loss_sum / count.clamp(min=1)
+        mean_loss = loss_sum / count.clamp(min=1)  # an absent direction: 0 / 1 = 0
         metrics = {}
-        for name, d in DIRECTIONS.items():
-            if count[d] > 0:
-                n = int(count[d])
-                metrics[f"{name}_loss"] = (mean_loss[d], n)
-                if stage != "train":
+        if stage == "train":
+            # The directions stacked are known on the host, from the shapes: forward, then
+            # backward when the step's coin said so (CausalLM.directions); reading the
+            # counts instead would make the host wait for the device every step.
+            present = list(DIRECTIONS.items())[: masked.inputs.shape[0] // item.batch.size]
+            for name, d in present:
+                metrics[f"{name}_loss"] = (mean_loss[d], count[d])
+        else:
+            for name, d in DIRECTIONS.items():
+                if count[d] > 0:
+                    n = int(count[d])
+                    metrics[f"{name}_loss"] = (mean_loss[d], n)
                     metrics[f"{name}_acc"] = (correct[d] / count[d], n)
         if stage == "train":
             with_bw = masked.inputs.shape[0] > item.batch.size  # both directions stacked
             self.bw_steps += int(with_bw)
             metrics["bw_steps"] = (self.bw_steps.float(), 1)
         # Sum of the per-direction mean losses: each direction counts fully when present.
-        return mean_loss[count > 0].sum(), metrics
+        return mean_loss.sum(), metrics
 
     def _scorable(self, masked: MaskedBatch) -> MaskedBatch:
         """The batch with the positions the attention pattern lets see their own target

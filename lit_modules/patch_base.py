@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MaskedModelBase
+from .base import MaskedModelBase, at_least_one
 from .masking import MaskedBatch
 from .masking.attention import Attention
 from .masking.plan import EvalItem
@@ -38,8 +38,8 @@ class PatchModelBase(MaskedModelBase):
         for v in views:
             s, n = self.view_loss(v)
             total, count = total + s, count + n
-        loss = total / max(float(count), 1.0)
-        metrics = {self.recon_metric: (loss.detach(), int(count))}
+        loss = total / at_least_one(count)  # the count stays on the device (no host sync)
+        metrics = {self.recon_metric: (loss.detach(), count)}
         if stage == "train":
             metrics["mask_ratio"] = (torch.tensor(views[0].ratio), 1)  # the ratio this step trained on
         return loss, metrics

@@ -24,14 +24,39 @@ def build_datamodule(cfg: RunConfig, workspace: Workspace) -> L.LightningDataMod
     """The data module, already set up (tokenizer trained, corpus encoded): data errors
     surface here, before any run is recorded."""
     t = cfg.trainer
+    if t.compile:
+        check_compiler(t.accelerator)
     family = MODELS.get(cfg.model.name)
     steps_per_epoch = max(1, min(t.val_every, t.max_steps))  # one epoch = one validation interval
     dm = DATASETS.get(cfg.data.name)(cfg.data, getattr(cfg.model, "block_size", 0), cfg.seed, t.max_steps, workspace,
                                      steps_per_epoch=steps_per_epoch, layout=family.data_layout,
                                      plan=family.mask_plan(cfg, steps_per_epoch))
+    from .data.loading import loading_for
+
+    dm.loading = loading_for(cfg.data, t)
     dm.setup("fit")
+    dm.info["data.workers"] = dm.loading.workers  # what num_workers resolved to on this machine
     check_fits_data(cfg, dm)
     return dm
+
+
+def check_compiler(accelerator: str) -> None:
+    """``trainer.compile`` needs a compiler for the device: Triton on CUDA, a C++
+    compiler on CPU (inductor's code generators); a one-line ConfigError otherwise."""
+    import shutil
+
+    from .data.loading import uses_cuda
+
+    if uses_cuda(accelerator):
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise ConfigError("trainer.compile", True, "needs Triton for torch.compile on CUDA; "
+                                                       "it is not installed (set trainer.compile: false)") from None
+        return
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        raise ConfigError("trainer.compile", True, "needs a C++ compiler (g++, c++ or clang++ on PATH) for "
+                                                   "torch.compile on CPU; none found (set trainer.compile: false)")
 
 
 def check_fits_data(cfg: RunConfig, dm) -> None:
@@ -156,7 +181,9 @@ def build_trainer(cfg: RunConfig, logger, callbacks: list, checkpoint_dir: Path 
     # Our items move themselves (MaskedModelBase.transfer_batch_to_device), deliberately.
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     t = cfg.trainer
-    callbacks = list(callbacks)
+    from .perf import Throughput
+
+    callbacks = [*callbacks, Throughput()]
     if t.checkpoint and checkpoint_dir is not None:
         callbacks.append(LastCheckpoint(Path(checkpoint_dir)))
     return L.Trainer(

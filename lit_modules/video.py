@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import at_least_one
 from .blocks import Block, init_weights, run_blocks
 from .checkpoints import load_checkpoint
 from .config_errors import ConfigError
@@ -253,8 +254,8 @@ class VideoFamily(PatchModelBase):
     def ar_loss(self, clips: Tensor, actions: Tensor | None = None, name: str = "next_frame_loss"):
         v = self.ar_batch(clips, actions)
         total, count = self.loss_sums(self.ar_out(v), v.targets, v.loss_mask)
-        loss = total / max(float(count), 1.0)
-        return loss, {name: (loss.detach(), int(count))}
+        loss = total / at_least_one(count)  # the count stays on the device (no host sync)
+        return loss, {name: (loss.detach(), count)}
 
     def conditioned(self, item) -> Tensor | None:
         """The batch's per-frame actions when the model is action-conditioned, else None."""

@@ -44,6 +44,7 @@ from stores.urls import describe, redact, sqlite_path
 ABLATION_COLUMNS = ["variant", "removed", "block", "metric", "value"]
 CURVE_STAGES = ("train/", "val/")
 COMPUTE = ("train/flops", "train/tokens")  # a run's training compute (cumulative; its last value)
+PERF = "perf/"  # a run's throughput (lit_modules/perf.py): its last value, the run's figure
 TRANSFER = "transfer/"  # transfer metrics: latest value (top layer) in ``trials``, probes by layer
 TRANSFER_PARAMS = ("transfer.tasks", "transfer.features")  # list params, as str() of the list
 TRANSFER_LAYER_COLUMNS = ["task", "feature", "metric", "layer", "value"]
@@ -379,7 +380,7 @@ def _add_run_columns(trials: pd.DataFrame, matched: dict[int, dict], notes: list
         row = {"run_id": rec["run_id"], "run_status": rec["run_status"], "run_failure": rec["run_failure"],
                "model.parameters": _to_number(rec["params"].get("model.parameters")),
                "run_seed": _to_number(rec["params"].get("seed"))}
-        row.update({k: v for k, v in rec["metrics"].items() if k.startswith(("val/", TRANSFER)) or k in COMPUTE})
+        row.update({k: v for k, v in rec["metrics"].items() if k.startswith(("val/", TRANSFER, PERF)) or k in COMPUTE})
         row.update({k: rec["params"][k] for k in TRANSFER_PARAMS if k in rec["params"] and k not in trials})
         rows.append(row)
     extra = pd.DataFrame(rows, index=trials.index)
@@ -392,7 +393,7 @@ def _add_run_columns(trials: pd.DataFrame, matched: dict[int, dict], notes: list
     trials["failure"] = trials["failure"].combine_first(extra["run_failure"])
     trials["seed"] = trials["seed"].combine_first(extra["run_seed"])
     trials["model.parameters"] = extra["model.parameters"]
-    vals = sorted(c for c in extra.columns if c.startswith(("val/", TRANSFER)) or c in COMPUTE)
+    vals = sorted(c for c in extra.columns if c.startswith(("val/", TRANSFER, PERF)) or c in COMPUTE)
     vals += [c for c in TRANSFER_PARAMS if c in extra.columns]
     trials = pd.concat([trials, extra[vals]], axis=1)
     for col in ("seed", "replicate", "model.parameters"):

@@ -24,9 +24,11 @@ from .effects import POOLED
 from .findings import findings_frame, removal_increments, sentences, write_findings
 from .loader import StudyData
 from .tables import (
+    PERF_NOTE,
     display_frame,
     display_summary,
     markdown_table,
+    perf_metrics,
     ranked,
     setting_summary,
     state_counts,
@@ -265,9 +267,12 @@ def _result_tables(data: StudyData, summary: pd.DataFrame, importance, effects: 
         else:
             tables.append(Table("importances", "Parameter importances", pd.DataFrame(), note=why))
     else:
-        tables.append(Table("summary", "Final validation metrics per setting",
-                            display_summary(summary, metrics),
-                            note="mean ± sample std over complete replicates (n); parameters = model.parameters"))
+        perf = perf_metrics(data)
+        shown = setting_summary(data, [*metrics, *perf]) if perf else summary
+        tables.append(Table("summary", "Final validation metrics per setting" + (" and throughput" if perf else ""),
+                            display_summary(shown, [*metrics, *perf]),
+                            note="mean ± sample std over complete replicates (n); parameters = model.parameters"
+                                 + (f"; {PERF_NOTE}" if perf else "")))
     removal = removal_display(data)
     if not removal.empty:
         tables.append(Table("layer-removal-table", "Layer removal: loss added by removing each block from the back",

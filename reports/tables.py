@@ -24,6 +24,20 @@ def table_metrics(data: StudyData) -> list[str]:
     return sorted(found, key=lambda m: (m != data.objective, not m.endswith("loss"), m))
 
 
+# The throughput columns of the per-setting table, in this order (lit_modules/perf.py).
+PERF_METRICS = ("perf/samples_per_s", "perf/tokens_per_s", "perf/mfu", "perf/data_wait")
+PERF_NOTE = ("perf/*: each run's throughput over its steps after the first logging window (warm-up): samples and "
+             "input tokens per second, MFU = model FLOPs per second over the device's peak (the run's "
+             "perf.peak_source), data_wait = fraction of step time spent waiting for the next batch")
+
+
+def perf_metrics(data: StudyData) -> list[str]:
+    """The throughput columns recorded for the complete trials (none for runs from before
+    throughput was logged)."""
+    done = data.complete
+    return [m for m in PERF_METRICS if m in done.columns and done[m].notna().any()]
+
+
 def direction_pairs(metrics: Iterable[str]) -> list[tuple[str, str]]:
     """(forward, backward) metric pairs: ``val/fw_loss`` with ``val/bw_loss`` and the like."""
     metrics = list(metrics)

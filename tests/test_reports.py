@@ -148,7 +148,10 @@ def build_grid(stores: Stores) -> None:
     study, exp, parent = stores.study(GRID, spec, "grid", ["masking.p_bw"])
     for (p_bw, seed), (fw, bw) in GRID_RESULTS.items():
         metrics = {"val/fw_loss": _curve(fw), "val/bw_loss": _curve(bw), "train/fw_loss": _curve(fw - 0.2),
-                   "val/fw_acc": [(20, 0.3)], "val/bw_acc": [(20, 0.2)]}
+                   "val/fw_acc": [(20, 0.3)], "val/bw_acc": [(20, 0.2)],
+                   # A window, then the run's figure at the final step (lit_modules/perf.py).
+                   "perf/samples_per_s": [(10, 50.0), (20, 100.0 + 10 * seed)], "perf/mfu": [(20, 0.02)],
+                   "perf/tokens_per_s": [(20, 3200.0 + 320 * seed)], "perf/data_wait": [(20, 0.05)]}
         abl = ablation_table({"fw_loss": fw, "bw_loss": bw}, DEPTH)
         stores.trial(study, exp, parent, {"masking.p_bw": p_bw, "seed": seed}, "COMPLETE", value=fw,
                      metrics=metrics, ablation=abl, csv=(p_bw, seed) != (0.0, 1),  # one run lost its CSV
@@ -393,6 +396,9 @@ def test_grid_report_files(grid, tmp_path):
     assert "| p_bw=0 | 3.1000 ± 0.1414 (n=2) | 5.1000 ± 0.1414 (n=2) |" in md
     assert "| p_bw=0.5 | 3.2000 ± 0.1414 (n=2) | 2.9500 ± 0.0707 (n=2) |" in md
     assert "2/3" in md and "2,000" in md
+    # Throughput in the per-setting table: the run's figure (the last point), mean ± std over seeds 0 and 1.
+    assert "## Final validation metrics per setting and throughput" in md and "perf/samples_per_s" in md
+    assert "| 105.0000 ± 7.0711 (n=2) | 3360.0000 ± 226.2742 (n=2) | 0.0200 ± 0.0000 (n=2) |" in md
     assert "(report.html#layer-removal)" in md and "## Warnings" in md and "**leakage**" in md
     assert "## Layer removal: loss added by removing each block from the back" in md  # numbers in the Markdown
     assert "| val/bw_loss | masking.p_bw = 0.5 vs 0 | — | 2 | -2.15 [-2.785, -1.515] | -42.2% [-54.6, -29.7] |" in md

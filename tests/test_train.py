@@ -72,6 +72,23 @@ def test_run_is_recorded(two_runs):
     assert {"ablation.csv", "resolved_config.yaml", "gpt_tiny.yaml"} <= artifacts
 
 
+def test_every_run_logs_its_throughput(two_runs):
+    """perf/* once per logging window (log_every 1: steps 1-5), then the run's figure
+    (windows after the first) at the final step; the peak it is measured against."""
+    client, runs = _client(two_runs)
+    run = runs[0]
+    for name in ("perf/samples_per_s", "perf/tokens_per_s", "perf/mfu", "perf/data_wait", "perf/step_s"):
+        hist = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+        assert [m.step for m in hist] == [1, 2, 3, 4, 5, 6], name
+        assert all(m.value > 0 or name == "perf/data_wait" for m in hist), name
+    last = {k: v for k, v in run.data.metrics.items() if k.startswith("perf/")}
+    assert 0 <= last["perf/data_wait"] < 1 and 0 < last["perf/mfu"] < 1
+    # 4 rows of 32 tokens a step: tokens per second is 32x the samples per second.
+    assert last["perf/tokens_per_s"] == pytest.approx(32 * last["perf/samples_per_s"])
+    assert run.data.params["perf.peak_source"].startswith("CPU fp32 GEMM")
+    assert float(run.data.params["perf.peak_flops"]) > 1e9
+
+
 def test_same_config_same_seed_same_val_loss(two_runs):
     client, runs = _client(two_runs)
     a, b = (client.get_metric_history(r.info.run_id, "val/fw_loss") for r in runs)

@@ -30,8 +30,17 @@ class TextDataConfig:
     val_batch_size: int = 32
     # At most this many validation windows (0 = every non-overlapping window).
     val_windows: int = 64
+    # DataLoader worker processes per training process ("auto": a share of the CPU
+    # cores on a CUDA device, 0 on a CPU; lit_modules/data/loading.py) and the batches
+    # each keeps ready. How the data is loaded, not what: never part of the config hash.
+    num_workers: int | Literal["auto"] = "auto"
+    prefetch_factor: int = 2
 
     def __post_init__(self):
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ConfigError("num_workers", self.num_workers, "must be an integer >= 0 or auto")
+        if self.prefetch_factor < 1:
+            raise ConfigError("prefetch_factor", self.prefetch_factor, "must be an integer >= 1")
         # SentencePiece needs room for its specials plus the alphabet.
         if not 64 <= self.vocab_size <= 65536:
             raise ConfigError("vocab_size", self.vocab_size, "must be in [64, 65536]")
@@ -64,8 +73,22 @@ class ImageDataConfig:
     crop_scale_min: float = 0.2
     # Subtract the ImageNet mean and divide by its std, per channel.
     normalize: bool = True
+    # DataLoader worker processes per training process ("auto": a share of the CPU
+    # cores on a CUDA device, 0 on a CPU; lit_modules/data/loading.py) and the batches
+    # each keeps ready. How the data is loaded, not what: never part of the config hash.
+    num_workers: int | Literal["auto"] = "auto"
+    prefetch_factor: int = 2
+    # Image sets whose decoded pixels (N x S x S x 3 bytes) exceed this many GB are not
+    # cached: each image is decoded when its batch is assembled, in the workers.
+    cache_limit_gb: float = 16.0
 
     def __post_init__(self):
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ConfigError("num_workers", self.num_workers, "must be an integer >= 0 or auto")
+        if self.prefetch_factor < 1:
+            raise ConfigError("prefetch_factor", self.prefetch_factor, "must be an integer >= 1")
+        if self.cache_limit_gb < 0:
+            raise ConfigError("cache_limit_gb", self.cache_limit_gb, "must be >= 0 (0: never cache the pixels)")
         if self.image_size < 0:
             raise ConfigError("image_size", self.image_size, "must be >= 0 (0 = the dataset's native size)")
         for name in ("batch_size", "val_batch_size"):
@@ -112,8 +135,17 @@ class VideoDataConfig:
     # training clips' frames (lit_modules/patch_tokenizer.py), both cached.
     source: Literal["", "bbb", "moving-mnist"] = ""
     token_patch: int = 8
+    # DataLoader worker processes per training process ("auto": a share of the CPU
+    # cores on a CUDA device, 0 on a CPU; lit_modules/data/loading.py) and the batches
+    # each keeps ready. How the data is loaded, not what: never part of the config hash.
+    num_workers: int | Literal["auto"] = "auto"
+    prefetch_factor: int = 2
 
     def __post_init__(self):
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ConfigError("num_workers", self.num_workers, "must be an integer >= 0 or auto")
+        if self.prefetch_factor < 1:
+            raise ConfigError("prefetch_factor", self.prefetch_factor, "must be an integer >= 1")
         for name in ("frames", "image_size", "batch_size", "val_batch_size", "n_clips", "digits"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be an integer >= 1")

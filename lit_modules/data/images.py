@@ -40,6 +40,7 @@ from ..masking.rng import Stream, step_bits, to_uniform
 from ..paths import Workspace, atomic_path, atomic_write
 from ..registry import DATASETS
 from .configs import ImageDataConfig
+from .loading import LoaderMixin
 from .masked import EvalCollate, Planned
 from .steps import FixedBatches, StepBatches, StepSampler, step_draw
 
@@ -300,7 +301,7 @@ def spread(index: np.ndarray, limit: int) -> np.ndarray:
 # ---------------------------------------------------------------- data modules
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(LoaderMixin, L.LightningDataModule):
     """Base of every image dataset: subclasses say where the encoded images come from."""
 
     Config = ImageDataConfig
@@ -363,12 +364,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainBatches(self.data, self.train_index, self.cfg, self.seed, self.max_steps)
-        return DataLoader(Planned(ds, self.plan), batch_size=None,
+        return self.loader(Planned(ds, self.plan), batch_size=None,
                           sampler=StepSampler(self.max_steps, self.steps_per_epoch))
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedBatches(self.data.batch, self.val_index, self.cfg.val_batch_size)
-        return DataLoader(ds, batch_size=None, collate_fn=EvalCollate(self.plan))
+        return self.loader(ds, batch_size=None, collate_fn=EvalCollate(self.plan))
 
     def probe_dataloaders(self, train_images: int = 2000, batch_size: int | None = None) -> tuple[DataLoader, DataLoader]:
         """(train, val) loaders of un-augmented images for a linear probe: train = at

@@ -27,6 +27,7 @@ from ..masking.rng import Stream, step_bits
 from ..paths import Workspace, atomic_write
 from ..registry import DATASETS
 from .configs import TextDataConfig
+from .loading import LoaderMixin
 from .masked import EvalCollate, Planned
 from .steps import StepSampler
 
@@ -149,7 +150,7 @@ def stack_windows(windows: list[torch.Tensor]) -> TokenWindows:
 # ---------------------------------------------------------------- data modules
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(LoaderMixin, L.LightningDataModule):
     NOTE = ""  # said in every report's header (e.g. which split stands in for which)
     """Base of every text dataset: subclasses say where the train/val text comes from."""
 
@@ -225,7 +226,7 @@ class TextDataModule(L.LightningDataModule):
                                  self.word_start, self.cfg.vocab_size)
         else:
             ds = TrainWindows(self.train_tokens, self.block_size, self.cfg.batch_size, self.seed, self.max_steps)
-        return DataLoader(Planned(ds, self.plan), batch_size=None, sampler=sampler)
+        return self.loader(Planned(ds, self.plan), batch_size=None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         if self.layout == "mlm":
@@ -236,7 +237,7 @@ class TextDataModule(L.LightningDataModule):
         else:
             ds = ValWindows(self.val_tokens, self.block_size, self.cfg.val_windows)
             collate = stack_windows
-        return DataLoader(ds, batch_size=self.cfg.val_batch_size, shuffle=False,
+        return self.loader(ds, batch_size=self.cfg.val_batch_size, shuffle=False,
                           collate_fn=EvalCollate(self.plan, collate))
 
     # helpers for subclasses

@@ -62,6 +62,7 @@ from ..paths import Workspace, atomic_path
 from ..registry import DATASETS
 from .configs import VideoDataConfig
 from .images import _hash64, spread
+from .loading import LoaderMixin
 from .masked import EvalCollate, Planned
 from .steps import FixedBatches, StepBatches, StepSampler, step_draw
 
@@ -286,7 +287,7 @@ def _last_fraction_split(n: int, field: str, value: object) -> tuple[np.ndarray,
     return np.arange(n - n_val, dtype=np.int64), np.arange(n - n_val, n, dtype=np.int64)
 
 
-class VideoDataModule(L.LightningDataModule):
+class VideoDataModule(LoaderMixin, L.LightningDataModule):
     """Base of every video dataset: subclasses say where the clips come from."""
 
     Config = VideoDataConfig
@@ -353,12 +354,12 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainBatches(self.data, self.train_index, self.cfg, self.seed, self.max_steps)
-        return DataLoader(Planned(ds, self.plan), batch_size=None,
+        return self.loader(Planned(ds, self.plan), batch_size=None,
                           sampler=StepSampler(self.max_steps, self.steps_per_epoch))
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedBatches(self.data.batch, self.val_index, self.cfg.val_batch_size)
-        return DataLoader(ds, batch_size=None, collate_fn=EvalCollate(self.plan))
+        return self.loader(ds, batch_size=None, collate_fn=EvalCollate(self.plan))
 
 
 @DATASETS.register("bbb")

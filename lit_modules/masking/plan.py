@@ -32,11 +32,22 @@ COMMON = ""  # the name of the common evaluation task
 @dataclass(frozen=True)
 class TrainItem(Movable):
     """What a training step receives: the batch, its masks (None: nothing is masked at
-    this step) and the global step they were drawn for."""
+    this step) and the global step they were drawn for.
+
+    ``scored``: (M,) int64, the flat (row-major) positions where ``masked.loss_mask`` is
+    True, listed where the batch is assembled, so a model that scores only those positions
+    gathers them with ``gather_scored`` without asking the device how many there are
+    (a boolean-mask gather would: a host sync every step on a GPU). None when every
+    position is scored or nothing is masked."""
 
     batch: Any
     masked: MaskedBatch | None
     step: int
+    scored: Any = None
+
+    def where_scored(self):
+        """The scored positions for ``gather_scored``: the listed ones, else the mask."""
+        return self.scored if self.scored is not None else self.masked.loss_mask
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,8 @@ class MaskPlan:
         first, last = self.masked_steps
         if self.train is None or not first <= step <= last:
             return TrainItem(batch, None, step)
-        return TrainItem(batch, self.train(batch, self.train_context(step)), step)
+        masked = self.train(batch, self.train_context(step))
+        return TrainItem(batch, masked, step, scored_positions(masked.loss_mask))
 
     def eval_item(self, batch) -> EvalItem:
         batch = self.prepare(batch)
@@ -103,4 +115,34 @@ class MaskPlan:
         return EvalItem(batch, views)
 
 
-__all__ = ["COMMON", "EvalItem", "MaskPlan", "TrainItem"]
+def scored_positions(loss_mask):
+    """(M,) int64 flat positions of the True entries of ``loss_mask`` (row-major, the
+    order of a boolean-mask gather); None when every entry is True."""
+    if bool(loss_mask.all()):  # the data pipeline's tensors are on the host: no device to wait for
+        return None
+    return loss_mask.reshape(-1).nonzero().squeeze(1)
+
+
+def gather_scored(x, where):
+    """``x`` (B, T, ...) at the scored positions -> (M, ...), row-major. ``where`` is a
+    (M,) index from ``scored_positions`` (a gather of known size: no host sync) or a
+    (B, T) bool mask (a boolean-mask gather: the device reports M to the host first)."""
+    import torch
+
+    if where.dtype == torch.bool:
+        return x[where]
+    return x.reshape(-1, *x.shape[2:]).index_select(0, where)
+
+
+def scatter_scored(x, where, values):
+    """``x`` (B, T) with ``values`` (M,) written at the scored positions (a copy)."""
+    import torch
+
+    if where.dtype == torch.bool:
+        out = x.clone()
+        out[where] = values
+        return out
+    return x.reshape(-1).index_copy(0, where, values).view_as(x)
+
+
+__all__ = ["COMMON", "EvalItem", "MaskPlan", "TrainItem", "gather_scored", "scatter_scored", "scored_positions"]
