@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, in one go, on a machine with a CUDA device: the GPU-marked tests, then the
-# four model benchmarks (and the layer-removal and sparse-attention benchmarks) in bf16-mixed with the flash SDPA
+# The GPU check, in one go, on a machine with a CUDA device: what the data pipeline and the
+# training loop get out of the GPU (bench_data: step time, data wait and MFU per family at 0
+# and `auto` workers, bf16-mixed), the GPU-marked tests, then the four model benchmarks (and
+# the layer-removal and sparse-attention benchmarks) in bf16-mixed with the flash SDPA
 # kernel, in under 10 minutes. Results go under one output directory:
 #   pytest_gpu.xml            JUnit report of `pytest -m gpu`
 #   bench_*.json              each benchmark's --json (environment, figures, ratios, raw steps)
@@ -10,11 +12,12 @@
 # Usage (from anywhere in the repository):
 #   bash benchmarks/gpu_check.sh [OUTPUT_DIR]
 # OUTPUT_DIR defaults to $OUT if set, else masklab-runs/bench/gpu. PYTHON picks the
-# interpreter (default: .venv/bin/python if present, else python3); MASKLAB_DATA_DIR the
-# data (default: ../shared/data beside the checkout).
+# interpreter (default: .venv/bin/python if present, else python3; the checkout is put on
+# PYTHONPATH, so an interpreter with torch, lightning and the data libraries will do without
+# installing masklab); MASKLAB_DATA_DIR the data (default: ../shared/data beside the checkout).
 #
 # BERT runs with the mem-efficient kernel: both sides pass the padding mask, and flash
-# takes no attention mask. Every step has its own time cap (CAP_* below, 545 s in all), so
+# takes no attention mask. Every step has its own time cap (CAP_* below, 555 s in all), so
 # the whole check ends within 10 minutes even if a step hangs; a capped step exits 124.
 # bench_attention runs fp32 (its own settings): FlexAttention compiled with the patterns'
 # block masks against SDPA.
@@ -31,9 +34,10 @@ if [[ -z "${MASKLAB_DATA_DIR:-}" && -d ../shared/data ]]; then
     export MASKLAB_DATA_DIR="$(cd ../shared/data && pwd)"
 fi
 export MLFLOW_DISABLE_TELEMETRY=true
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # Seconds per step: the tests, then each benchmark (startup, data, models, warm-up included).
-CAP_TESTS=90 CAP_GPT=85 CAP_BERT=80 CAP_MAE=60 CAP_VIDEO=60 CAP_ABLATION=50 CAP_ATTENTION=120
+CAP_DATA=150 CAP_TESTS=50 CAP_GPT=65 CAP_BERT=60 CAP_MAE=50 CAP_VIDEO=50 CAP_ABLATION=40 CAP_ATTENTION=90
 # On a GPU a step takes milliseconds: more steps per round than the CPU defaults.
 GPU=(--device cuda --precision bf16-mixed)
 ROUNDS=(--rounds 5 --steps 10)
@@ -62,7 +66,11 @@ run_step() {  # name, cap in seconds, command...
     STEPS_JSON+=("{\"step\": \"$name\", \"command\": $cmd, \"exit\": $rc, \"seconds\": $dt}")
 }
 
-run_step tests "$CAP_TESTS" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUTDIR/pytest_gpu.xml"
+run_step bench_data "$CAP_DATA" "$PYTHON" benchmarks/bench_data.py "${GPU[@]}" --families gpt,bert,mae,video \
+    --workers 0,auto --rounds 1 --warmup 10 --steps 30 --json "$OUTDIR/bench_data.json"
+# The files that hold GPU-marked tests (collecting every test file would need the whole stack).
+run_step tests "$CAP_TESTS" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUTDIR/pytest_gpu.xml" \
+    $(grep -l "mark.gpu" tests/test_*.py)
 run_step bench_gpt "$CAP_GPT" "$PYTHON" benchmarks/bench_gpt.py "${GPU[@]}" --sdpa-kernel flash "${ROUNDS[@]}" \
     --json "$OUTDIR/bench_gpt.json"
 run_step bench_bert "$CAP_BERT" "$PYTHON" benchmarks/bench_bert.py "${GPU[@]}" --sdpa-kernel efficient "${ROUNDS[@]}" \

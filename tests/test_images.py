@@ -287,6 +287,47 @@ def test_image_folder_with_class_subfolders(tmp_path, data_dir):
     assert np.array_equal(big.val_split, dm.val_split)
 
 
+def test_image_folder_over_the_cache_limit_decodes_on_the_fly_in_the_workers(tmp_path, data_dir):
+    """Over data.cache_limit_gb: no pixel cache is written, each batch is decoded where it
+    is assembled (the same pixels as the cache gives), the mask keys hash the encoded
+    files, and batches and masks are the same at 0 and 2 workers."""
+    import hashlib
+
+    from lit_modules.data.images import DecodedOnRead
+    from lit_modules.data.loading import Loading
+    from lit_modules.masking.plan import MaskPlan
+    from lit_modules.registry import MASKINGS
+
+    root = tmp_path / "imgs"
+    for c, cls in enumerate(("cat", "dog")):
+        for i in range(12):
+            _write_png(root / cls / f"{i}.png", (20, 20), seed=10 * c + i)
+    ws = Workspace.resolve(tmp_path / "out", data_dir)
+    cached = _dm(ws, name="image-folder", path=str(root), val_fraction=0.25, image_size=16)
+    limit = 24 * 16 * 16 * 3 / 1e9 * 0.99  # just under the 24 decoded images
+    lazy = _dm(ws, name="image-folder", path=str(root), val_fraction=0.25, image_size=16, cache_limit_gb=limit)
+    assert isinstance(lazy.data.pixels, DecodedOnRead) and lazy.info["data.pixels"].startswith("decoded on the fly")
+    assert lazy.info["data.cache_file"] == "" and cached.info["data.pixels"].startswith("cached")
+    assert sorted(p.name for p in (ws.cache_dir / "images").iterdir()) == sorted(  # only the cached run's files
+        [cached.info["data.cache_file"], cached.info["data.cache_file"].replace(".npy", ".keys.npy")])
+    assert np.array_equal(lazy.val_split, cached.val_split) and lazy.image_size == 16
+    for step in (0, 3):
+        a, b = cached.train_dataloader().dataset[step], lazy.train_dataloader().dataset[step]
+        assert torch.equal(a.images, b.images) and torch.equal(a.index, b.index)  # same pixels, same crops
+    files = sorted(root.rglob("*.png"), key=lambda p: p.relative_to(root).as_posix())
+    expected = [int.from_bytes(hashlib.blake2b(f.read_bytes(), digest_size=8, person=b"masklab-key-enc").digest(),
+                               "little", signed=True) for f in files]
+    assert lazy.data.keys.tolist() == expected
+    lazy.plan = MaskPlan(seed=0, train=MASKINGS.get("mae-random")(mask_ratio=0.5), grid=(4, 4), steps_per_epoch=6,
+                         masked_steps=(0, 5))
+    runs = []
+    for workers in (0, 2):
+        lazy.loading = Loading(workers=workers)
+        runs.append([(item.batch.images, item.batch.keys, item.masked.loss_mask) for item in lazy.train_dataloader()])
+    assert len(runs[0]) == 6
+    assert all(torch.equal(x, y) for r0, r2 in zip(*runs) for x, y in zip(r0, r2))
+
+
 def test_image_folder_without_subfolders_has_one_class(tmp_path, data_dir):
     for i in range(6):
         _write_png(tmp_path / "flat" / f"{i}.jpg", (8, 8), seed=i)

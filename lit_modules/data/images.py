@@ -9,6 +9,13 @@ memmap the cache. Every batch is a ``masking.batches.Images``::
     keys    (B,)         int64     content key of the un-augmented image (``image_keys``)
     index   (B,)         int64     position of the image in the dataset
 
+Image sets whose decoded pixels would exceed ``data.cache_limit_gb`` (ImageNet at 224 px:
+~190 GB) are not cached: ``DecodedOnRead`` decodes each image when its batch is
+assembled, in the DataLoader workers, and the content keys of their masks are hashes of
+the encoded bytes (``encoded_keys``), which need no decoding; an image folder is then
+read file by file (``FileBlobs``), never held in memory whole. Cached sets keep the keys of
+their decoded pixels, so their masks are those of earlier runs.
+
 Train/val split: an image is in the validation split when a 64-bit hash of its encoded
 bytes is below ``val_fraction * 2**64``: the same in every trial and seed, and a larger
 fraction holds out a superset. Training batches are drawn (with replacement) from the
@@ -83,6 +90,12 @@ def image_keys(pixels: np.ndarray) -> np.ndarray:
     a tenth of a second."""
     pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
     return _hash64([p.tobytes() for p in pixels], b"masklab-key")
+
+
+def encoded_keys(blobs: Sequence[bytes]) -> np.ndarray:
+    """(N,) int64 content keys of images that are not cached: 64-bit blake2b of the
+    encoded bytes (the same file gives the same key on every machine, before decoding)."""
+    return _hash64(blobs, b"masklab-key-enc")
 
 
 def split_is_val(blobs: Sequence[bytes], val_fraction: float) -> np.ndarray:
@@ -167,6 +180,62 @@ def _decode_all(raw: RawImages, image_size: int, pixels_path: Path, keys_path: P
         buf = io.BytesIO()
         np.save(buf, keys)
         atomic_write(keys_path, buf.getvalue())
+
+
+class FileBlobs(Sequence):
+    """The encoded bytes of image files, read when asked for (a folder of a million
+    images is never held in memory)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [p.read_bytes() for p in self.paths[i]]
+        return self.paths[i].read_bytes()
+
+
+class DecodedOnRead:
+    """Pixels decoded when indexed, in place of the cache: ``pixels[index]`` (an index
+    array) -> (B, S, S, 3) uint8, each image decoded and resized as ``_decode`` does for
+    the cache (the same pixels)."""
+
+    def __init__(self, raw: RawImages, image_size: int, side: int):
+        self.blobs, self.names, self.image_size, self.side = raw.blobs, raw.names, image_size, side
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.blobs), self.side, self.side, 3)
+
+    def __getitem__(self, index) -> np.ndarray:
+        out = np.empty((len(index), self.side, self.side, 3), dtype=np.uint8)
+        for row, i in enumerate(np.asarray(index).tolist()):
+            arr = _decode(self.blobs[i], self.names[i], self.image_size)
+            _check_size(arr, self.names[i], self.image_size, (self.side, self.side))
+            out[row] = arr
+        return out
+
+
+def pixel_source(raw: RawImages, image_size: int, cache_dir: Path, limit_gb: float):
+    """(pixels, keys, how): the memmapped cache when the decoded set fits ``limit_gb``,
+    else ``DecodedOnRead`` with keys of the encoded bytes; ``how`` says which, for the
+    run record."""
+    first = _decode(raw.blobs[0], raw.names[0], image_size)
+    _check_size(first, raw.names[0], image_size, None)
+    side = first.shape[0]
+    gb = len(raw.blobs) * side * side * 3 / 1e9
+    if gb <= limit_gb:
+        pixels, keys = decode_to_memmap(raw, image_size, cache_dir)
+        return pixels, keys, f"cached: {gb:.3g} GB of decoded pixels (data.cache_limit_gb {limit_gb:g})"
+    return (DecodedOnRead(raw, image_size, side), encoded_keys(raw.blobs),
+            f"decoded on the fly in the loader: {gb:.3g} GB of pixels > data.cache_limit_gb {limit_gb:g}; "
+            "mask keys = blake2b-64 of the encoded bytes")
 
 
 # ---------------------------------------------------------------- tensors and augmentation
@@ -332,7 +401,7 @@ class ImageDataModule(LoaderMixin, L.LightningDataModule):
         if self.data is not None:
             return
         raw = self.read_raw()
-        pixels, keys = decode_to_memmap(raw, self.cfg.image_size, self.workspace.cache_dir)
+        pixels, keys, how = pixel_source(raw, self.cfg.image_size, self.workspace.cache_dir, self.cfg.cache_limit_gb)
         self.data = _Images(pixels, raw.labels.astype(np.int64), keys, self.cfg.normalize)
         is_val = split_is_val(raw.blobs, self.cfg.val_fraction)
         self.train_index = np.flatnonzero(~is_val).astype(np.int64)
@@ -349,6 +418,7 @@ class ImageDataModule(LoaderMixin, L.LightningDataModule):
         self.info = {
             "data.source": raw.source,
             "data.cache_file": Path(pixels.filename).name if isinstance(pixels, np.memmap) else "",
+            "data.pixels": how,
             "data.n_images": len(pixels),
             "data.n_train": len(self.train_index),
             "data.n_val_split": len(self.val_split),
@@ -434,5 +504,4 @@ class ImageFolder(ImageDataModule):
         class_names = sorted({r.parts[0] for r in rel}) if any(nested) else ["all"]
         lookup = {c: i for i, c in enumerate(class_names)}
         labels = np.array([lookup[r.parts[0]] if len(r.parts) > 1 else 0 for r in rel], dtype=np.int64)
-        blobs = [f.read_bytes() for f in files]
-        return RawImages(blobs, labels, class_names, str(root), [str(f) for f in files])
+        return RawImages(FileBlobs(files), labels, class_names, str(root), [str(f) for f in files])
