@@ -227,6 +227,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     batches, data_info = fetch_batches(args.batches, args)
     batches = [b.to(device) for b in batches]
+    # A loader that pins memory (on CUDA) starts a thread that sets torch's thread count to 1,
+    # and it is seen by this thread too: set it again for the measurement.
+    torch.set_num_threads(args.threads)
     env = {**harness.machine(), **harness.settings(args),
            "shape": {"depths": args.depths, "width": WIDTH, "heads": HEADS, "seq": T, "batch": BATCH,
                      "rows_scored": 2 * BATCH, "vocab": VOCAB},

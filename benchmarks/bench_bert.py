@@ -228,7 +228,8 @@ class LitBERTFullHead(LitBERT):
     """LitBERT with the common MLM head: logits at every position (B, T, V), cross-entropy
     with ignore_index at the unselected ones. The same loss as the gathered head."""
 
-    def _loss(self, masked, valid):
+    def _loss(self, masked, valid, where=None):
+        """``where`` (the listed positions) is not needed: the head runs at every position."""
         h = self.model.encode(masked.inputs, valid)
         logits = self.model.head(h)  # (B, T, V)
         labels = masked.targets.masked_fill(~masked.loss_mask, -100)  # (B, T): scored positions only

@@ -88,7 +88,8 @@ def measure(family: str, workers, args, workspace, compiled: bool = False) -> di
     s = perf.summary
     return {"workers": dm.loading.workers, "setting": f"{workers}{' compiled' if compiled else ''}",
             "step_s": s["perf/step_s"],
-            "data_wait": s["perf/data_wait"], "samples_per_s": s["perf/samples_per_s"],
+            "data_wait": s["perf/data_wait"], "host_wait": s.get("perf/host_wait", s["perf/data_wait"]),
+            "samples_per_s": s["perf/samples_per_s"],
             "tokens_per_s": s["perf/tokens_per_s"], "mfu": s.get("perf/mfu", float("nan")),
             "fit_s": time.perf_counter() - t0, "peak": perf.peak_source}
 
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
                     m = measure(family, w, args, workspace, compiled)
                     results[family][label[w, compiled]].append(m)
                     print(f"round {r + 1} {family:5s} workers {label[w, compiled]:>13} ({m['workers']}): step "
-                          f"{m['step_s'] * 1e3:8.1f} ms  data wait {m['data_wait']:6.1%}  {m['samples_per_s']:9.1f} "
+                          f"{m['step_s'] * 1e3:8.1f} ms  data wait {m['data_wait']:6.1%} (host {m['host_wait']:6.1%})  {m['samples_per_s']:9.1f} "
                           f"samples/s  MFU {m['mfu']:.2%}  fit {m['fit_s']:.1f} s", flush=True)
     print(f"\nmedian of {args.rounds} rounds, {args.steps} timed steps each ({args.device}, {args.precision}, "
           f"{args.threads} threads); ratio = step time against {label[worker_settings[0]]} workers; fit = the whole "
@@ -146,8 +147,9 @@ def main(argv=None) -> int:
         for key in worker_settings:
             runs = results[family][label[key]]
             row = {"family": family, "setting": label[key], "workers": runs[0]["workers"],
-                   **{k: statistics.median(x[k] for x in runs) for k in ("step_s", "data_wait", "samples_per_s",
-                                                                          "tokens_per_s", "mfu", "fit_s")},
+                   **{k: statistics.median(x[k] for x in runs) for k in ("step_s", "data_wait", "host_wait",
+                                                                          "samples_per_s", "tokens_per_s", "mfu",
+                                                                          "fit_s")},
                    "peak": runs[0]["peak"]}
             base = base or row["step_s"]
             row["step_ratio"] = row["step_s"] / base

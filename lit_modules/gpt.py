@@ -124,7 +124,8 @@ class LitGPT(MaskedModelBase):
     def _scorable(self, masked: MaskedBatch) -> MaskedBatch:
         """The batch with the positions the attention pattern lets see their own target
         taken out of the loss (prefix-LM's prefix); unchanged for every other pattern."""
-        pattern = self.model.blocks[0].attn.pattern
+        # Without blocks (every one removed) nothing attends: every position is scorable.
+        pattern = self.model.blocks[0].attn.pattern if len(self.model.blocks) else None
         scored = None if pattern is None else pattern.pattern.scored(masked.inputs.shape[1], masked.inputs.device)
         return masked if scored is None else dataclasses.replace(masked, loss_mask=masked.loss_mask & scored)
 

@@ -10,9 +10,15 @@ once per logging window of ``trainer.log_every`` steps:
 - ``perf/mfu``: model FLOPs per second (``lit_modules/flops.py``: the matrix products of
   the step, forward and backward, attention over the full T x T square) over the
   device's peak (``peak_flops``); absent where the peak is unknown;
-- ``perf/data_wait``: the fraction of the window's wall time the training loop spent
-  between steps, waiting for the next batch (fetch and transfer to the device);
-- ``perf/step_s``: seconds per step.
+- ``perf/data_wait``: the fraction of the window's wall time the device waited between
+  steps for the next batch (its fetch and transfer). On CPU: the time the training loop
+  spent between steps. On CUDA: the gaps on the device's own timeline between the end of
+  one step's work and the start of the next (CUDA events recorded at both points, read at
+  logging steps): host time between steps is no measure there, since the host runs ahead
+  of the device and may block anywhere, a pinned-memory allocation included, while the
+  device is busy;
+- ``perf/step_s``: seconds per step;
+- ``perf/host_wait`` (CUDA only): the host's time between steps, as a fraction.
 
 At the end of training, each ``perf/*`` key gets one more point at the final step: the
 whole run's figure over every window after the first (the first holds the warm-up:
@@ -105,16 +111,23 @@ class _Window:
     def __init__(self):
         self.steps = 0
         self.seconds = self.wait = self.samples = self.tokens = self.flops = 0.0
+        self.device_wait: float | None = None  # CUDA: the device's idle gaps between steps
+        self.events: list[tuple] = []  # CUDA: (end of the previous step, start, end) per step
 
     def add(self, other: _Window) -> None:
+        if other.device_wait is not None:
+            self.device_wait = (self.device_wait or 0.0) + other.device_wait
         for k in ("steps", "seconds", "wait", "samples", "tokens", "flops"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
     def metrics(self, peak: float | None) -> dict[str, float]:
         if self.steps == 0 or self.seconds <= 0:
             return {}
+        wait = self.wait if self.device_wait is None else self.device_wait
         out = {"perf/samples_per_s": self.samples / self.seconds, "perf/tokens_per_s": self.tokens / self.seconds,
-               "perf/data_wait": self.wait / self.seconds, "perf/step_s": self.seconds / self.steps}
+               "perf/data_wait": wait / self.seconds, "perf/step_s": self.seconds / self.steps}
+        if self.device_wait is not None:
+            out["perf/host_wait"] = self.wait / self.seconds  # the host's time between steps, for comparison
         if peak:
             out["perf/mfu"] = self.flops / self.seconds / peak
         return out
@@ -132,6 +145,7 @@ class Throughput(L.Callback):
         self._window, self._rest, self._first = _Window(), _Window(), None
         self._last: float | None = None  # when the previous step ended (or the epoch began)
         self._device: torch.device | None = None
+        self._start_event = self._end_event = None  # CUDA events of the step under way and the one before
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._device = pl_module.device
@@ -143,16 +157,31 @@ class Throughput(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._last = time.perf_counter()  # validation and checkpoints between epochs are not step time
+        self._end_event = None
+
+    def _cuda(self) -> bool:
+        return self._device is not None and self._device.type == "cuda"
+
+    def _event(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()  # queued on the current stream: no wait
+        return event
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._last is not None:
             self._window.wait += now - self._last
+        if self._cuda():
+            self._start_event = self._event()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         logging = trainer.global_step % self.every == 0
-        if logging and self._device is not None and self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)  # the window ends when its kernels have run
+        if self._cuda():
+            end = self._event()
+            self._window.events.append((self._end_event, self._start_event, end))
+            self._end_event = end
+            if logging:
+                torch.cuda.synchronize(self._device)  # the window ends when its kernels have run
         now = time.perf_counter()
         if self._last is not None:
             flops, tokens, samples = getattr(pl_module, "last_step_compute", (0.0, 0, 0))
@@ -167,6 +196,9 @@ class Throughput(L.Callback):
         w, self._window = self._window, _Window()
         if w.steps == 0:
             return
+        if w.events:  # CUDA: the device's idle gaps between steps (its events have all run by now)
+            w.device_wait = sum(prev.elapsed_time(start) for prev, start, _ in w.events if prev is not None) / 1e3
+            w.events = []
         if self._first is None:
             self._first = w
         else:
@@ -175,6 +207,8 @@ class Throughput(L.Callback):
             _log(trainer, w.metrics(self.peak), trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self._cuda():
+            torch.cuda.synchronize(self._device)
         if self._window.steps:
             self._close_window(trainer, final=True)
         run = self._rest if self._rest.steps else self._first
