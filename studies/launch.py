@@ -50,10 +50,11 @@ def parse_devices(text: str | None) -> list[str] | None:
 
 
 def worker_env(index: int, workers: int, devices: list[str] | None, cpus: int) -> dict[str, str]:
-    """What pins worker ``index``: one GPU (round-robin over ``devices``), or else
-    ``cpus // workers`` CPU threads."""
+    """What pins worker ``index``: one GPU (round-robin over ``devices``) and its share
+    of the cores for DataLoader workers (``MASKLAB_CORES``, read by ``data.num_workers:
+    auto``), or else ``cpus // workers`` CPU threads."""
     if devices:
-        return {"CUDA_VISIBLE_DEVICES": devices[index % len(devices)]}
+        return {"CUDA_VISIBLE_DEVICES": devices[index % len(devices)], "MASKLAB_CORES": str(max(1, cpus // workers))}
     threads = str(max(1, cpus // workers))
     return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 

@@ -67,6 +67,8 @@ def test_auto_workers_leave_the_cpu_to_training_and_share_cores_between_gpus(mon
     assert resolve_workers("auto", cuda=True, devices=4) == 3  # 4 cores per GPU, one for the training loop
     assert resolve_workers("auto", cuda=True, devices=16) == 1
     assert resolve_workers(3, cuda=False) == 3
+    monkeypatch.setenv("MASKLAB_CORES", "4")  # masklab launch: 4 GPU workers on this machine
+    assert resolve_workers("auto", cuda=True) == 3
 
 
 def test_num_workers_is_not_part_of_the_experiment(tiny_config):

@@ -626,6 +626,7 @@ def test_launch_pins_each_worker_to_a_gpu_or_a_share_of_the_cpu():
     devices = parse_devices("0, 1,3")
     assert devices == ["0", "1", "3"]
     assert [worker_env(i, 4, devices, 16)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "1", "3", "0"]
+    assert {worker_env(i, 4, devices, 16)["MASKLAB_CORES"] for i in range(4)} == {"4"}  # each its share of the cores
     cpu = [worker_env(i, 3, None, 16) for i in range(3)]
     assert all(e == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"} for e in cpu)
     assert worker_env(0, 4, None, 2)["OMP_NUM_THREADS"] == "1"

@@ -9,7 +9,9 @@ training loop only dequeues ready batches. Each item depends on its step alone (
 ``data.num_workers: auto`` gives each training process a share of the CPU cores it may
 use: on a CUDA device ``min(8, cores // devices - 1)`` (one core stays with the
 training loop), on a CPU 0: there the workers would take cores from the training step
-itself (``benchmarks/bench_data.py`` measures it).
+itself (``benchmarks/bench_data.py`` measures it). ``cores`` is the process's CPU
+affinity (what Slurm's ``--cpus-per-task`` grants), or ``MASKLAB_CORES`` where ``masklab
+launch`` starts several GPU workers on one machine and gives each its share.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def resolve_workers(setting: int | str, cuda: bool, devices: int = 1) -> int:
     if not cuda:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = os.environ.get("MASKLAB_CORES", "")
+    if share.isdigit() and int(share) > 0:
+        cores = min(cores, int(share))
     return max(1, min(MAX_AUTO_WORKERS, cores // max(1, devices) - 1))
 
 
