@@ -146,14 +146,17 @@ class Throughput(L.Callback):
         self._last: float | None = None  # when the previous step ended (or the epoch began)
         self._device: torch.device | None = None
         self._start_event = self._end_event = None  # CUDA events of the step under way and the one before
+        self._pending: tuple[dict[str, float], int] | None = None  # a closed window's metrics, not yet sent
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._device = pl_module.device
         self.every = max(1, trainer.log_every_n_steps)
         self.peak, self.peak_source = peak_flops(self._device, str(trainer.precision))
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"perf.peak_flops": f"{self.peak:.4g}" if self.peak else "unknown",
-                                    "perf.peak_source": self.peak_source})
+
+    def params(self) -> dict[str, str]:
+        """What the MFU is measured against, for the run's params (recorded after training:
+        a param write goes straight to the tracking server, which training never waits on)."""
+        return {"perf.peak_flops": f"{self.peak:.4g}" if self.peak else "unknown", "perf.peak_source": self.peak_source}
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._last = time.perf_counter()  # validation and checkpoints between epochs are not step time
@@ -168,6 +171,7 @@ class Throughput(L.Callback):
         return event
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._flush(trainer)
         now = time.perf_counter()
         if self._last is not None:
             self._window.wait += now - self._last
@@ -204,11 +208,23 @@ class Throughput(L.Callback):
         else:
             self._rest.add(w)
         if not final:  # the final step's point is the run's figure (on_train_end)
-            _log(trainer, w.metrics(self.peak), trainer.global_step)
+            # Sent at the next hook: after Lightning has logged this step's own metrics, so
+            # a logger that gives up on an unreachable server has the step's curves first.
+            self._pending = (w.metrics(self.peak), trainer.global_step)
+
+    def _flush(self, trainer) -> None:
+        if self._pending is not None:
+            metrics, step = self._pending
+            self._pending = None
+            _log(trainer, metrics, step)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._flush(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._cuda():
             torch.cuda.synchronize(self._device)
+        self._flush(trainer)
         if self._window.steps:
             self._close_window(trainer, final=True)
         run = self._rest if self._rest.steps else self._first

@@ -249,6 +249,11 @@ def _fit(run: _Run, cfg: RunConfig, workspace: Workspace, dm, model, callbacks: 
         raise KeyboardInterrupt("interrupted during training") from e
     if seen.step != trainer.global_step:
         trainer.validate(model, datamodule=dm, verbose=False)  # the final step's val
+    from lit_modules.perf import Throughput
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, Throughput) and callback.peak_source:
+            log_params(run.client, run.run_id, callback.params(), run.logger._params)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     return trainer, metrics
 
