@@ -170,7 +170,8 @@ class LitBEiT(ImageEncoderFeatures, PatchModelBase):
         loss = ce / count
         metrics = {"token_loss": (loss.detach(), n), "token_acc": (correct / count, n)}
         if stage == "train":
-            metrics["mask_ratio"] = (torch.tensor(views[0][0].ratio), 1)  # the ratio this step trained on
+            # The ratio this step trained on, made on the device (a filled scalar: no copy to wait for).
+            metrics["mask_ratio"] = (torch.full((), views[0][0].ratio, device=loss.device), 1)
         return loss, metrics
 
     def step_flops(self, item: TrainItem) -> tuple[Flops, int]:

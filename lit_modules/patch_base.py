@@ -41,7 +41,8 @@ class PatchModelBase(MaskedModelBase):
         loss = total / at_least_one(count)  # the count stays on the device (no host sync)
         metrics = {self.recon_metric: (loss.detach(), count)}
         if stage == "train":
-            metrics["mask_ratio"] = (torch.tensor(views[0].ratio), 1)  # the ratio this step trained on
+            # The ratio this step trained on, made on the device (a filled scalar: no copy to wait for).
+            metrics["mask_ratio"] = (torch.full((), views[0].ratio, device=loss.device), 1)
         return loss, metrics
 
     # ------------------------------------------------------------ layer removal

@@ -296,7 +296,7 @@ class VideoFamily(PatchModelBase):
         if self.cfg.stage == "two-stage":
             # Nothing is masked after pretraining; without this the curve would repeat the
             # last pretraining ratio (Lightning keeps a step metric until the epoch ends).
-            metrics["mask_ratio"] = (torch.tensor(0.0), 1)
+            metrics["mask_ratio"] = (torch.zeros((), device=loss.device), 1)
         return loss, metrics
 
     @torch.no_grad()

@@ -147,3 +147,37 @@ def test_compiled_gpt_gives_the_eager_losses(tiny_config, workspace):
     assert len(eager) == len(compiled) == 5
     assert compiled == pytest.approx(eager, abs=1e-5, rel=0)
     assert eager[0] != eager[-1]  # it trained
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", sorted(MODELS.names()))
+def test_no_cuda_sync_in_the_training_step_on_a_gpu(family, tiny_config, workspace):
+    """On a CUDA device, bf16-mixed, with workers: CUDA's own sync debug mode flags no
+    synchronizing call inside training_step outside the logging steps, and flags the read
+    of the non-finite flag at the logging steps (the mode is on)."""
+    import warnings
+
+    cfg = tiny_config(family, {"trainer.max_steps": 20, "trainer.val_every": 20, "trainer.log_every": LOG_EVERY,
+                               "trainer.checkpoint": False, "trainer.accelerator": "cuda",
+                               "trainer.precision": "bf16-mixed", "data.num_workers": 2})
+    dm = build_datamodule(cfg, workspace)
+    model = build_model(cfg, dm)
+    real, flagged = model.training_step, {}
+
+    def step(*args, **kwargs):
+        at = model.global_step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+                flagged[at] = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+
+    model.training_step = step
+    build_trainer(cfg, None, [], None).fit(model, datamodule=dm)
+    assert sorted(flagged) == list(range(20))
+    assert not {s: f for s, f in flagged.items() if f and (s + 1) % LOG_EVERY}, flagged
+    assert flagged[9] and flagged[19]

@@ -100,7 +100,10 @@ def mix32(x: Tensor) -> Tensor:
 
 
 def _absorb(h: Tensor, word: Tensor | int) -> Tensor:
-    """Fold one 32-bit word into the running hash ``h``."""
+    """Fold one 32-bit word into the running hash ``h``. A Python int stays a scalar
+    argument of the ops (no host-to-device copy, which on a GPU would wait for the device)."""
+    if isinstance(word, int):
+        return mix32(h ^ ((word + _GOLDEN) & MASK32))
     return mix32(h ^ ((torch.as_tensor(word, dtype=torch.int64, device=h.device) + _GOLDEN) & MASK32))
 
 
@@ -118,6 +121,8 @@ def seed_hash(global_seed: int, sample_key: Tensor, mask_index: Tensor | int) ->
     h = _absorb(h, (s >> 32) & MASK32)
     h = _absorb(h, lo)
     h = _absorb(h, hi)
+    if isinstance(mask_index, int):
+        return _absorb(h, mask_index & MASK32)
     index = torch.as_tensor(mask_index, dtype=torch.int64, device=sample_key.device)
     return _absorb(h, index & MASK32)
 
