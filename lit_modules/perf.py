@@ -147,11 +147,13 @@ class Throughput(L.Callback):
         self._device: torch.device | None = None
         self._start_event = self._end_event = None  # CUDA events of the step under way and the one before
         self._pending: tuple[dict[str, float], int] | None = None  # a closed window's metrics, not yet sent
+        self._threads = torch.get_num_threads()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._device = pl_module.device
         self.every = max(1, trainer.log_every_n_steps)
         self.peak, self.peak_source = peak_flops(self._device, str(trainer.precision))
+        self._threads = torch.get_num_threads()  # before the training loader's pin thread sets it to 1
 
     def params(self) -> dict[str, str]:
         """What the MFU is measured against, for the run's params (recorded after training:
@@ -222,6 +224,7 @@ class Throughput(L.Callback):
         self._flush(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        torch.set_num_threads(self._threads)  # for what the process does next on the CPU (ablation, transfer)
         if self._cuda():
             torch.cuda.synchronize(self._device)
         self._flush(trainer)

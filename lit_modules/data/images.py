@@ -439,7 +439,7 @@ class ImageDataModule(LoaderMixin, L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedBatches(self.data.batch, self.val_index, self.cfg.val_batch_size)
-        return self.loader(ds, batch_size=None, collate_fn=EvalCollate(self.plan))
+        return self.loader(ds, pin=False, batch_size=None, collate_fn=EvalCollate(self.plan))
 
     def probe_dataloaders(self, train_images: int = 2000, batch_size: int | None = None) -> tuple[DataLoader, DataLoader]:
         """(train, val) loaders of un-augmented images for a linear probe: train = at

@@ -30,12 +30,17 @@ class Loading:
     pin_memory: bool = False  # page-locked batches: asynchronous host-to-GPU copies
     prefetch_factor: int = 2  # batches each worker keeps ready
 
-    def kwargs(self) -> dict:
+    def kwargs(self, pin: bool = True) -> dict:
+        """DataLoader arguments; ``pin``: whether this loader pins its batches (the
+        training loader: the hot path). A pinning loader starts torch's pin thread, whose
+        first act, ``torch.set_num_threads(1)``, the process's other threads see too:
+        ``perf.Throughput`` sets the count back after training."""
+        pin = pin and self.pin_memory
         if self.workers == 0:
-            return {"num_workers": 0, "pin_memory": self.pin_memory}
+            return {"num_workers": 0, "pin_memory": pin}
         # Persistent: the workers outlive an epoch (one validation interval), so a run
         # pays their start once, not at every validation.
-        return {"num_workers": self.workers, "pin_memory": self.pin_memory, "persistent_workers": True,
+        return {"num_workers": self.workers, "pin_memory": pin, "persistent_workers": True,
                 "prefetch_factor": self.prefetch_factor}
 
 
@@ -73,7 +78,7 @@ class LoaderMixin:
 
     loading: Loading = Loading()
 
-    def loader(self, dataset, **kwargs):
+    def loader(self, dataset, pin: bool = True, **kwargs):
         from torch.utils.data import DataLoader
 
-        return DataLoader(dataset, **kwargs, **self.loading.kwargs())
+        return DataLoader(dataset, **kwargs, **self.loading.kwargs(pin))

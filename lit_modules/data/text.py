@@ -237,7 +237,7 @@ class TextDataModule(LoaderMixin, L.LightningDataModule):
         else:
             ds = ValWindows(self.val_tokens, self.block_size, self.cfg.val_windows)
             collate = stack_windows
-        return self.loader(ds, batch_size=self.cfg.val_batch_size, shuffle=False,
+        return self.loader(ds, pin=False, batch_size=self.cfg.val_batch_size, shuffle=False,
                           collate_fn=EvalCollate(self.plan, collate))
 
     # helpers for subclasses

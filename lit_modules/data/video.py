@@ -359,7 +359,7 @@ class VideoDataModule(LoaderMixin, L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedBatches(self.data.batch, self.val_index, self.cfg.val_batch_size)
-        return self.loader(ds, batch_size=None, collate_fn=EvalCollate(self.plan))
+        return self.loader(ds, pin=False, batch_size=None, collate_fn=EvalCollate(self.plan))
 
 
 @DATASETS.register("bbb")
