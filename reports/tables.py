@@ -26,6 +26,7 @@ def table_metrics(data: StudyData) -> list[str]:
 
 # The throughput columns of the per-setting table, in this order (lit_modules/perf.py).
 PERF_METRICS = ("perf/samples_per_s", "perf/tokens_per_s", "perf/mfu", "perf/data_wait")
+RATES = ("perf/samples_per_s", "perf/tokens_per_s")
 PERF_NOTE = ("perf/*: each run's throughput over its steps after the first logging window (warm-up): samples and "
              "input tokens per second, MFU = model FLOPs per second over the device's peak (the run's "
              "perf.peak_source), data_wait = fraction of step time spent waiting for the next batch")
@@ -137,7 +138,8 @@ def display_summary(summary: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """The summary as strings: one ``mean ± std (n)`` column per metric."""
     out = pd.DataFrame({"setting": summary["setting"]})
     for m in metrics:
-        out[m] = [mean_std(a, s, n) for a, s, n in zip(summary[f"{m} mean"], summary[f"{m} std"], summary["n"])]
+        digits = 1 if m in RATES else 4  # samples and tokens per second: thousands, a decimal is enough
+        out[m] = [mean_std(a, s, n, digits) for a, s, n in zip(summary[f"{m} mean"], summary[f"{m} std"], summary["n"])]
     exp = summary["expected"]
     out["replicates"] = [f"{n}/{e}" if pd.notna(e) else str(n) for n, e in zip(summary["n"], exp)]
     out["parameters"] = [f"{int(p):,}" if pd.notna(p) else "—" for p in summary["model.parameters"]]

@@ -398,7 +398,7 @@ def test_grid_report_files(grid, tmp_path):
     assert "2/3" in md and "2,000" in md
     # Throughput in the per-setting table: the run's figure (the last point), mean ± std over seeds 0 and 1.
     assert "## Final validation metrics per setting and throughput" in md and "perf/samples_per_s" in md
-    assert "| 105.0000 ± 7.0711 (n=2) | 3360.0000 ± 226.2742 (n=2) | 0.0200 ± 0.0000 (n=2) |" in md
+    assert "| 105.0 ± 7.1 (n=2) | 3360.0 ± 226.3 (n=2) | 0.0200 ± 0.0000 (n=2) |" in md
     assert "(report.html#layer-removal)" in md and "## Warnings" in md and "**leakage**" in md
     assert "## Layer removal: loss added by removing each block from the back" in md  # numbers in the Markdown
     assert "| val/bw_loss | masking.p_bw = 0.5 vs 0 | — | 2 | -2.15 [-2.785, -1.515] | -42.2% [-54.6, -29.7] |" in md
