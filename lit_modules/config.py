@@ -442,7 +442,7 @@ def check_type(value: Any, tp: Any, field_name: str) -> Any:
                 return check_type(value, arg, field_name)
             except ConfigError:
                 continue
-        raise ConfigError(field_name, value, f"must be {_type_name(tp)}")
+        raise ConfigError(field_name, value, f"must be {_describe(tp)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(field_name, value, f"must be a list of {_type_name(typing.get_args(tp)[0])}")
@@ -465,6 +465,17 @@ def check_type(value: Any, tp: Any, field_name: str) -> Any:
             raise ConfigError(field_name, value, "must be a string")
         return value
     return value
+
+
+def _describe(tp: Any) -> str:
+    """What a value of type ``tp`` may be, in words: ``an integer or auto``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " or ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return words.get(tp, _type_name(tp))
 
 
 def _type_name(tp: Any) -> str:

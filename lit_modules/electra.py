@@ -309,8 +309,7 @@ class LitElectra(MLMRows, MaskedModelBase):
         generator = project + encoder(b, t, c.generator_width, c.generator_layers,
                                       attention_pairs(g.blocks, t, causal=False)) \
             + linear(m, c.generator_width, emb) + linear(m, emb, vocab)
-        discriminator = encoder(b, t, c.width, c.depth, attention_pairs(self.model.blocks, t, causal=False)) \
-            + linear(b * t, c.width, c.width) + linear(b * t, c.width, 1)  # the RTD head on every position (padding weighted out)
+        discriminator = encoder(b, t, c.width, c.depth, attention_pairs(self.model.blocks, t, causal=False)) + linear(n, c.width, c.width) + linear(n, c.width, 1)  # the RTD head's useful work: the valid tokens
         return generator + discriminator, n
 
     # ------------------------------------------------------------ layer removal

@@ -75,7 +75,8 @@ def cpu_gemm_rate(threads: int) -> float:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(CPU_GEMM_N, CPU_GEMM_N), torch.randn(CPU_GEMM_N, CPU_GEMM_N)
+        g = torch.Generator().manual_seed(0)  # its own generator: the run's random stream is left as it was
+        a, b = torch.randn(CPU_GEMM_N, CPU_GEMM_N, generator=g), torch.randn(CPU_GEMM_N, CPU_GEMM_N, generator=g)
         a @ b  # warm-up
         best = math.inf
         for _ in range(CPU_GEMM_REPEATS):
@@ -182,11 +183,15 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         logging = trainer.global_step % self.every == 0
+        # The device's work is waited for where a window closes and where host time stops
+        # counting (the last step, an epoch's last step before its validation).
+        last = (trainer.global_step >= trainer.max_steps or trainer.should_stop
+                or batch_idx + 1 >= trainer.num_training_batches)
         if self._cuda():
             end = self._event()
             self._window.events.append((self._end_event, self._start_event, end))
             self._end_event = end
-            if logging:
+            if logging or last:
                 torch.cuda.synchronize(self._device)  # the window ends when its kernels have run
         now = time.perf_counter()
         if self._last is not None:
