@@ -17,7 +17,7 @@
 # installing masklab); MASKLAB_DATA_DIR the data (default: ../shared/data beside the checkout).
 #
 # BERT runs with the mem-efficient kernel: both sides pass the padding mask, and flash
-# takes no attention mask. Every step has its own time cap (CAP_* below, 555 s in all), so
+# takes no attention mask. Every step has its own time cap (CAP_* below, 550 s in all), so
 # the whole check ends within 10 minutes even if a step hangs; a capped step exits 124.
 # bench_attention runs fp32 (its own settings): FlexAttention compiled with the patterns'
 # block masks against SDPA.
@@ -37,7 +37,7 @@ export MLFLOW_DISABLE_TELEMETRY=true
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # Seconds per step: the tests, then each benchmark (startup, data, models, warm-up included).
-CAP_DATA=150 CAP_TESTS=50 CAP_GPT=65 CAP_BERT=60 CAP_MAE=50 CAP_VIDEO=50 CAP_ABLATION=40 CAP_ATTENTION=90
+CAP_DATA=120 CAP_TESTS=100 CAP_GPT=50 CAP_BERT=60 CAP_MAE=45 CAP_VIDEO=45 CAP_ABLATION=40 CAP_ATTENTION=90
 # On a GPU a step takes milliseconds: more steps per round than the CPU defaults.
 GPU=(--device cuda --precision bf16-mixed)
 ROUNDS=(--rounds 5 --steps 10)
