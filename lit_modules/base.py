@@ -206,17 +206,15 @@ class MaskedModelBase(L.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         """Our batches and items move themselves (frozen dataclasses of tensors). A
         training item's compute is counted here, on the host, before it moves."""
-        if isinstance(batch, TrainItem) and self.training and not getattr(self, "_compute_pending", None):
-            self._compute_pending = {}
         if isinstance(batch, TrainItem) and self.training:
-            self._compute_pending[batch.step] = self.step_flops(batch)
+            self._compute_pending = {batch.step: self.step_flops(batch)}  # the step about to run
         if isinstance(batch, Movable):
             return batch.to(device, non_blocking=True)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _count_compute(self, item: TrainItem) -> None:
         """Add the step's FLOPs and tokens; log the totals; stop at ``trainer.flops_budget``."""
-        pending = getattr(self, "_compute_pending", None) or {}
+        pending = getattr(self, "_compute_pending", {})
         flops, tokens = pending.pop(item.step) if item.step in pending else self.step_flops(item)
         self.flops_seen += int(flops.training)
         self.tokens_seen += int(tokens)
